@@ -1,0 +1,236 @@
+"""The driver vtable: what every block driver implements, and the helpers they share.
+
+A driver instance holds the open state of one node (an open file, a qcow2 image's tables). The
+node (:class:`fleece.block.node.BlockNode`) does everything common before calling it: argument
+and range checks, request tracking, write interception (copy-before-write). So a driver may
+assume ``0 <= offset`` and ``offset + length <= size()`` for every call, and must be thread-safe:
+I/O arrives from the thread pool and from a harness's vCPU threads at once.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fleece.block.perm import ChildRole, Perm
+from fleece.errors import GenericError
+
+if TYPE_CHECKING:
+    from fleece.block.node import BlockNode
+
+
+class Status(enum.IntFlag):
+    """What a range of a node reads as. ``ALLOCATED`` without ``ZERO`` or ``DATA`` never occurs."""
+
+    DATA = 0x1  # the range is backed by data somewhere (not a hole)
+    ZERO = 0x2  # the range reads as zeroes
+    ALLOCATED = 0x4  # this layer decides the content (else its backing child does)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """The status of ``[offset, offset + length)``, the first extent of a query.
+
+    ``depth`` counts layers for :meth:`BlockNode.block_status_above`: 1 is the node asked, 2 its
+    backing, and so on; 0 means no layer of the chain allocates the range. ``host_offset`` is,
+    when known, where the extent's bytes start in the node's ``file`` child (contiguously).
+    """
+
+    offset: int
+    length: int
+    flags: Status
+    depth: int = 1
+    host_offset: int | None = None
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.flags & Status.ALLOCATED)
+
+    @property
+    def zero(self) -> bool:
+        return bool(self.flags & Status.ZERO)
+
+    @property
+    def data(self) -> bool:
+        return bool(self.flags & Status.DATA)
+
+
+class Options:
+    """Reads a driver's options the way QEMU's QAPI visitor does, naming what is wrong.
+
+    ``finish()`` refuses any option nobody asked for ("Parameter 'x' is unexpected").
+    """
+
+    def __init__(self, options: dict[builtins.str, Any], where: builtins.str) -> None:
+        self._options = dict(options)
+        self._where = where
+
+    def has(self, key: builtins.str) -> builtins.bool:
+        return key in self._options
+
+    def raw(self, key: builtins.str, default: Any = None) -> Any:
+        return self._options.pop(key, default)
+
+    def str(
+        self,
+        key: builtins.str,
+        default: builtins.str | None = None,
+        *,
+        required: builtins.bool = False,
+    ) -> builtins.str | None:
+        value = self._take(key, default, required)
+        if value is not None and not isinstance(value, builtins.str):
+            raise GenericError(f"Invalid parameter type for '{key}', expected: string")
+        return value
+
+    def required_str(self, key: builtins.str) -> builtins.str:
+        value = self.str(key, required=True)
+        assert value is not None
+        return value
+
+    def int(
+        self,
+        key: builtins.str,
+        default: builtins.int | None = None,
+        *,
+        minimum: builtins.int | None = None,
+    ) -> builtins.int | None:
+        value = self._take(key, default, False)
+        if value is None:
+            return None
+        if (
+            isinstance(value, builtins.str) and value.lstrip("-").isdigit()
+        ):  # dotted key=value input
+            value = int(value)
+        if isinstance(value, builtins.bool) or not isinstance(value, builtins.int):
+            raise GenericError(f"Invalid parameter type for '{key}', expected: integer")
+        if minimum is not None and value < minimum:
+            raise GenericError(f"Parameter '{key}' expects a value of at least {minimum}")
+        return value
+
+    def bool(self, key: builtins.str, default: builtins.bool = False) -> builtins.bool:
+        value = self._take(key, default, False)
+        if isinstance(value, builtins.str) and value in ("on", "off", "true", "false"):
+            return value in ("on", "true")
+        if not isinstance(value, builtins.bool):
+            raise GenericError(f"Invalid parameter type for '{key}', expected: boolean")
+        return value
+
+    def enum(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: builtins.str
+    ) -> builtins.str:
+        value = self.str(key, default)
+        assert value is not None
+        if value not in choices:
+            raise GenericError(f"Parameter '{key}' does not accept value '{value}'")
+        return value
+
+    def _take(self, key: builtins.str, default: Any, required: builtins.bool) -> Any:
+        if key not in self._options:
+            if required:
+                raise GenericError(f"Parameter '{key}' is missing")
+            return default
+        return self._options.pop(key)
+
+    def finish(self) -> None:
+        if self._options:
+            key = sorted(self._options)[0]
+            raise GenericError(f"Parameter '{key}' is unexpected")
+
+
+class Driver:
+    """One open node's driver state. Subclasses override what they support.
+
+    Every I/O method raises ``OSError`` with an errno on failure. ``open`` raises
+    :class:`fleece.errors.GenericError` (or :class:`fleece.errors.ImageError`) for bad options
+    and images it refuses.
+    """
+
+    name: ClassVar[str] = ""
+    #: the node's ``file`` child is where its bytes live (formats and filters)
+    has_file: ClassVar[bool] = False
+    #: writes past the end grow the node (a posix file under a growing qcow2 image)
+    growable: bool = False
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    def open(self, options: Options) -> None:
+        """Open the driver state from ``options``; children through ``self.node.graph``.
+
+        ``self.node.driver`` is already this instance, so links made here get this driver's
+        :meth:`child_perm`. On failure the graph closes the node and its children.
+        """
+        raise NotImplementedError
+
+    # -- the vtable --------------------------------------------------------------------------
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        raise NotImplementedError
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        raise OSError(errno.EROFS, f"{self.name} does not support writes")
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make the range read as zeroes; ``may_unmap`` allows a hole instead of written zeroes."""
+        zeroes = memoryview(bytes(min(length, 1 << 20)))
+        end = offset + length
+        while offset < end:
+            chunk = min(end - offset, len(zeroes))
+            self.pwritev(offset, zeroes[:chunk])
+            offset += chunk
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """A hint: the range's content may be dropped. The default keeps it."""
+
+    def flush(self) -> None:
+        """Make completed writes durable."""
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """Status of the first extent at ``offset``, at most ``length`` bytes, in this layer."""
+        return BlockStatus(offset, length, Status.DATA | Status.ALLOCATED)
+
+    def child_perm(self, role: ChildRole, read_only: bool) -> tuple[Perm, Perm]:
+        """``(perm, shared)`` this node needs on a child in ``role``.
+
+        The default is QEMU's for formats: a backing child is only read and shares everything
+        (so a fleecing target can read through to a source the guest writes); a file child is
+        read, written when the node is writable, and shared with readers only.
+        """
+        if role & ChildRole.BACKING:
+            return Perm.CONSISTENT_READ, Perm.all()
+        perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE
+        return perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """The node's users now need ``perm`` and share ``shared`` (file locks follow this)."""
+
+    def reopen(self, read_only: bool) -> None:
+        """The node is becoming read-only or read-write; drivers holding OS state adapt it."""
+
+    def close(self) -> None:
+        """Release what ``open`` took. Called once, after the last request finished."""
+
+    # -- introspection -----------------------------------------------------------------------
+    def filename(self) -> str:
+        """The image's file name, for ``query-named-block-nodes``."""
+        file = self.node.file_child()
+        return file.driver.filename() if file is not None else ""
+
+    def image_info(self) -> dict[str, Any]:
+        """Format-specific fields for QEMU's ``ImageInfo`` (``cluster-size``, ...)."""
+        return {}
+
+    def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """Record a new backing file (and format) in the image header; formats override."""
+        raise GenericError(f"Driver '{self.name}' does not support backing files")
+
+    def backing_filename(self) -> str | None:
+        """The backing file name stored in the image, if any."""
+        return None

@@ -1,0 +1,195 @@
+"""``file``: a posix file, with positional I/O that releases the GIL.
+
+Zeroes and discards punch holes (``fallocate``); block status comes from ``SEEK_DATA`` /
+``SEEK_HOLE``. Locks: QEMU's open-file-description byte-range locks, so fleece and QEMU see each
+other. A user needing permission bit ``i`` holds a shared lock on byte ``100 + i``; a permission
+nobody may share is marked by a shared lock on byte ``200 + i``. Taking a permission checks that
+nobody holds ``200 + i``; refusing to share one checks that nobody holds ``100 + i``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from typing import ClassVar
+
+from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.block.perm import Perm
+from fleece.errors import GenericError
+
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+_LOCK_BITS = (Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE)
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (padded to 32 bytes)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with its mode flags (Python's os module has no mode argument)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _lock_op(fd: int, cmd: int, kind: int, byte: int) -> int:
+    """One OFD lock call on ``byte``; returns the l_type the kernel reports back."""
+    result = fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0))
+    return int(struct.unpack(_FLOCK, result)[0])
+
+
+class FileDriver(Driver):
+    name: ClassVar[str] = "file"
+    growable = True
+
+    fd: int = -1
+    path: str = ""
+
+    def open(self, options: Options) -> None:
+        self.path = options.required_str("filename")
+        options.enum("aio", ("threads", "native", "io_uring"), "threads")
+        self.locking = options.enum("locking", ("auto", "on", "off"), "auto") != "off"
+        options.bool("drop-cache", True)
+        options.bool("x-check-cache-dropped", False)
+        flags = os.O_RDONLY if self.node.read_only else os.O_RDWR
+        try:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GenericError(f"Could not open '{self.path}': {exc.strerror}") from exc
+        if os.path.isdir(self.path):
+            os.close(self.fd)
+            self.fd = -1
+            raise GenericError(f"Could not open '{self.path}': Is a directory")
+        self._held: set[int] = set()  # lock bytes this descriptor holds
+
+    def reopen(self, read_only: bool) -> None:
+        """Open the file again with the new access mode, keeping the locks held."""
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        try:
+            fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GenericError(f"Could not reopen '{self.path}': {exc.strerror}") from exc
+        for byte in sorted(self._held):
+            _lock_op(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+        old, self.fd = self.fd, fd
+        self.node.drain()  # requests that picked up the old descriptor finish first
+        os.close(old)
+
+    # -- locks -------------------------------------------------------------------------------
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Take the lock bytes for ``perm``/``~shared``; refuse if another process conflicts."""
+        if not self.locking or self.fd < 0:
+            return
+        want: set[int] = set()
+        for index, bit in enumerate(_LOCK_BITS):
+            if perm & bit:
+                want.add(_LOCK_PERM_BASE + index)
+            if not shared & bit:
+                want.add(_LOCK_SHARED_BASE + index)
+        for index, bit in enumerate(_LOCK_BITS):
+            if perm & bit and self._locked_by_other(_LOCK_SHARED_BASE + index):
+                raise GenericError(
+                    f"Failed to get \"{bit.describe()}\" lock: is another process using the "
+                    f"image [{self.path}]?"
+                )
+            if not shared & bit and self._locked_by_other(_LOCK_PERM_BASE + index):
+                raise GenericError(
+                    f"Failed to get shared \"{bit.describe()}\" lock: is another process using "
+                    f"the image [{self.path}]?"
+                )
+        for byte in sorted(want - self._held):
+            _lock_op(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+        for byte in sorted(self._held - want):
+            _lock_op(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+        self._held = want
+
+    def _locked_by_other(self, byte: int) -> bool:
+        # An OFD lock held through our own descriptor never conflicts with itself.
+        return _lock_op(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def filename(self) -> str:
+        return self.path
+
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:  # end of file: the rest reads as zeroes
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwritev(self.fd, [data[done:]], offset + done)
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        # Never truncate here: another thread may be extending the file at the same time. A
+        # punched hole keeps the size; ZERO_RANGE without KEEP_SIZE only ever grows the file.
+        size = self.size()
+        inside = max(0, min(offset + length, size) - offset)
+        try:
+            if may_unmap and inside:
+                fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, inside)
+                if inside < length:
+                    fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, offset + inside, length - inside)
+            else:
+                fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            super().pwrite_zeroes(offset, length, may_unmap)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        try:
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    def flush(self) -> None:
+        if not self.node.read_only:
+            os.fdatasync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        end = offset + length
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: only a hole up to the end of the file
+                return BlockStatus(offset, length, Status.DATA | Status.ALLOCATED, 1, offset)
+            data = end
+        if data > offset:
+            return BlockStatus(
+                offset, min(data, end) - offset, Status.ZERO | Status.ALLOCATED, 1, offset
+            )
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        return BlockStatus(
+            offset, max(1, min(hole, end) - offset), Status.DATA | Status.ALLOCATED, 1, offset
+        )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops its OFD locks
+            self.fd = -1

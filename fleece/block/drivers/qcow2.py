@@ -1,0 +1,922 @@
+"""``qcow2``: QEMU's copy-on-write image format (v2 "compat 0.10" and v3 "compat 1.1").
+
+Design note
+-----------
+* **Write-through metadata.** Every change to an L1 or L2 entry, a refcount or the header is
+  written to the file child when it is made, in crash-safe order: refcounts before anything
+  references a cluster; new L2 tables (zeroed) before the L1 entry; data before the L2 entry
+  that maps it; references removed before refcounts drop. A ``kill -9`` can leak clusters,
+  never corrupt; ``flush()`` has nothing of its own to write, the node flushes the file.
+* **One metadata lock** (an ``RLock``) guards tables, caches and the allocator. Reads and
+  in-place writes take it only to turn their range into a *plan* (host runs, zero runs,
+  backing runs, compressed clusters) and to take an I/O ticket; data moves without it.
+  Allocating writes, zeroing and discards run under it (they serialise).
+* **Freeing waits for older I/O.** A host cluster is freed (discard, zeroing with unmap,
+  rewriting a compressed cluster) by first removing its reference, then waiting until every
+  I/O ticket taken before that is done, then dropping the refcount. So a cluster is never
+  reused while a read or write planned earlier still targets it.
+* **Whole runs, not clusters.** L2 tables are cached as native ``uint64`` numpy arrays in a
+  bounded LRU (32 MiB of entries by default, ``l2-cache-size`` overrides). A request maps a
+  table slice at once (numpy classification and run detection for long slices, a short Python
+  loop for a few clusters), and contiguous host clusters become one file read or write.
+* **Dirty images**: a read-only open works; a writable open is *refused* (fleece does not
+  rebuild refcounts; ``qemu-img check -r all`` repairs them). Corrupt images likewise, and
+  images with internal snapshots are read-only (their shared clusters are never written).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.block.node import BlockNode
+from fleece.block.perm import ChildRole, Perm
+from fleece.block.qcow2.create import probe_format
+from fleece.block.qcow2.format import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    COMPRESSION_ZSTD,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFF_AUTOCLEAR,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+    check_layout,
+    check_metadata_layout,
+    header_area,
+    parse_header,
+)
+from fleece.block.qcow2.refcount import Refcounts
+from fleece.errors import GenericError, ImageError
+
+U64 = npt.NDArray[np.uint64]
+
+# Kinds of cluster runs (a plan's segments use the same numbers).
+UNALLOC = 0  # this layer does not decide: the backing node (or zeroes)
+ZERO = 1  # reads as zeroes (zero flag, with or without a preallocated host cluster)
+NORMAL = 2  # data at a host cluster with refcount 1 (OFLAG_COPIED)
+SHARED = 3  # data at a host cluster that may be shared (no OFLAG_COPIED): copied on write
+COMPRESSED = 4  # a compressed cluster (one per run)
+
+_ZEROES = bytes(1 << 21)
+_MAX_CHAIN = 64
+_DEFAULT_L2_CACHE = 32 * 1024 * 1024
+_SMALL_SLICE = 16  # up to this many clusters, a Python loop beats numpy
+_MAX_BEYOND_EOF = 1 << 30  # an in-place write further past the end of the file is corruption
+
+_opening = threading.local()  # the image files being opened in this thread (backing loops)
+
+#: QEMU's qcow2 options fleece accepts and ignores (metadata is written through, always)
+_BOOL_OPTIONS = (
+    "lazy-refcounts", "pass-discard-snapshot", "discard-no-unref",
+)
+_INT_OPTIONS = (
+    "cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval",
+)
+
+_ABSENT: Any = object()
+
+
+def _zero_fill(view: memoryview) -> None:
+    n = len(view)
+    pos = 0
+    while pos < n:
+        chunk = min(n - pos, len(_ZEROES))
+        view[pos : pos + chunk] = _ZEROES[:chunk]
+        pos += chunk
+
+
+class _FileIO:
+    """The file child for metadata: short reads at the end of the file read as zeroes."""
+
+    def __init__(self, file: BlockNode) -> None:
+        self.file = file
+        self.end = file.size  # cached; only this driver grows the file
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_short(self, offset: int, length: int) -> bytes:
+        end = self.file.size
+        length = max(0, min(length, end - offset))
+        return self.read(offset, length)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        end = offset + len(view)
+        if end > self.end:
+            self.end = self.file.size
+        if offset >= self.end:
+            _zero_fill(view)
+            return
+        if end > self.end:
+            n = self.end - offset
+            self.file.pread_into(offset, view[:n])
+            _zero_fill(view[n:])
+            return
+        self.file.pread_into(offset, view)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.file.pwrite(offset, data)
+        end = offset + len(data)
+        if end > self.end:
+            self.end = end
+
+    def file_end(self) -> int:
+        self.end = self.file.size
+        return self.end
+
+
+class Qcow2Driver(Driver):
+    """A qcow2 image on its ``file`` child, with an optional ``backing`` child."""
+
+    name: ClassVar[str] = "qcow2"
+    has_file: ClassVar[bool] = True
+
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self._lock = threading.RLock()
+        self._io_done = threading.Condition(self._lock)
+        self._tickets: set[int] = set()
+        self._next_ticket = 0
+        self._waiting = 0
+        self._file: BlockNode | None = None
+        self._zcache: tuple[int, bytes] | None = None
+        self._l2_cache: OrderedDict[int, U64] = OrderedDict()
+
+    # -- opening -----------------------------------------------------------------------------
+    def open(self, options: Options) -> None:
+        """Open the image on its ``file`` child and its backing chain.
+
+        Raises :class:`ImageError` for an image fleece refuses (see
+        :func:`fleece.block.qcow2.format.parse_header`), a writable open of a dirty, corrupt or
+        snapshotted image, or a backing chain loop; ``GenericError`` for bad options.
+        """
+        if not options.has("file"):
+            raise GenericError("Parameter 'file' is missing")
+        file_ref = options.raw("file")
+        backing_ref = options.raw("backing") if options.has("backing") else _ABSENT
+        for key in _BOOL_OPTIONS:
+            options.bool(key, False)
+        self._pass_discard_request = options.bool("pass-discard-request", True)
+        self._pass_discard_other = options.bool("pass-discard-other", False)
+        for key in _INT_OPTIONS:
+            options.int(key, minimum=0)
+        l2_cache = options.int("l2-cache-size", minimum=0)
+        options.raw("overlap-check")
+        if options.raw("data-file") is not None:
+            raise ImageError("Unsupported qcow2 feature(s): external data file")
+        if options.raw("encrypt") is not None:
+            raise ImageError("Unsupported qcow2 feature(s): encryption")
+
+        self._file = self.node.graph.open_child(self.node, "file", file_ref, ChildRole.FILE)
+        self._io = _FileIO(self._file)
+        stack: list[str] = getattr(_opening, "stack", None) or []
+        _opening.stack = stack
+        me = os.path.realpath(self._file.driver.filename() or f"<{self.node.name}>")
+        if len(stack) >= _MAX_CHAIN:
+            raise ImageError(f"qcow2 backing chain is too deep (more than {_MAX_CHAIN} images)")
+        stack.append(me)
+        try:
+            self._load(l2_cache)
+            self._open_backing(backing_ref)
+        finally:
+            stack.pop()
+
+    def _load(self, l2_cache: int | None) -> None:
+        io = self._io
+        file_size = io.file_end()
+        h = parse_header(io.read_short, file_size)
+        check_layout(h, file_size)
+        self.header = h
+        writable = not self.node.read_only
+        if writable and h.incompatible & INCOMPAT_CORRUPT:
+            raise ImageError(
+                "qcow2 image is marked corrupt: it can only be opened read-only (repair it "
+                "with 'qemu-img check -r all')"
+            )
+        if writable and h.incompatible & INCOMPAT_DIRTY:
+            raise ImageError(
+                "qcow2 image is dirty (its refcounts may be stale): fleece opens dirty images "
+                "read-only only; repair it with 'qemu-img check -r all'"
+            )
+        if writable and h.nb_snapshots:
+            raise ImageError(
+                f"qcow2 image has {h.nb_snapshots} internal snapshot(s): fleece opens such "
+                "images read-only only"
+            )
+        cs = h.cluster_size
+        self._cb = h.cluster_bits
+        self._cs = cs
+        self._l2_bits = h.cluster_bits - 3
+        self._l2_mask = (1 << self._l2_bits) - 1
+        self._size = h.size
+        self._v3 = h.version >= 3
+        self._csize_shift = 62 - (h.cluster_bits - 8)
+        self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self._coff_mask = (1 << self._csize_shift) - 1
+        self._zstd = h.compression_type == COMPRESSION_ZSTD
+        capacity = _DEFAULT_L2_CACHE if l2_cache is None else l2_cache
+        self._l2_cache_tables = max(2, capacity // cs)
+
+        l1_bytes = io.read(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        self._l1: U64 = np.frombuffer(l1_bytes, dtype=">u8").astype(np.uint64)
+        rt_bytes = io.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        reftable: U64 = np.frombuffer(rt_bytes, dtype=">u8").astype(np.uint64)
+        check_metadata_layout(h, file_size, self._l1, reftable)
+
+        cb = h.cluster_bits
+        meta: set[int] = {0}
+        if h.l1_size:
+            first = h.l1_table_offset >> cb
+            meta.update(range(first, first + -(-h.l1_size * 8 // cs)))
+        first = h.refcount_table_offset >> cb
+        meta.update(range(first, first + h.refcount_table_clusters))
+        blocks = reftable[reftable != 0] & np.uint64(REFT_OFFSET_MASK)
+        meta.update((blocks >> np.uint64(cb)).tolist())
+        tables = self._l1[self._l1 != 0] & np.uint64(L1E_OFFSET_MASK)
+        meta.update((tables >> np.uint64(cb)).tolist())
+        self._meta = meta
+        self._refs = Refcounts(
+            io,
+            cluster_bits=cb,
+            order=h.refcount_order,
+            table_offset=h.refcount_table_offset,
+            table_clusters=h.refcount_table_clusters,
+            table=reftable,
+            meta=meta,
+        )
+        if writable and h.autoclear:
+            # QEMU's rule: a program that does not maintain what an autoclear bit promises
+            # (persistent bitmaps, a raw data file) clears it when it opens the image writable.
+            io.write(OFF_AUTOCLEAR, struct.pack(">Q", 0))
+            h.autoclear = 0
+
+    def _open_backing(self, ref: Any) -> None:
+        if ref is None:
+            return
+        if ref is _ABSENT:
+            name = self.header.backing_file
+            if not name:
+                return
+            assert self._file is not None
+            path = name
+            if not os.path.isabs(path):
+                base = os.path.dirname(self._file.driver.filename())
+                path = os.path.join(base, path)
+            fmt = self.header.backing_format
+            if fmt is None:
+                try:
+                    fmt = probe_format(path)
+                except OSError as exc:
+                    raise ImageError(
+                        f"Could not open backing file '{path}': {exc.strerror}"
+                    ) from exc
+            if fmt not in ("qcow2", "raw"):
+                raise ImageError(f"Unsupported backing file format '{fmt}' for '{path}'")
+            if os.path.realpath(path) in _opening.stack:
+                raise ImageError(f"qcow2 backing chain loop: '{path}' is its own backing file")
+            ref = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+        self.node.graph.open_child(
+            self.node, "backing", ref, ChildRole.BACKING, read_only=True
+        )
+
+    def child_perm(self, role: ChildRole, read_only: bool) -> tuple[Perm, Perm]:
+        """A writable image's file child is read, written and grown; else QEMU's defaults."""
+        if role & ChildRole.FILE and not read_only:
+            return (
+                Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE,
+                Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+            )
+        return super().child_perm(role, read_only)
+
+    def close(self) -> None:
+        self._l2_cache.clear()
+        self._zcache = None
+
+    # -- introspection -----------------------------------------------------------------------
+    def size(self) -> int:
+        return self._size
+
+    def image_info(self) -> dict[str, Any]:
+        h = self.header
+        data: dict[str, Any] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
+            "refcount-bits": 1 << h.refcount_order,
+            "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT),
+            "extended-l2": False,
+            "compression-type": COMPRESSION_NAMES.get(h.compression_type, "zlib"),
+        }
+        info: dict[str, Any] = {
+            "cluster-size": h.cluster_size,
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+        if h.incompatible & INCOMPAT_DIRTY:
+            info["dirty-flag"] = True
+        if h.backing_format:
+            info["backing-filename-format"] = h.backing_format
+        return info
+
+    def backing_filename(self) -> str | None:
+        return self.header.backing_file
+
+    def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """Rewrite the header to name a new backing file (``None``: no backing file).
+
+        One write of the header area, so a crash leaves the old name or the new one. Raises
+        ``GenericError`` when the image is read-only or the name does not fit.
+        """
+        self._check_writable()
+        with self._lock:
+            h = self.header
+            first = self._io.read_short(0, h.cluster_size)
+            old = (h.backing_file_offset, h.backing_file_size)
+            try:
+                area = header_area(h, first, filename, fmt if filename else None)
+            except ValueError as exc:
+                h.backing_file_offset, h.backing_file_size = old
+                raise GenericError(f"Could not change the backing file: {exc}") from exc
+            self._io.write(0, area)
+            h.backing_file = filename or None
+            h.backing_format = fmt if filename else None
+
+    # -- mapping -----------------------------------------------------------------------------
+    def _l2_table(self, l1_index: int) -> U64 | None:
+        """The cached L2 table for ``l1_index``, or None when it is unallocated."""
+        offset = int(self._l1[l1_index]) & L1E_OFFSET_MASK
+        if offset == 0:
+            return None
+        table = self._l2_cache.get(offset)
+        if table is not None:
+            self._l2_cache.move_to_end(offset)
+            return table
+        raw = self._io.read(offset, self._cs)
+        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l2_cache[offset] = table
+        if len(self._l2_cache) > self._l2_cache_tables:
+            self._l2_cache.popitem(last=False)
+        return table
+
+    def _corrupt(self, what: str) -> OSError:
+        return OSError(errno.EIO, f"qcow2 image '{self.filename()}' is corrupt: {what}")
+
+    def _classify(self, entry: int) -> tuple[int, int]:
+        """``(kind, host offset or entry)`` of one L2 entry."""
+        if entry & OFLAG_COMPRESSED:
+            return COMPRESSED, entry
+        host = entry & L2E_OFFSET_MASK
+        if entry & OFLAG_ZERO:
+            if not self._v3:
+                raise self._corrupt("zero cluster flag in a version 2 image")
+            return ZERO, host
+        if host == 0:
+            return UNALLOC, 0
+        if host & (self._cs - 1):
+            raise self._corrupt(f"unaligned data cluster offset {host:#x}")
+        return (NORMAL if entry & OFLAG_COPIED else SHARED), host
+
+    def _slice_runs(self, entries: U64, cluster: int) -> list[tuple[int, int, int, int]]:
+        """Runs ``(kind, first cluster, count, host or entry)`` of one L2 table slice."""
+        n = len(entries)
+        cs = self._cs
+        runs: list[tuple[int, int, int, int]] = []
+        if n <= _SMALL_SLICE:
+            for j, entry in enumerate(entries.tolist()):
+                kind, aux = self._classify(entry)
+                if runs:
+                    k, first, count, a = runs[-1]
+                    if k == kind and kind != COMPRESSED and (
+                        kind not in (NORMAL, SHARED) or a + count * cs == aux
+                    ):
+                        runs[-1] = (k, first, count + 1, a)
+                        continue
+                runs.append((kind, cluster + j, 1, aux))
+            return runs
+        comp = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+        zero = ((entries & np.uint64(OFLAG_ZERO)) != 0) & ~comp
+        host = entries & np.uint64(L2E_OFFSET_MASK)
+        kinds = np.full(n, UNALLOC, dtype=np.int8)
+        copied = (entries & np.uint64(OFLAG_COPIED)) != 0
+        data = (host != 0) & ~comp & ~zero
+        kinds[data & copied] = NORMAL
+        kinds[data & ~copied] = SHARED
+        kinds[zero] = ZERO
+        kinds[comp] = COMPRESSED
+        if zero.any() and not self._v3:
+            raise self._corrupt("zero cluster flag in a version 2 image")
+        bad = data & ((host & np.uint64(cs - 1)) != 0)
+        if bad.any():
+            raise self._corrupt(f"unaligned data cluster offset {int(host[bad][0]):#x}")
+        brk = np.ones(n, dtype=bool)
+        brk[1:] = (kinds[1:] != kinds[:-1]) | comp[1:] | (
+            data[1:] & (host[1:] != host[:-1] + np.uint64(cs))
+        )
+        starts = np.flatnonzero(brk).tolist()
+        ends = [*starts[1:], n]
+        kind_list = kinds[starts].tolist()
+        aux = np.where(comp, entries, host)[starts].tolist()
+        for s, e, k, a in zip(starts, ends, kind_list, aux, strict=True):
+            runs.append((k, cluster + s, e - s, a if k in (NORMAL, SHARED, COMPRESSED) else 0))
+        return runs
+
+    def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """Merged runs over clusters ``[first, end)``; each yielded run is complete."""
+        cs = self._cs
+        pending: tuple[int, int, int, int] | None = None
+        c = first
+        while c < end:
+            l1_index = c >> self._l2_bits
+            stop = min(end, (l1_index + 1) << self._l2_bits)
+            table = self._l2_table(l1_index)
+            if table is None:
+                runs = [(UNALLOC, c, stop - c, 0)]
+            else:
+                i0 = c & self._l2_mask
+                runs = self._slice_runs(table[i0 : i0 + stop - c], c)
+            for run in runs:
+                if pending is not None:
+                    k, f, n, a = pending
+                    if run[0] == k and k != COMPRESSED and (
+                        k not in (NORMAL, SHARED) or a + n * cs == run[3]
+                    ):
+                        pending = (k, f, n + run[2], a)
+                        continue
+                    yield pending
+                pending = run
+            c = stop
+        if pending is not None:
+            yield pending
+
+    def _plan(self, offset: int, length: int) -> list[tuple[int, int, int, int, int]]:
+        """Segments ``(kind, buffer position, length, host or entry, offset in cluster)``."""
+        cb = self._cb
+        end = offset + length
+        plan: list[tuple[int, int, int, int, int]] = []
+        for kind, first, count, aux in self._runs(offset >> cb, ((end - 1) >> cb) + 1):
+            start = max(offset, first << cb)
+            stop = min(end, (first + count) << cb)
+            inside = start - (first << cb)
+            if kind in (NORMAL, SHARED):
+                plan.append((kind, start - offset, stop - start, aux + inside, 0))
+            else:
+                plan.append((kind, start - offset, stop - start, aux, inside))
+        return plan
+
+    # -- I/O tickets -------------------------------------------------------------------------
+    def _ticket(self) -> int:
+        """Register an I/O that will touch host clusters without the lock (lock held)."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._tickets.add(ticket)
+        return ticket
+
+    def _done(self, ticket: int) -> None:
+        with self._lock:
+            self._tickets.discard(ticket)
+            if self._waiting:
+                self._io_done.notify_all()
+
+    def _wait_older_io(self) -> None:
+        """Wait (lock held, released meanwhile) until every I/O planned so far is done."""
+        mark = self._next_ticket
+        self._waiting += 1
+        try:
+            self._io_done.wait_for(lambda: not any(t < mark for t in self._tickets))
+        finally:
+            self._waiting -= 1
+
+    # -- reading -----------------------------------------------------------------------------
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the image's bytes at ``offset``; ``OSError`` on failure.
+
+        Host clusters are read under an I/O ticket (so they cannot be freed and reused
+        meanwhile); backing data is read after the ticket is returned, so a slow backing read
+        never holds up a free of this image.
+        """
+        with self._lock:
+            plan = self._plan(offset, len(buf))
+            host = any(seg[0] in (NORMAL, SHARED, COMPRESSED) for seg in plan)
+            ticket = self._ticket() if host else -1
+        try:
+            for kind, pos, length, aux, inside in plan:
+                view = buf[pos : pos + length]
+                if kind in (NORMAL, SHARED):
+                    self._io.read_into(aux, view)
+                elif kind == ZERO:
+                    _zero_fill(view)
+                elif kind == COMPRESSED:
+                    view[:] = self._decompress(aux)[inside : inside + length]
+        finally:
+            if ticket >= 0:
+                self._done(ticket)
+        for kind, pos, length, _, _ in plan:
+            if kind == UNALLOC:
+                self._read_backing(offset + pos, buf[pos : pos + length])
+
+    def _read_backing(self, guest: int, view: memoryview) -> None:
+        backing = self.node.backing()
+        if backing is None:
+            _zero_fill(view)
+            return
+        n = max(0, min(len(view), backing.size - guest))
+        if n:
+            backing.pread_into(guest, view[:n])
+        if n < len(view):
+            _zero_fill(view[n:])
+
+    def _compressed_span(self, entry: int) -> tuple[int, int]:
+        """``(host offset, bytes)`` a compressed cluster's data may occupy."""
+        offset = entry & self._coff_mask
+        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        return offset, sectors * 512 - (offset & 511)
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = self._zcache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        offset, length = self._compressed_span(entry)
+        raw = bytearray(length)
+        self._io.read_into(offset, memoryview(raw))
+        cs = self._cs
+        try:
+            if self._zstd:
+                zstd: Any = importlib.import_module("zstandard")
+                out = bytes(zstd.ZstdDecompressor().decompressobj().decompress(bytes(raw)))[:cs]
+            else:
+                out = zlib.decompressobj(-12).decompress(raw, cs)
+        except Exception as exc:
+            raise self._corrupt(f"compressed cluster at {offset:#x} does not decompress") from exc
+        if len(out) != cs:
+            raise self._corrupt(
+                f"compressed cluster at {offset:#x} decompresses to {len(out)} bytes, not {cs}"
+            )
+        self._zcache = (entry, out)
+        return out
+
+    # -- writing -----------------------------------------------------------------------------
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset``, allocating (and copying on write) where needed."""
+        self._check_writable()
+        with self._lock:
+            plan = self._plan(offset, len(data))
+            if any(seg[0] != NORMAL for seg in plan):
+                self._write_allocating(offset, data)
+                return
+            self._check_meta(plan)
+            ticket = self._ticket()
+        try:
+            for _, pos, length, host, _ in plan:
+                self._file_write(host, data[pos : pos + length])
+        finally:
+            self._done(ticket)
+
+    def _check_writable(self) -> None:
+        if self.node.read_only or self._file is None:
+            raise OSError(errno.EROFS, f"qcow2 node '{self.node.name}' is read-only")
+
+    def _file_write(self, host: int, data: bytes | bytearray | memoryview) -> None:
+        assert self._file is not None
+        self._file.pwrite(host, data)
+
+    def _check_meta(self, plan: list[tuple[int, int, int, int, int]]) -> None:
+        """Refuse (``EIO``) an in-place write into metadata or far beyond the end of the file.
+
+        Both only happen with a corrupt or hostile L2 table; QEMU's overlap checks refuse the
+        first, and the second would grow a huge sparse file.
+        """
+        cb = self._cb
+        meta = self._meta
+        for _, _, length, host, _ in plan:
+            if host + length > self._io.end + _MAX_BEYOND_EOF:
+                self._io.file_end()
+                if host + length > self._io.end + _MAX_BEYOND_EOF:
+                    raise self._corrupt(f"data cluster {host:#x} lies far beyond the file end")
+            for c in range(host >> cb, ((host + length - 1) >> cb) + 1):
+                if c in meta:
+                    raise self._corrupt(f"data cluster {c << cb:#x} overlaps metadata")
+
+    def _l2_for_write(self, l1_index: int) -> tuple[U64, int]:
+        """The L2 table for ``l1_index`` and its offset, allocating a zeroed one if needed."""
+        offset = int(self._l1[l1_index]) & L1E_OFFSET_MASK
+        if offset:
+            table = self._l2_table(l1_index)
+            assert table is not None
+            return table, offset
+        cluster = self._refs.alloc(1)
+        self._meta.add(cluster)
+        offset = cluster << self._cb
+        self._io.write(offset, _ZEROES[: self._cs])
+        entry = offset | OFLAG_COPIED
+        self._io.write(self.header.l1_table_offset + 8 * l1_index, struct.pack(">Q", entry))
+        self._l1[l1_index] = entry
+        table = np.zeros(self._cs // 8, dtype=np.uint64)
+        self._l2_cache[offset] = table
+        if len(self._l2_cache) > self._l2_cache_tables:
+            self._l2_cache.popitem(last=False)
+        return table, offset
+
+    def _write_entries(self, l2_offset: int, table: U64, first: int, values: list[int]) -> None:
+        """Set ``table[first:first + len(values)]`` in memory and on disk."""
+        table[first : first + len(values)] = np.array(values, dtype=np.uint64)
+        raw = table[first : first + len(values)].astype(">u8").tobytes()
+        self._io.write(l2_offset + 8 * first, raw)
+
+    def _old_cluster(self, entry: int, cluster: int, buf: bytearray) -> None:
+        """Fill ``buf`` (zeroed, one cluster) with what guest cluster ``cluster`` reads as."""
+        start = cluster << self._cb
+        valid = min(self._cs, self._size - start)
+        if valid <= 0:
+            return
+        view = memoryview(buf)[:valid]
+        kind, aux = self._classify(entry)
+        if kind == UNALLOC:
+            self._read_backing(start, view)
+        elif kind in (NORMAL, SHARED):
+            self._io.read_into(aux, view)
+        elif kind == COMPRESSED:
+            view[:] = self._decompress(aux)[:valid]
+
+    def _write_allocating(self, offset: int, data: memoryview) -> None:
+        """Write under the lock: allocate, copy on write, then map (lock held)."""
+        cb, cs = self._cb, self._cs
+        end = offset + len(data)
+        c = offset >> cb
+        last = (end - 1) >> cb
+        frees: list[int] = []
+        compressed: list[int] = []
+        while c <= last:
+            l1_index = c >> self._l2_bits
+            stop = min(last + 1, (l1_index + 1) << self._l2_bits)
+            table, l2_offset = self._l2_for_write(l1_index)
+            i0 = c & self._l2_mask
+            entries: list[int] = table[i0 : i0 + stop - c].tolist()
+            reuse = [
+                not e & OFLAG_COMPRESSED and bool(e & OFLAG_COPIED) and bool(e & L2E_OFFSET_MASK)
+                for e in entries
+            ]
+            need = reuse.count(False)
+            base = self._refs.alloc(need) << cb if need else 0
+            k = 0
+            writes: list[tuple[int, int, int, bytes | bytearray | None]] = []
+            new_entries = list(entries)
+            for j, entry in enumerate(entries):
+                cstart = (c + j) << cb
+                lo, hi = max(offset, cstart), min(end, cstart + cs)
+                if reuse[j]:
+                    host = entry & L2E_OFFSET_MASK
+                    if host & (cs - 1):
+                        raise self._corrupt(f"unaligned data cluster offset {host:#x}")
+                    self._check_meta([(NORMAL, 0, cs, host, 0)])
+                    if not entry & OFLAG_ZERO and (lo, hi) != (cstart, cstart + cs):
+                        writes.append((host + lo - cstart, lo - offset, hi - offset, None))
+                        continue
+                else:
+                    host = base + (k << cb)
+                    k += 1
+                    if entry & OFLAG_COMPRESSED:
+                        compressed.append(entry)
+                    elif entry & L2E_OFFSET_MASK:
+                        frees.append((entry & L2E_OFFSET_MASK) >> cb)
+                if (lo, hi) == (cstart, cstart + cs):
+                    writes.append((host, lo - offset, hi - offset, None))
+                else:
+                    buf = bytearray(cs)
+                    self._old_cluster(entry, c + j, buf)
+                    buf[lo - cstart : hi - cstart] = data[lo - offset : hi - offset]
+                    writes.append((host, 0, cs, buf))
+                new_entries[j] = host | OFLAG_COPIED
+            self._flush_writes(writes, data)
+            changed = [j for j in range(len(entries)) if new_entries[j] != entries[j]]
+            if changed:
+                a, b = changed[0], changed[-1] + 1
+                self._write_entries(l2_offset, table, i0 + a, new_entries[a:b])
+            c = stop
+        self._free(frees, compressed, self._pass_discard_other)
+
+    def _flush_writes(
+        self, writes: list[tuple[int, int, int, bytes | bytearray | None]], data: memoryview
+    ) -> None:
+        """Issue planned writes, merging runs of ``data`` that are contiguous on the host."""
+        i = 0
+        while i < len(writes):
+            host, a, b, buf = writes[i]
+            if buf is not None:
+                self._io.write(host, buf)
+                i += 1
+                continue
+            j = i + 1
+            while j < len(writes):
+                h2, a2, b2, buf2 = writes[j]
+                if buf2 is not None or h2 != host + (b - a) or a2 != b:
+                    break
+                b = b2
+                j += 1
+            self._io.write(host, data[a:b])
+            i = j
+
+    # -- freeing -----------------------------------------------------------------------------
+    def _free(self, clusters: list[int], compressed: list[int], discard: bool) -> None:
+        """Drop one reference from each host cluster (references already removed; lock held)."""
+        if not clusters and not compressed:
+            return
+        self._wait_older_io()
+        self._zcache = None
+        runs: list[tuple[int, int]] = []
+        for c in sorted(clusters):
+            if runs and runs[-1][0] + runs[-1][1] == c:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((c, 1))
+        cb = self._cb
+        for entry in compressed:
+            offset, length = self._compressed_span(entry)
+            offset &= ~511
+            first = offset >> cb
+            last = (offset + length + (entry & self._coff_mask & 511) - 1) >> cb
+            runs.append((first, last - first + 1))
+        assert self._file is not None
+        for first, count in runs:
+            for c, n in self._refs.change(first, count, -1):
+                if discard:
+                    self._file.pdiscard(c << cb, n << cb)
+
+    # -- zeroes and discards -----------------------------------------------------------------
+    def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """The clusters ``[first, end)`` the range covers entirely (the last may be short)."""
+        cb, cs = self._cb, self._cs
+        end = offset + length
+        first = (offset + cs - 1) >> cb
+        last_end = ((self._size + cs - 1) >> cb) if end >= self._size else end >> cb
+        return first, max(first, last_end)
+
+    def _reads_zero(self, offset: int, length: int) -> bool:
+        """True if the range already reads as zeroes from this layer's metadata alone."""
+        for seg in self._plan(offset, length):
+            kind, pos = seg[0], seg[1]
+            if kind == ZERO:
+                continue
+            if kind == UNALLOC and (
+                (backing := self.node.backing()) is None or offset + pos >= backing.size
+            ):
+                continue
+            return False
+        return True
+
+    def _partial_zeroes(self, offset: int, length: int) -> None:
+        with self._lock:
+            if self._reads_zero(offset, length):
+                return
+        self.pwritev(offset, memoryview(_ZEROES)[:length])
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make the range read as zeroes, hiding backing data.
+
+        v3 marks whole clusters with the zero flag (``may_unmap`` frees their host clusters,
+        else an allocated cluster keeps its host cluster); partial clusters get written
+        zeroes. v2 writes zeroes when there is a backing file, else deallocates.
+        """
+        self._check_writable()
+        first, end_cluster = self._whole_clusters(offset, length)
+        cb = self._cb
+        end = offset + length
+        if first >= end_cluster:
+            self._partial_zeroes(offset, length)
+            return
+        if offset < first << cb:
+            self._partial_zeroes(offset, (first << cb) - offset)
+        whole_end = min(end, end_cluster << cb)
+        if whole_end < end:
+            self._partial_zeroes(whole_end, end - whole_end)
+        if self._v3:
+            mode = "unmap" if may_unmap else "keep"
+        elif self.node.backing() is None:
+            mode = "dealloc"
+        else:
+            pos = first << cb
+            while pos < whole_end:
+                chunk = min(whole_end - pos, 1 << 20)
+                self.pwritev(pos, memoryview(_ZEROES)[:chunk])
+                pos += chunk
+            return
+        with self._lock:
+            self._zero_clusters(first, end_cluster, mode, self._pass_discard_request)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """Drop whole clusters of the range; never exposes backing data.
+
+        v3 with a backing file marks them zero; without one they become unallocated (reading
+        zeroes). v2 with a backing file ignores the hint; without one, deallocates.
+        """
+        self._check_writable()
+        first, end_cluster = self._whole_clusters(offset, length)
+        if first >= end_cluster:
+            return
+        if self.node.backing() is not None:
+            if not self._v3:
+                return
+            mode = "unmap"
+        else:
+            mode = "dealloc"
+        with self._lock:
+            self._zero_clusters(first, end_cluster, mode, self._pass_discard_request)
+
+    def _zero_clusters(self, first: int, end: int, mode: str, discard: bool) -> None:
+        """Rewrite the entries of clusters ``[first, end)`` (lock held).
+
+        ``mode``: ``"unmap"`` (zero flag, host freed), ``"keep"`` (zero flag, host kept when
+        it is ours alone) or ``"dealloc"`` (unallocated). Unallocated clusters of an image
+        without a backing file already read as zeroes and are left alone.
+        """
+        frees: list[int] = []
+        compressed: list[int] = []
+        no_backing = self.node.backing() is None
+        copied = np.uint64(OFLAG_COPIED)
+        c = first
+        while c < end:
+            l1_index = c >> self._l2_bits
+            stop = min(end, (l1_index + 1) << self._l2_bits)
+            if int(self._l1[l1_index]) & L1E_OFFSET_MASK == 0 and (
+                mode == "dealloc" or no_backing
+            ):
+                c = stop
+                continue
+            table, l2_offset = self._l2_for_write(l1_index)
+            i0 = c & self._l2_mask
+            i1 = i0 + stop - c
+            old = table[i0:i1].copy()
+            comp = (old & np.uint64(OFLAG_COMPRESSED)) != 0
+            host = old & np.uint64(L2E_OFFSET_MASK)
+            allocated = (host != 0) & ~comp
+            if mode == "dealloc":
+                new = np.zeros_like(old)
+                kept = np.zeros(len(old), dtype=bool)
+            else:
+                kept = (
+                    allocated & ((old & copied) != 0)
+                    if mode == "keep"
+                    else np.zeros(len(old), dtype=bool)
+                )
+                new = np.where(kept, host | copied | np.uint64(OFLAG_ZERO), np.uint64(OFLAG_ZERO))
+                if no_backing:
+                    new = np.where(old == 0, np.uint64(0), new)
+            changed = np.flatnonzero(old != new)
+            if changed.size:
+                a, b = int(changed[0]), int(changed[-1]) + 1
+                self._write_entries(l2_offset, table, i0 + a, new[a:b].tolist())
+                gone = allocated & ~kept
+                gone[:a] = False
+                gone[b:] = False
+                frees.extend((host[gone] >> np.uint64(self._cb)).tolist())
+                compressed.extend(old[comp].tolist())
+            c = stop
+        self._free(frees, compressed, discard)
+
+    # -- flush and status --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Nothing to do here: metadata is written through; the node flushes the file child."""
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """This layer's status of the first uniform extent at ``offset``.
+
+        Data: ``ALLOCATED|DATA`` with ``host_offset`` for a host-contiguous run; compressed
+        runs have no ``host_offset``; zero clusters ``ALLOCATED|ZERO``; unallocated ``0``
+        (the backing decides) or ``ZERO`` without a backing node.
+        """
+        cb = self._cb
+        end = offset + length
+        with self._lock:
+            runs = self._runs(offset >> cb, ((end - 1) >> cb) + 1)
+            kind, first, count, aux = next(runs)
+            run_end = (first + count) << cb
+            if kind == COMPRESSED:
+                for k, f, n, _ in runs:
+                    if k != COMPRESSED:
+                        break
+                    run_end = (f + n) << cb
+        stop = min(end, run_end)
+        if kind in (NORMAL, SHARED):
+            host = aux + offset - (first << cb)
+            return BlockStatus(offset, stop - offset, Status.ALLOCATED | Status.DATA, 1, host)
+        if kind == COMPRESSED:
+            return BlockStatus(offset, stop - offset, Status.ALLOCATED | Status.DATA)
+        if kind == ZERO:
+            return BlockStatus(offset, stop - offset, Status.ALLOCATED | Status.ZERO)
+        flags = Status(0) if self.node.backing() is not None else Status.ZERO
+        return BlockStatus(offset, stop - offset, flags)

@@ -1,0 +1,482 @@
+"""Block nodes, their users and child links.
+
+Lifetime: every user of a node holds a :class:`NodeUser` (the monitor after ``blockdev-add``, a
+device, a job, a parent's child link, an NBD export). The node closes, and leaves its graph, when
+its last user lets go; closing releases its own child links, so a chain goes down from the top.
+
+Data path: the public I/O methods check the range, count the request in flight, let the write
+interceptors (copy-before-write) act before any write, and call the driver. They raise
+``OSError`` with an errno; ``EINVAL`` for a read past the end, ``ENOSPC`` for a write past it.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fleece.block.driver import BlockStatus, Driver, Status
+from fleece.block.perm import NO_PERM, ChildRole, Perm
+from fleece.errors import GenericError
+
+if TYPE_CHECKING:
+    from fleece.block.graph import BlockGraph
+
+
+class UserKind(enum.Enum):
+    """Who holds a reference. The monitor's reference is the one ``blockdev-del`` drops."""
+
+    MONITOR = "monitor"
+    DEVICE = "device"
+    CHILD = "child"
+    JOB = "job"
+    EXPORT = "export"
+    INTERNAL = "internal"
+
+
+@dataclass(eq=False)
+class NodeUser:
+    """One reference on ``node``, with the permissions its holder needs and shares."""
+
+    node: BlockNode
+    kind: UserKind
+    description: str  # completes "Node 'x' is busy: ...", e.g. "used as backing of 'top'"
+    perm: Perm = NO_PERM
+    shared: Perm = field(default_factory=Perm.all)
+    released: bool = False
+
+    def release(self) -> None:
+        """Drop this reference (idempotent). The node closes when it was the last."""
+        self.node.remove_user(self)
+
+
+@dataclass(eq=False)
+class ChildLink:
+    """``parent --name/role--> child``; holds the parent's reference on the child."""
+
+    parent: BlockNode
+    name: str
+    role: ChildRole
+    user: NodeUser
+
+    @property
+    def node(self) -> BlockNode:
+        return self.user.node
+
+
+class WriteInterceptor(Protocol):
+    """Acts before a request reaches a node (copy-before-write); the request happens inside it."""
+
+    def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
+        ...
+
+
+class BlockNode:
+    """A node of the block graph: a driver instance, its children and its users."""
+
+    def __init__(
+        self, graph: BlockGraph, name: str, driver_name: str, *, read_only: bool, auto_named: bool
+    ) -> None:
+        self.graph = graph
+        self.name = name
+        self.driver_name = driver_name
+        self.read_only = read_only
+        self.auto_named = auto_named
+        self.driver: Driver = Driver(self)  # replaced by the real driver once open
+        self.children: dict[str, ChildLink] = {}
+        self.users: list[NodeUser] = []
+        self.interceptors: list[WriteInterceptor] = []
+        #: guards around reads of this node (a fleecing target holds clusters it reads through)
+        self.read_interceptors: list[WriteInterceptor] = []
+        self.closed = False
+        self._closing = False  # the last user let go; close() is on its way
+        #: QEMU's force-share: this node's links share every permission (read-only nodes only)
+        self.force_share = False
+        #: QEMU's discard=unmap; with the default (ignore) discard requests do nothing
+        self.discard_unmap = False
+        #: called with the node once it has closed (used to delete temporary files)
+        self.on_close: list[Callable[[BlockNode], None]] = []
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+
+    def __repr__(self) -> str:
+        return f"<BlockNode {self.name!r} {self.driver_name}>"
+
+    # -- users and references ----------------------------------------------------------------
+    def add_user(
+        self, kind: UserKind, description: str, perm: Perm = NO_PERM, shared: Perm | None = None
+    ) -> NodeUser:
+        """Take a reference. ``GenericError`` if the permissions conflict with another user."""
+        user = NodeUser(self, kind, description, perm, Perm.all() if shared is None else shared)
+        with self._lock:
+            if self.closed or self._closing:
+                raise GenericError(f"Node '{self.name}' is closed")
+            self._check_perm(user, perm, user.shared)
+            self.users.append(user)
+            try:
+                self._apply_perm()
+            except BaseException:
+                self.users.remove(user)
+                raise
+        return user
+
+    def update_user(self, user: NodeUser, perm: Perm, shared: Perm) -> None:
+        """Change what ``user`` needs and shares, or raise ``GenericError`` and change nothing."""
+        with self._lock:
+            self._check_perm(user, perm, shared)
+            old = (user.perm, user.shared)
+            user.perm, user.shared = perm, shared
+            try:
+                self._apply_perm()
+            except BaseException:
+                user.perm, user.shared = old
+                raise
+
+    def remove_user(self, user: NodeUser) -> None:
+        with self._lock:
+            if user.released:
+                return
+            user.released = True
+            self.users.remove(user)
+            last = not self.users
+            if last:
+                self._closing = True
+            else:
+                self._apply_perm()
+        if last:
+            self.close()
+
+    def _check_perm(self, user: NodeUser, perm: Perm, shared: Perm) -> None:
+        if perm & Perm.WRITE and self.read_only:
+            raise GenericError(f"Block node '{self.name}' is read-only")
+        for other in self.users:
+            if other is user:
+                continue
+            if perm & ~other.shared:
+                denied = Perm(perm & ~other.shared)
+                raise GenericError(
+                    f"Conflicts with use by {other.description}, which does not allow "
+                    f"'{denied.describe()}' on {self.name}"
+                )
+            if other.perm & ~shared:
+                denied = Perm(other.perm & ~shared)
+                raise GenericError(
+                    f"Conflicts with use by {other.description}, which uses "
+                    f"'{denied.describe()}' on {self.name}"
+                )
+
+    def _apply_perm(self) -> None:
+        perm, shared = NO_PERM, Perm.all()
+        for user in self.users:
+            perm |= user.perm
+            shared &= user.shared
+        self.driver.set_perm(perm, shared)
+
+    def busy_users(self) -> list[NodeUser]:
+        """Users other than the monitor: while there is one, ``blockdev-del`` refuses."""
+        return [u for u in self.users if u.kind is not UserKind.MONITOR]
+
+    def monitor_user(self) -> NodeUser | None:
+        return next((u for u in self.users if u.kind is UserKind.MONITOR), None)
+
+    @property
+    def refcount(self) -> int:
+        return len(self.users)
+
+    # -- children ----------------------------------------------------------------------------
+    def attach_child(self, name: str, child: BlockNode, role: ChildRole) -> ChildLink:
+        """Link ``child`` under ``name``; the link holds a reference with the driver's perms."""
+        perm, shared = self.driver.child_perm(role, self.read_only)
+        if self.force_share:
+            shared = Perm.all()
+        article = "as" if role & (ChildRole.BACKING | ChildRole.FILE | ChildRole.TARGET) else "by"
+        user = child.add_user(
+            UserKind.CHILD, f"used {article} {name} of '{self.name}'", perm, shared
+        )
+        link = ChildLink(self, name, role, user)
+        with self._lock:
+            old = self.children.get(name)
+            self.children[name] = link
+        if old is not None:
+            old.user.release()
+        return link
+
+    def detach_child(self, name: str) -> None:
+        with self._lock:
+            link = self.children.pop(name, None)
+        if link is not None:
+            link.user.release()
+
+    def child(self, name: str) -> BlockNode | None:
+        link = self.children.get(name)
+        return link.node if link is not None else None
+
+    def file_child(self) -> BlockNode | None:
+        return self.child("file")
+
+    def backing(self) -> BlockNode | None:
+        for link in self.children.values():
+            if link.role & ChildRole.BACKING:
+                return link.node
+        return None
+
+    def parents(self) -> list[BlockNode]:
+        return [link.parent for link in self.graph.links_to(self)]
+
+    def reopen(self, read_only: bool) -> None:
+        """Switch the node (and the storage under it) between read-only and read-write.
+
+        ``GenericError`` when going read-only while a user still writes, or when the storage
+        cannot be reopened for writing (a lock held by another process, a read-only file).
+        """
+        if read_only == self.read_only:
+            return
+        if read_only and any(user.perm & Perm.WRITE for user in self.users):
+            raise GenericError(f"Node '{self.name}' is in use for writing")
+        storage = [link for link in self.children.values() if not link.role & ChildRole.BACKING]
+        if not read_only:
+            for link in storage:
+                link.node.reopen(False)
+        self.driver.reopen(read_only)
+        self.read_only = read_only
+        for link in storage:
+            perm, shared = self.driver.child_perm(link.role, read_only)
+            link.node.update_user(link.user, perm, shared)
+        if read_only:
+            for link in storage:
+                link.node.reopen(True)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Wait until no request is in flight on this node."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)
+
+    def close(self) -> None:
+        """Close the driver and let go of the children. Called by the last ``remove_user``."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.drain()
+        try:
+            if not self.read_only:
+                with suppress(OSError):  # close anyway; the error was the writer's to see
+                    self.driver.flush()
+            self.driver.close()
+        finally:
+            for name in list(self.children):
+                self.detach_child(name)
+            self.graph.forget(self)
+            for callback in self.on_close:
+                callback(self)
+
+    # -- I/O ---------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.driver.size()
+
+    @contextmanager
+    def _request(self) -> Iterator[None]:
+        with self._lock:
+            if self.closed:
+                raise OSError(errno.ENODEV, f"node '{self.name}' is closed")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    def _check_read(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(
+                errno.EINVAL,
+                f"read of {length} bytes at {offset} beyond the end of '{self.name}' "
+                f"({self.size} bytes)",
+            )
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"bad write range {offset}+{length} on '{self.name}'")
+        if offset + length > self.size and not self.driver.growable:
+            raise OSError(
+                errno.ENOSPC,
+                f"write of {length} bytes at {offset} beyond the end of '{self.name}' "
+                f"({self.size} bytes)",
+            )
+        if self.read_only:
+            raise OSError(errno.EROFS, f"node '{self.name}' is read-only")
+
+    def pread_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        view = memoryview(buf).cast("B")
+        self._check_read(offset, len(view))
+        if not view:
+            return
+        with self._request():
+            if self.read_interceptors:
+                with self._intercepted(offset, len(view), self.read_interceptors):
+                    self.driver.preadv(offset, view)
+            else:
+                self.driver.preadv(offset, view)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.pread_into(offset, buf)
+        return bytes(buf)
+
+    def _intercepted(
+        self, offset: int, length: int, interceptors: list[WriteInterceptor] | None = None
+    ) -> ExitStack:
+        stack = ExitStack()
+        try:
+            for interceptor in list(self.interceptors if interceptors is None else interceptors):
+                stack.enter_context(interceptor.intercept(self, offset, length))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, *, unchanged: bool = False
+    ) -> None:
+        """Write ``data`` at ``offset``.
+
+        ``unchanged`` promises the bytes already read so (a stream job copying backing data up):
+        such a write skips the interceptors, since copy-before-write has nothing to save.
+        """
+        view = memoryview(data).cast("B")
+        self._check_write(offset, len(view))
+        if not view:
+            return
+        if unchanged:
+            with self._request():
+                self.driver.pwritev(offset, view)
+            return
+        with self._request(), self._intercepted(offset, len(view)):
+            self.driver.pwritev(offset, view)
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self._check_write(offset, length)
+        if not length:
+            return
+        with self._request(), self._intercepted(offset, length):
+            self.driver.pwrite_zeroes(offset, length, may_unmap)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """Drop the range's content if the node was opened with ``discard=unmap`` (QEMU
+        ignores discards otherwise, and so does fleece)."""
+        self._check_write(offset, length)
+        if not length or not self.discard_unmap:
+            return
+        with self._request(), self._intercepted(offset, length):
+            self.driver.pdiscard(offset, length)
+
+    def flush(self) -> None:
+        with self._request():
+            self.driver.flush()
+            for link in list(self.children.values()):
+                if not link.node.read_only:
+                    link.node.flush()
+
+    # -- block status ------------------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """This layer's status of the first extent in ``[offset, offset + length)``."""
+        self._check_read(offset, length)
+        if not length:
+            return BlockStatus(offset, 0, Status(0))
+        with self._request():
+            return self.driver.block_status(offset, length)
+
+    def block_status_above(
+        self, offset: int, length: int, base: BlockNode | None = None
+    ) -> BlockStatus:
+        """Status through the backing chain down to (not including) ``base``.
+
+        ``depth`` is the layer that allocates the extent (1 = this node), or 0 when none does;
+        an extent no layer allocates reads as zeroes unless ``base`` is under it.
+        """
+        node: BlockNode | None = self
+        depth = 1
+        while node is not None and node is not base:
+            status = node.block_status(offset, length)
+            if status.allocated:
+                return BlockStatus(offset, status.length, status.flags, depth, status.host_offset)
+            length = status.length
+            below = node.backing()
+            if below is None or offset >= below.size:
+                # Nothing below: unallocated reads as zeroes (QEMU pads short backings likewise).
+                return BlockStatus(offset, length, Status.ZERO, 0 if base is None else depth)
+            length = min(length, below.size - offset)
+            node = below
+            depth += 1
+        return BlockStatus(offset, length, Status(0), 0)
+
+    def extents(self, offset: int, length: int, above: bool = True) -> Iterator[BlockStatus]:
+        """Walk ``[offset, offset + length)`` extent by extent."""
+        end = offset + length
+        while offset < end:
+            if above:
+                status = self.block_status_above(offset, end - offset)
+            else:
+                status = self.block_status(offset, end - offset)
+            if status.length <= 0:
+                raise OSError(errno.EIO, f"block status made no progress at {offset}")
+            yield status
+            offset += status.length
+
+    # -- introspection -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """QEMU's ``BlockDeviceInfo`` for this node."""
+        backing = self.backing()
+        image: dict[str, Any] = {
+            "filename": self.driver.filename(),
+            "format": self.driver_name,
+            "virtual-size": self.size,
+            "dirty-flag": False,
+        }
+        file = self.file_child()
+        if file is not None and file.driver_name == "file":
+            with suppress(OSError):
+                image["actual-size"] = os.stat(file.driver.filename()).st_blocks * 512
+        image.update(self.driver.image_info())
+        backing_name = self.driver.backing_filename()
+        if backing_name:
+            image["backing-filename"] = backing_name
+        if backing is not None:
+            image["backing-image"] = backing.info()["image"]
+        depth, walk = 0, backing
+        while walk is not None:
+            depth += 1
+            walk = walk.backing()
+        info: dict[str, Any] = {
+            "node-name": self.name,
+            "drv": self.driver_name,
+            "file": self.driver.filename(),
+            "ro": self.read_only,
+            "encrypted": False,
+            "detect_zeroes": "off",
+            "bps": 0,
+            "bps_rd": 0,
+            "bps_wr": 0,
+            "iops": 0,
+            "iops_rd": 0,
+            "iops_wr": 0,
+            "write_threshold": 0,
+            "backing_file_depth": depth,
+            "cache": {"writeback": True, "direct": False, "no-flush": False},
+            "image": image,
+        }
+        if backing_name:
+            info["backing_file"] = backing_name
+        return info
+

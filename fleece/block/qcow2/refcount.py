@@ -1,0 +1,406 @@
+"""qcow2 reference counts: reading any entry width, allocating clusters, growing the table.
+
+Crash safety (a ``kill -9`` may leak clusters, never corrupt), as promised by every method:
+
+- an allocation writes the new refcounts before returning, so nothing references a cluster
+  whose refcount is still zero on disk;
+- a new refcount block is written, already counting itself, before the table points at it;
+- a new, larger refcount table is written (with its blocks) before the header points at it,
+  and the old table's clusters are released only after that.
+
+Not thread-safe by itself: the driver calls it under its metadata lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections import OrderedDict
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fleece.block.qcow2.format import MAX_REFTABLE_BYTES, OFF_REFTABLE, REFT_OFFSET_MASK
+
+_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
+U64 = npt.NDArray[np.uint64]
+
+
+class MetaIO(Protocol):
+    """Positional access to the image file for metadata."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; zeroes past the end of the file."""
+        ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def file_end(self) -> int:
+        """The current size of the image file in bytes."""
+        ...
+
+
+class Refblock:
+    """One refcount block: ``entries`` counters of ``1 << order`` bits in a cluster buffer."""
+
+    __slots__ = ("buf", "entries", "order")
+
+    def __init__(self, buf: bytearray, order: int) -> None:
+        self.buf = buf
+        self.order = order
+        self.entries = len(buf) * 8 >> order
+
+    def _view(self) -> npt.NDArray[np.unsignedinteger]:
+        return np.frombuffer(self.buf, dtype=_DTYPES[self.order])
+
+    def get(self, i: int) -> int:
+        if self.order >= 3:
+            return int(self._view()[i])
+        bits = 1 << self.order
+        per = 8 >> self.order
+        return self.buf[i // per] >> (bits * (i % per)) & ((1 << bits) - 1)
+
+    def set(self, i: int, value: int) -> None:
+        if self.order >= 3:
+            self._view()[i] = value
+            return
+        bits = 1 << self.order
+        per = 8 >> self.order
+        shift = bits * (i % per)
+        mask = ((1 << bits) - 1) << shift
+        self.buf[i // per] = (self.buf[i // per] & ~mask) | (value << shift)
+
+    def values(self) -> U64:
+        """Every counter of the block, as native integers."""
+        if self.order >= 3:
+            return self._view().astype(np.uint64)
+        raw = np.frombuffer(self.buf, dtype=np.uint8)
+        bits = 1 << self.order
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        out = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+        return out.reshape(-1).astype(np.uint64)
+
+    def byte_span(self, first: int, end: int) -> tuple[int, int]:
+        """The bytes of the buffer holding counters ``first`` to ``end - 1``."""
+        bits = 1 << self.order
+        return first * bits // 8, -(-end * bits // 8)
+
+    def add(self, first: int, end: int, delta: int) -> None:
+        """Add ``delta`` to counters ``first..end-1``; ``OSError`` if any leaves its range."""
+        maximum = (1 << (1 << self.order)) - 1
+        if self.order >= 3:
+            view = self._view()
+            part = view[first:end]
+            if delta > 0 and bool((part > maximum - delta).any()):
+                raise OSError(errno.ERANGE, "qcow2 refcount overflow")
+            if delta < 0 and bool((part < -delta).any()):
+                raise OSError(errno.EIO, "qcow2 refcount underflow: the image is corrupt")
+            scalar = view.dtype.type(abs(delta))
+            if delta > 0:
+                part += scalar
+            else:
+                part -= scalar
+            return
+        for i in range(first, end):
+            value = self.get(i) + delta
+            if value < 0:
+                raise OSError(errno.EIO, "qcow2 refcount underflow: the image is corrupt")
+            if value > maximum:
+                raise OSError(errno.ERANGE, "qcow2 refcount overflow")
+            self.set(i, value)
+
+
+class Refcounts:
+    """The refcount table and blocks of one open image."""
+
+    def __init__(
+        self,
+        io: MetaIO,
+        *,
+        cluster_bits: int,
+        order: int,
+        table_offset: int,
+        table_clusters: int,
+        table: U64,
+        meta: set[int],
+        cache_blocks: int = 1024,
+    ) -> None:
+        self.io = io
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = order
+        self.entries = (self.cluster_size * 8) >> order  # counters per block
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.table = table.copy()
+        self.meta = meta  # cluster indices holding metadata; shared with the driver
+        self._cache: OrderedDict[int, Refblock] = OrderedDict()
+        self._cache_blocks = max(cache_blocks, 4)
+        self.hint = 0  # no free cluster lies below this index
+
+    # -- reading -----------------------------------------------------------------------------
+    def block(self, index: int) -> Refblock | None:
+        """Refcount block ``index``, or None when the table has no block there."""
+        if index >= len(self.table):
+            return None
+        offset = int(self.table[index]) & REFT_OFFSET_MASK
+        if offset == 0:
+            return None
+        blk = self._cache.get(index)
+        if blk is not None:
+            self._cache.move_to_end(index)
+            return blk
+        blk = Refblock(bytearray(self.io.read(offset, self.cluster_size)), self.order)
+        self._cache[index] = blk
+        if len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return blk
+
+    def get(self, cluster: int) -> int:
+        """The refcount of host cluster ``cluster`` (0 where no block covers it)."""
+        blk = self.block(cluster // self.entries)
+        return 0 if blk is None else blk.get(cluster % self.entries)
+
+    # -- changing ----------------------------------------------------------------------------
+    def change(self, cluster: int, count: int, delta: int) -> list[tuple[int, int]]:
+        """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster``, on disk.
+
+        Blocks must exist (an allocation ensures that). Returns the runs ``(first, count)``
+        whose refcount dropped to zero. Raises ``OSError`` (``EIO`` for a missing block or an
+        underflow, ``ERANGE`` for an overflow).
+        """
+        freed: list[tuple[int, int]] = []
+        end = cluster + count
+        while cluster < end:
+            index = cluster // self.entries
+            first = cluster - index * self.entries
+            stop = min(self.entries, first + end - cluster)
+            blk = self.block(index)
+            if blk is None:
+                raise OSError(
+                    errno.EIO,
+                    f"qcow2: cluster {cluster} has no refcount block: the image is corrupt",
+                )
+            blk.add(first, stop, delta)
+            lo, hi = blk.byte_span(first, stop)
+            self.io.write((int(self.table[index]) & REFT_OFFSET_MASK) + lo, blk.buf[lo:hi])
+            if delta < 0:
+                zero = np.flatnonzero(blk.values()[first:stop] == 0)
+                if zero.size:
+                    base = index * self.entries + first
+                    for run_start, run_len in _runs(zero):
+                        freed.append((base + run_start, run_len))
+                    self.hint = min(self.hint, base + int(zero[0]))
+            cluster = index * self.entries + stop
+        return freed
+
+    def alloc(self, count: int) -> int:
+        """Allocate ``count`` contiguous clusters (refcount 1, written); return the first index.
+
+        Creates refcount blocks (placed right after the run) and grows the table as needed.
+        Raises ``OSError``.
+        """
+        for _ in range(256):
+            cluster = self._find_free(count)
+            missing = self._missing_blocks(cluster, count)
+            if not missing:
+                self.change(cluster, count, +1)
+                if cluster <= self.hint:
+                    self.hint = cluster + count
+                return cluster
+            if missing[-1] >= len(self.table):
+                self._grow_table(missing[-1] + 1)
+                continue
+            # Room for the run and, after it, the blocks that will count it (and themselves).
+            extra = len(missing)
+            for _ in range(64):
+                cluster = self._find_free(count + extra)
+                missing = self._missing_blocks(cluster, count + extra)
+                if len(missing) <= extra:
+                    break
+                extra = len(missing)
+            if missing and missing[-1] >= len(self.table):
+                self._grow_table(missing[-1] + 1)
+                continue
+            self._place_blocks(missing, cluster + count)
+        raise OSError(errno.EIO, "qcow2: cluster allocation made no progress")
+
+    def _missing_blocks(self, cluster: int, count: int) -> list[int]:
+        """Indices of the refcount blocks ``[cluster, cluster + count)`` needs and lacks."""
+        return [
+            index
+            for index in range(cluster // self.entries, (cluster + count - 1) // self.entries + 1)
+            if index >= len(self.table) or int(self.table[index]) & REFT_OFFSET_MASK == 0
+        ]
+
+    def _place_blocks(self, indices: list[int], at: int) -> None:
+        """Create blocks ``indices`` in the free clusters from ``at``, each counting all of them.
+
+        Existing blocks count their share first; then the new blocks are written, then the
+        table points at them.
+        """
+        end = at + len(indices)
+        for index in range(at // self.entries, (end - 1) // self.entries + 1):
+            if index not in indices:
+                lo, hi = max(at, index * self.entries), min(end, (index + 1) * self.entries)
+                self.change(lo, hi - lo, +1)
+        blocks: list[tuple[int, Refblock]] = []
+        for index in indices:
+            blk = Refblock(bytearray(self.cluster_size), self.order)
+            lo, hi = max(at, index * self.entries), min(end, (index + 1) * self.entries)
+            if lo < hi:
+                blk.add(lo - index * self.entries, hi - index * self.entries, 1)
+            blocks.append((index, blk))
+        for k, (_, blk) in enumerate(blocks):
+            self.io.write((at + k) << self.cluster_bits, blk.buf)
+        for k, (index, blk) in enumerate(blocks):
+            offset = (at + k) << self.cluster_bits
+            self.table[index] = offset
+            self.io.write(self.table_offset + 8 * index, struct.pack(">Q", offset))
+            self.meta.add(at + k)
+            self._cache[index] = blk
+
+    def _find_free(self, count: int) -> int:
+        """The first run of ``count`` clusters with refcount 0 and no metadata, from the hint."""
+        start = self.hint
+        run_start, run_len = start, 0
+        index = start // self.entries
+        first_free: int | None = None
+        while True:
+            base = index * self.entries
+            lo = max(start - base, 0)
+            blk = self.block(index)
+            free = (
+                np.ones(self.entries - lo, dtype=bool) if blk is None else blk.values()[lo:] == 0
+            )
+            if first_free is None and free.any():
+                first_free = base + lo + int(np.argmax(free))
+                self.hint = first_free
+            pos = 0
+            n = free.size
+            while pos < n:
+                if run_len == 0:
+                    nz = np.flatnonzero(free[pos:])
+                    if nz.size == 0:
+                        break
+                    pos += int(nz[0])
+                    run_start = base + lo + pos
+                used = np.flatnonzero(~free[pos:])
+                length = int(used[0]) if used.size else n - pos
+                if run_len + length >= count:
+                    found = self._skip_meta(run_start, count)
+                    if found is None:
+                        return run_start
+                    # A metadata cluster its refcount does not count (a hostile image):
+                    # restart after it.
+                    run_len = 0
+                    pos = found + 1 - (base + lo)
+                    if pos < 0:
+                        pos = 0
+                    continue
+                run_len += length
+                pos += length
+                if pos < n:
+                    run_len = 0
+            index += 1
+
+    def _skip_meta(self, start: int, count: int) -> int | None:
+        meta = self.meta
+        if count > len(meta):
+            hits = [m for m in meta if start <= m < start + count]
+            return max(hits) if hits else None
+        for c in range(start + count - 1, start - 1, -1):
+            if c in meta:
+                return c
+        return None
+
+    def _highest_used(self) -> int:
+        """One past the highest cluster with a nonzero refcount, or metadata."""
+        top = max(self.meta, default=-1) + 1
+        nonzero = np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK))
+        for index in nonzero[::-1]:
+            blk = self.block(int(index))
+            assert blk is not None
+            used = np.flatnonzero(blk.values())
+            if used.size:
+                return max(top, int(index) * self.entries + int(used[-1]) + 1)
+        return top
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger one at the end of the image.
+
+        The new table and the new blocks that count it are written first, then the header
+        points at the new table, then the old table's clusters are released.
+        """
+        cs = self.cluster_size
+        per_cluster = cs // 8
+        old_len = len(self.table)
+        start = max(self._highest_used(), -(-self.io.file_end() // cs))
+        new_blocks: list[int] = []
+        clusters = 0
+        for _ in range(64):
+            # Fixed point: the table must index every block, and the new blocks must count
+            # the table and themselves.
+            region_end = start + clusters + len(new_blocks)
+            last_index = (region_end - 1) // self.entries if region_end > start else 0
+            want = max(min_entries, last_index + 1, 2 * old_len)
+            want_clusters = -(-want // per_cluster)
+            region_end = start + want_clusters + len(new_blocks)
+            blocks = [
+                i
+                for i in range(start // self.entries, (region_end - 1) // self.entries + 1)
+                if i >= old_len or int(self.table[i]) & REFT_OFFSET_MASK == 0
+            ]
+            if want_clusters == clusters and blocks == new_blocks:
+                break
+            clusters, new_blocks = want_clusters, blocks
+        else:
+            raise OSError(errno.EIO, "qcow2: refcount table growth did not converge")
+        if clusters * cs > MAX_REFTABLE_BYTES:
+            raise OSError(errno.EFBIG, "qcow2: the refcount table would exceed its size limit")
+        table_at = start
+        region_end = start + clusters + len(new_blocks)
+        # 1. count the region in existing blocks
+        for index in range(start // self.entries, (region_end - 1) // self.entries + 1):
+            if index in new_blocks:
+                continue
+            lo = max(start, index * self.entries)
+            hi = min(region_end, (index + 1) * self.entries)
+            self.change(lo, hi - lo, +1)
+        # 2. write the new blocks, counting the region (themselves included)
+        table = np.zeros(clusters * per_cluster, dtype=np.uint64)
+        table[:old_len] = self.table
+        for k, index in enumerate(new_blocks):
+            blk = Refblock(bytearray(cs), self.order)
+            lo = max(start, index * self.entries)
+            hi = min(region_end, (index + 1) * self.entries)
+            blk.add(lo - index * self.entries, hi - index * self.entries, 1)
+            offset = (start + clusters + k) << self.cluster_bits
+            self.io.write(offset, blk.buf)
+            table[index] = offset
+            self._cache[index] = blk
+        # 3. the new table, then 4. the header
+        new_offset = table_at << self.cluster_bits
+        self.io.write(new_offset, table.astype(">u8").tobytes())
+        self.io.write(OFF_REFTABLE, struct.pack(">QI", new_offset, clusters))
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table = table
+        self.table_offset, self.table_clusters = new_offset, clusters
+        old_first = old_offset >> self.cluster_bits
+        for c in range(old_first, old_first + old_clusters):
+            self.meta.discard(c)
+        self.meta.update(range(table_at, table_at + clusters))
+        self.meta.update(start + clusters + k for k in range(len(new_blocks)))
+        # 5. release the old table
+        self.change(old_first, old_clusters, -1)
+
+
+def _runs(indices: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
+    """Runs ``(first, length)`` of consecutive integers in a sorted index array."""
+    if indices.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [indices.size]))
+    return [(int(indices[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]

@@ -1,0 +1,214 @@
+"""``Storage``: the command layer. One method per QMP command, usable directly from Python.
+
+``Storage.execute(name, arguments)`` takes a command and its arguments exactly as QEMU's schema
+spells them and returns the QMP ``return`` value, or raises a :class:`fleece.errors.QMPError`
+carrying the QMP error class. The QMP server is a thin adapter over ``execute``; a harness may
+call ``execute`` or the methods directly, and drives guest I/O through :meth:`Storage.device`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fleece.block.device import DEVICE_DRIVERS, Device
+from fleece.block.graph import BlockGraph
+from fleece.block.node import BlockNode, UserKind
+from fleece.commands import CommandSpec, command
+from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
+from fleece.events import Event, EventBus
+from fleece.qmp.schema import Schema, check_arguments
+
+
+class Storage:
+    """The block graph, devices, jobs and exports of one fleece instance.
+
+    Thread-safe: commands may come from the QMP loop and from a harness's threads at once; they
+    are serialised by one lock, while guest I/O through devices runs in parallel.
+    """
+
+    def __init__(self) -> None:
+        self.graph = BlockGraph()
+        self.devices: dict[str, Device] = {}
+        self.events = EventBus()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
+        for attr in dir(type(self)):
+            method = getattr(self, attr)
+            spec = getattr(method, "__qmp_command__", None)
+            if isinstance(spec, CommandSpec):
+                self._commands[spec.name] = (method, spec)
+
+    # -- the command entry point -------------------------------------------------------------
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    def schema(self, name: str) -> Schema:
+        return self._commands[name][1].schema
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run command ``name``; returns its QMP return value. Raises ``QMPError``."""
+        entry = self._commands.get(name)
+        if entry is None:
+            raise CommandNotFound(f"The command {name} has not been found")
+        method, spec = entry
+        arguments = {} if arguments is None else arguments
+        if not isinstance(arguments, dict):
+            raise GenericError("QMP input member 'arguments' must be an object")
+        check_arguments(spec.schema, arguments)
+        with self._lock:
+            if self._closed:
+                raise GenericError("fleece is shutting down")
+            if spec.whole:
+                return method(dict(arguments))
+            return method(**{key.replace("-", "_"): value for key, value in arguments.items()})
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Receive every event; returns the function that unsubscribes."""
+        return self.events.subscribe(callback)
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        return self.events.emit(name, data)
+
+    # -- lookups used by every command -------------------------------------------------------
+    def device(self, name: str) -> Device:
+        """The device a harness drives (``pread``/``pwrite``/... from any thread)."""
+        device = self.devices.get(name)
+        if device is None:
+            raise DeviceNotFound(f"Device '{name}' not found")
+        return device
+
+    def find_node(self, name: str) -> BlockNode:
+        """A node by device name or node name, as QEMU's ``device`` arguments take it."""
+        device = self.devices.get(name)
+        if device is not None:
+            return device.node
+        node = self.graph.find(name)
+        if node is None:
+            raise DeviceNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    # -- block nodes -------------------------------------------------------------------------
+    @command("blockdev-add", None)
+    def blockdev_add(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Open a node from ``BlockdevOptions``; the monitor holds its reference."""
+        if "node-name" not in options:
+            raise GenericError("'node-name' must be specified for the root node")
+        node = self.graph.open_node(options)
+        node.add_user(UserKind.MONITOR, "owned by the monitor")
+        return {}
+
+    @command("blockdev-del", {"node-name": "str"})
+    def blockdev_del(self, node_name: str) -> dict[str, Any]:
+        """Drop the monitor's reference. Refused while anyone else uses the node."""
+        node = self.graph.find(node_name)
+        if node is None:
+            raise GenericError(f"Failed to find node with node-name='{node_name}'")
+        monitor = node.monitor_user()
+        if monitor is None:
+            raise GenericError(f"Node {node_name} is not owned by the monitor")
+        busy = node.busy_users()
+        if busy:
+            raise GenericError(f"Node '{node_name}' is busy: {busy[0].description}")
+        monitor.release()
+        return {}
+
+    @command("query-named-block-nodes", {"*flat": "bool"})
+    def query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
+        result = []
+        for node in self.graph.nodes():
+            info = node.info()
+            if flat:
+                info["image"].pop("backing-image", None)
+            result.append(info)
+        return result
+
+    @command("query-block", {})
+    def query_block(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "device": device.id,
+                "qdev": f"/machine/peripheral/{device.id}/virtio-backend",
+                "type": "unknown",
+                "removable": False,
+                "locked": False,
+                "io-status": "ok",
+                "inserted": device.node.info(),
+            }
+            for device in self.devices.values()
+        ]
+
+    # -- devices -----------------------------------------------------------------------------
+    @command(
+        "device_add",
+        {"driver": "str", "*id": "str", "*drive": "str", "*share-rw": "bool", "*bus": "str",
+         "*serial": "str"},
+    )
+    def device_add(
+        self,
+        driver: str,
+        id: str | None = None,
+        drive: str | None = None,
+        share_rw: bool = False,
+        bus: str | None = None,
+        serial: str | None = None,
+    ) -> dict[str, Any]:
+        """Hot plug a disk: ``{driver: "virtio-blk", id: "virtio0", drive: NODE}``."""
+        if driver not in DEVICE_DRIVERS:
+            raise GenericError(f"'{driver}' is not a valid device model name")
+        if id is None:
+            raise GenericError("Parameter 'id' is missing: fleece devices need an id")
+        if drive is None:
+            raise GenericError(f"{driver}: drive property not set")
+        if id in self.devices:
+            raise GenericError(f"Duplicate device ID '{id}'")
+        node = self.graph.find(drive)
+        if node is None:
+            raise GenericError(
+                f"Property '{driver}.drive' can't find value '{drive}'"
+            )
+        self.devices[id] = Device(id, driver, node, share_rw=share_rw)
+        return {}
+
+    @command("device_del", {"id": "str"})
+    def device_del(self, id: str) -> dict[str, Any]:
+        """Hot unplug: release the device's reference and emit ``DEVICE_DELETED``."""
+        device = self.devices.pop(id, None)
+        if device is None:
+            raise DeviceNotFound(f"Device '{id}' not found")
+        device.unplug()
+        self.emit("DEVICE_DELETED", {"device": id, "path": f"/machine/peripheral/{id}"})
+        return {}
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release everything: devices, then the monitor's references; every node closes."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for device in list(self.devices.values()):
+                device.unplug()
+            self.devices.clear()
+            for node in self.graph.nodes():
+                for user in list(node.users):
+                    if user.kind is UserKind.MONITOR:
+                        user.release()
+            # Anything left is held by a user that forgot to let go: release those users from
+            # the top of the graph down (a parent closes before its children, which its links
+            # then release), never a child link directly.
+            while True:
+                roots = [n for n in self.graph.nodes() if not self.graph.links_to(n)]
+                if not roots:
+                    break
+                for node in roots:
+                    for user in list(node.users):
+                        user.release()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
