@@ -18,10 +18,11 @@ from fleece.block.node import BlockNode, UserKind
 from fleece.commands import CommandSpec, command
 from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
 from fleece.events import Event, EventBus
+from fleece.jobs.commands import JobCommands
 from fleece.qmp.schema import Schema, check_arguments
 
 
-class Storage:
+class Storage(JobCommands):
     """The block graph, devices, jobs and exports of one fleece instance.
 
     Thread-safe: commands may come from the QMP loop and from a harness's threads at once; they
@@ -34,6 +35,7 @@ class Storage:
         self.events = EventBus()
         self._lock = threading.RLock()
         self._closed = False
+        self._init_jobs()
         self._commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
         for attr in dir(type(self)):
             method = getattr(self, attr)
@@ -106,10 +108,13 @@ class Storage:
         node = self.graph.find(node_name)
         if node is None:
             raise GenericError(f"Failed to find node with node-name='{node_name}'")
+        # QEMU's order: a job's blocker first, then ownership, then any other user.
+        busy = sorted(node.busy_users(), key=lambda user: user.kind is not UserKind.JOB)
+        if busy and busy[0].kind is UserKind.JOB:
+            raise GenericError(f"Node '{node_name}' is busy: {busy[0].description}")
         monitor = node.monitor_user()
         if monitor is None:
             raise GenericError(f"Node {node_name} is not owned by the monitor")
-        busy = node.busy_users()
         if busy:
             raise GenericError(f"Node '{node_name}' is busy: {busy[0].description}")
         monitor.release()
@@ -189,6 +194,7 @@ class Storage:
             if self._closed:
                 return
             self._closed = True
+            self.cancel_all_jobs()
             for device in list(self.devices.values()):
                 device.unplug()
             self.devices.clear()

@@ -170,6 +170,10 @@ class Driver:
     def size(self) -> int:
         raise NotImplementedError
 
+    def refresh_size(self) -> int:
+        """Forget any cached size and ask again (growable drivers cache it)."""
+        return self.size()
+
     def preadv(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``."""
         raise NotImplementedError

@@ -104,6 +104,7 @@ class BlockNode:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        self._draining = 0  # threads waiting in drain(): only they need a notify
 
     def __repr__(self) -> str:
         return f"<BlockNode {self.name!r} {self.driver_name}>"
@@ -256,7 +257,11 @@ class BlockNode:
     def drain(self) -> None:
         """Wait until no request is in flight on this node."""
         with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0)
+            self._draining += 1
+            try:
+                self._idle.wait_for(lambda: self._in_flight == 0)
+            finally:
+                self._draining -= 1
 
     def close(self) -> None:
         """Close the driver and let go of the children. Called by the last ``remove_user``."""
@@ -282,21 +287,30 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size()
 
-    @contextmanager
-    def _request(self) -> Iterator[None]:
+    def _begin(self) -> None:
+        """Count a request in flight (``ENODEV`` once the node closed)."""
         with self._lock:
             if self.closed:
                 raise OSError(errno.ENODEV, f"node '{self.name}' is closed")
             self._in_flight += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._draining:
+                self._idle.notify_all()
+
+    @contextmanager
+    def _request(self) -> Iterator[None]:
+        self._begin()
         try:
             yield
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
+            self._end()
 
     def _check_read(self, offset: int, length: int) -> None:
+        if offset + length > self.size and self.driver.growable:
+            self.driver.refresh_size()  # the cached size may predate another thread's growth
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(
                 errno.EINVAL,
@@ -322,12 +336,15 @@ class BlockNode:
         self._check_read(offset, len(view))
         if not view:
             return
-        with self._request():
+        self._begin()
+        try:
             if self.read_interceptors:
                 with self._intercepted(offset, len(view), self.read_interceptors):
                     self.driver.preadv(offset, view)
             else:
                 self.driver.preadv(offset, view)
+        finally:
+            self._end()
 
     def pread(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -358,12 +375,15 @@ class BlockNode:
         self._check_write(offset, len(view))
         if not view:
             return
-        if unchanged:
-            with self._request():
+        self._begin()
+        try:
+            if unchanged or not self.interceptors:
                 self.driver.pwritev(offset, view)
-            return
-        with self._request(), self._intercepted(offset, len(view)):
-            self.driver.pwritev(offset, view)
+            else:
+                with self._intercepted(offset, len(view)):
+                    self.driver.pwritev(offset, view)
+        finally:
+            self._end()
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self._check_write(offset, length)

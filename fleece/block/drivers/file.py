@@ -48,12 +48,30 @@ def _lock_op(fd: int, cmd: int, kind: int, byte: int) -> int:
     return int(struct.unpack(_FLOCK, result)[0])
 
 
+def locked_elsewhere(path: str) -> bool:
+    """Whether any process (this one too, through another descriptor) holds QEMU's lock bytes
+    on ``path``: a file in use must not be truncated or replaced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        for base in (_LOCK_PERM_BASE, _LOCK_SHARED_BASE):
+            for index in range(len(_LOCK_BITS)):
+                if _lock_op(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, base + index) != fcntl.F_UNLCK:
+                    return True
+        return False
+    finally:
+        os.close(fd)
+
+
 class FileDriver(Driver):
     name: ClassVar[str] = "file"
     growable = True
 
     fd: int = -1
     path: str = ""
+    _size = -1  # cached file size; our own writes keep it current (-1: ask the kernel)
 
     def open(self, options: Options) -> None:
         self.path = options.required_str("filename")
@@ -119,7 +137,14 @@ class FileDriver(Driver):
 
     # -- I/O ---------------------------------------------------------------------------------
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        size = self._size
+        if size < 0:
+            size = self._size = os.fstat(self.fd).st_size
+        return size
+
+    def refresh_size(self) -> int:
+        self._size = -1
+        return self.size()
 
     def filename(self) -> str:
         return self.path
@@ -137,6 +162,8 @@ class FileDriver(Driver):
         done = 0
         while done < len(data):
             done += os.pwritev(self.fd, [data[done:]], offset + done)
+        if offset + done > self._size:
+            self._size = -1  # grown: ask the kernel (another thread may have grown it more)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         # Never truncate here: another thread may be extending the file at the same time. A
@@ -154,6 +181,8 @@ class FileDriver(Driver):
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             super().pwrite_zeroes(offset, length, may_unmap)
+        finally:
+            self._size = -1  # ZERO_RANGE may have grown the file
 
     def pdiscard(self, offset: int, length: int) -> None:
         try:
@@ -168,6 +197,7 @@ class FileDriver(Driver):
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
+        self._size = -1
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         end = offset + length

@@ -114,14 +114,14 @@ class _FileIO:
         return bytes(buf)
 
     def read_short(self, offset: int, length: int) -> bytes:
-        end = self.file.size
+        end = self.file.driver.refresh_size()
         length = max(0, min(length, end - offset))
         return self.read(offset, length)
 
     def read_into(self, offset: int, view: memoryview) -> None:
         end = offset + len(view)
         if end > self.end:
-            self.end = self.file.size
+            self.end = self.file.driver.refresh_size()
         if offset >= self.end:
             _zero_fill(view)
             return
@@ -139,7 +139,7 @@ class _FileIO:
             self.end = end
 
     def file_end(self) -> int:
-        self.end = self.file.size
+        self.end = self.file.driver.refresh_size()
         return self.end
 
 

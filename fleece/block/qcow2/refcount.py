@@ -264,6 +264,9 @@ class Refcounts:
     def _find_free(self, count: int) -> int:
         """The first run of ``count`` clusters with refcount 0 and no metadata, from the hint."""
         start = self.hint
+        fast = self._free_at(start, count)
+        if fast is not None:
+            return fast
         run_start, run_len = start, 0
         index = start // self.entries
         first_free: int | None = None
@@ -304,6 +307,21 @@ class Refcounts:
                 if pos < n:
                     run_len = 0
             index += 1
+
+    def _free_at(self, start: int, count: int) -> int | None:
+        """``start`` if the ``count`` clusters there are free: the common case of an image
+        that grows at its end, answered without scanning the whole refcount block."""
+        index, lo = divmod(start, self.entries)
+        if lo + count > self.entries or count > 64:
+            return None
+        blk = self.block(index)
+        if blk is not None:
+            if blk.order >= 3:
+                if blk._view()[lo : lo + count].any():
+                    return None
+            elif any(blk.get(lo + i) for i in range(count)):
+                return None
+        return start if self._skip_meta(start, count) is None else None
 
     def _skip_meta(self, start: int, count: int) -> int | None:
         meta = self.meta

@@ -1,0 +1,59 @@
+"""Cluster range locks: shared or exclusive holds on ``[first, end)``, waiting on conflicts.
+
+The table of active locks is Cython (:mod:`fleece.cbw_plan`); this wrapper adds the waiting. Two
+locks conflict when their ranges overlap and either is exclusive. Writers are preferred: while an
+exclusive request waits, new shared requests over its range wait behind it, so a stream of
+snapshot reads can never starve a guest write.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fleece.cbw_plan import RangeLockTable
+
+
+class ClusterRangeLocks:
+    """Thread-safe range locks over cluster numbers."""
+
+    def __init__(self) -> None:
+        self._table = RangeLockTable()
+        self._waiting = RangeLockTable()  # exclusive requests waiting for their turn
+        self.mutex = threading.Condition(threading.Lock())
+
+    @contextmanager
+    def locked(self, first: int, end: int, exclusive: bool) -> Iterator[None]:
+        """Hold ``[first, end)``, waiting until no conflicting lock is held (nor, for a shared
+        request, a waiting exclusive one over the same clusters)."""
+        with self.mutex:
+            if exclusive:
+                token = self._table.try_acquire(first, end, True)
+                if not token:
+                    waiting = self._waiting.try_acquire(first, end, False)
+                    try:
+                        while not token:
+                            self.mutex.wait()
+                            token = self._table.try_acquire(first, end, True)
+                    finally:
+                        self._waiting.release(waiting)
+                        self.mutex.notify_all()
+            else:
+                token = 0
+                if not self._waiting.conflicts(first, end, True):
+                    token = self._table.try_acquire(first, end, False)
+                while not token:
+                    self.mutex.wait()
+                    if not self._waiting.conflicts(first, end, True):
+                        token = self._table.try_acquire(first, end, False)
+        try:
+            yield
+        finally:
+            with self.mutex:
+                self._table.release(token)
+                self.mutex.notify_all()
+
+    def __len__(self) -> int:
+        with self.mutex:
+            return len(self._table)

@@ -1,0 +1,1 @@
+"""Block jobs: the job state machine and the job kinds (backup, stream, commit)."""

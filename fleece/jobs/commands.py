@@ -1,0 +1,449 @@
+"""The job commands of ``Storage``: backups, stream, commit, and the job verbs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from fleece.block.cbw import COPY_AHEAD_BYTES
+from fleece.block.drivers.file import locked_elsewhere
+from fleece.block.node import BlockNode
+from fleece.commands import command
+from fleece.errors import DeviceNotActive, GenericError
+from fleece.jobs.backup import BackupJob
+from fleece.jobs.job import Job
+from fleece.jobs.state import JobStatus
+
+if TYPE_CHECKING:
+    from fleece.block.device import Device
+    from fleece.block.graph import BlockGraph
+    from fleece.events import Event
+
+ERROR_POLICY = ("report", "ignore", "stop", "enospc")
+SYNC = ("full", "top", "none", "incremental", "bitmap")
+#: the smallest copy-before-write granularity (QEMU's backup uses the same)
+MIN_BACKUP_CLUSTER = 64 * 1024
+
+_COMMON_JOB_ARGS: dict[str, Any] = {
+    "*job-id": "str",
+    "*speed": "int",
+    "*auto-finalize": "bool",
+    "*auto-dismiss": "bool",
+    "*on-source-error": ERROR_POLICY,
+    "*on-target-error": ERROR_POLICY,
+}
+
+_BACKUP_ARGS: dict[str, Any] = {
+    "device": "str",
+    "sync": SYNC,
+    **_COMMON_JOB_ARGS,
+    "*bitmap": "str",
+    "*bitmap-mode": ("on-success", "never", "always"),
+    "*compress": "bool",
+    "*filter-node-name": "str",
+    "*x-perf": "object",
+}
+
+
+def _cluster_size(node: BlockNode) -> int:
+    size = node.driver.image_info().get("cluster-size", 0)
+    return max(MIN_BACKUP_CLUSTER, int(size) if isinstance(size, int) else 0)
+
+
+class JobCommands:
+    """Mixed into ``Storage``: owns ``self.jobs``."""
+
+    graph: BlockGraph
+    devices: dict[str, Device]
+    _jobs_lock: threading.Lock
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        raise NotImplementedError
+
+    def find_node(self, name: str) -> BlockNode:
+        raise NotImplementedError
+
+    def _init_jobs(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self._jobs_lock = threading.Lock()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def forget_job(self, job: Job) -> None:
+        with self._jobs_lock:
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+
+    def _register_job(self, job: Job) -> None:
+        with self._jobs_lock:
+            self.jobs[job.id] = job
+
+    def _check_job_id(self, job_id: str) -> None:
+        with self._jobs_lock:
+            if job_id in self.jobs:
+                raise GenericError(f"Job ID '{job_id}' already in use")
+        if not job_id or job_id.startswith("#"):
+            raise GenericError(f"Invalid job ID '{job_id}'")
+
+    def _check_not_backup_target(self, node: BlockNode) -> None:
+        for job in list(self.jobs.values()):
+            if isinstance(job, BackupJob) and job.target is node and job.users:
+                raise GenericError(
+                    f"Node '{node.name}' is busy: block device is in use by block job: backup"
+                )
+
+    def block_job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise DeviceNotActive(f"Block job '{job_id}' not found")
+        return job
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise GenericError("Job not found")
+        return job
+
+    def cancel_all_jobs(self, timeout: float = 30.0) -> None:
+        """Cancel every job that has not concluded and wait for it (shutdown)."""
+        for job in list(self.jobs.values()):
+            if job.status in (JobStatus.CONCLUDED, JobStatus.NULL, JobStatus.ABORTING):
+                continue
+            try:
+                job.cancel(force=True)
+            except GenericError:
+                continue
+        for job in list(self.jobs.values()):
+            job.join(timeout)
+            if job.status is JobStatus.CONCLUDED:
+                job.dismiss()
+
+    # -- backups -----------------------------------------------------------------------------
+    def _backup_job(
+        self,
+        source: BlockNode,
+        target: BlockNode,
+        *,
+        job_id: str,
+        sync: str,
+        fresh: bool,
+        options: dict[str, Any],
+    ) -> BackupJob:
+        if sync in ("incremental", "bitmap") or options.get("bitmap") is not None:
+            raise GenericError(f"sync mode '{sync}' needs dirty bitmaps, which this fleece lacks")
+        if options.get("compress"):
+            raise GenericError("Compression is not supported by fleece's backup target writer")
+        if source is target:
+            raise GenericError("Source and target cannot be the same")
+        if source.size != target.size:
+            raise GenericError("Source and target image have different sizes")
+        self._check_not_backup_target(source)
+        self._check_not_backup_target(target)
+        job = BackupJob(
+            self,  # type: ignore[arg-type]
+            job_id,
+            source,
+            target,
+            sync=sync,
+            cluster_size=_cluster_size(target),
+            target_is_fresh=fresh,
+            copy_ahead=_copy_ahead(options.get("x-perf")),
+            speed=options.get("speed") or 0,
+            auto_finalize=options.get("auto-finalize", True),
+            auto_dismiss=options.get("auto-dismiss", True),
+            on_source_error=options.get("on-source-error", "report"),
+            on_target_error=options.get("on-target-error", "report"),
+        )
+        self._register_job(job)
+        job.start()
+        return job
+
+    @command(
+        "drive-backup",
+        {**_BACKUP_ARGS, "target": "str", "*format": "str",
+         "*mode": ("existing", "absolute-paths"), "*target-id": "str", "*target-temporary": "bool"},
+        whole=True,
+    )
+    def drive_backup(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Back up ``device`` into the image file ``target`` (created unless mode=existing).
+
+        With ``sync=none`` and a qcow2 target, the target's backing is the source node: the
+        target named ``target-id`` reads as the point-in-time snapshot and can be exported.
+        """
+        device: str = args["device"]
+        source = self.find_node(device)
+        job_id = args.get("job-id") or device
+        self._check_job_id(job_id)
+        sync: str = args["sync"]
+        path: str = args["target"]
+        fmt = args.get("format") or (source.driver_name if source.driver_name in ("qcow2", "raw")
+                                     else "raw")
+        if fmt not in ("qcow2", "raw"):
+            raise GenericError(f"Unknown target format '{fmt}': fleece creates qcow2 or raw")
+        mode = args.get("mode", "absolute-paths")
+        target_id = args.get("target-id")
+        if target_id is not None and self.graph.find(target_id) is not None:
+            raise GenericError(f"node-name '{target_id}' is already in use")
+        backing = self._backing_for(source, sync) if fmt == "qcow2" else None
+        existed = os.path.exists(path)
+        if mode == "absolute-paths":
+            if existed:
+                self._check_replaceable(path)
+            _create_target(path, fmt, source.size, backing)
+        elif not existed:
+            raise GenericError(f"Could not open '{path}': No such file or directory")
+        created = not existed  # only a file this command made may be removed on failure
+        options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+        if target_id is not None:
+            options["node-name"] = target_id
+        if fmt == "qcow2":
+            options["backing"] = backing.name if backing is not None else None
+        try:
+            target = self.graph.open_node(options)
+        except BaseException:
+            if created:
+                _unlink_quietly(path)
+            raise
+        if args.get("target-temporary"):
+            target.on_close.append(lambda node: _unlink_quietly(path))
+        try:
+            self._backup_job(source, target, job_id=job_id, sync=sync, fresh=created,
+                             options=args)
+        except BaseException:
+            target.close()
+            if created:
+                _unlink_quietly(path)
+            raise
+        return {}
+
+    def _check_replaceable(self, path: str) -> None:
+        """Refuse to overwrite an image that a node here, or another process, has open."""
+        for node in self.graph.nodes():
+            if node.driver_name != "file":
+                continue
+            with contextlib.suppress(OSError):
+                if os.path.samefile(node.driver.filename(), path):
+                    raise GenericError(
+                        f"Could not create '{path}': the image is in use by node '{node.name}'"
+                    )
+        if locked_elsewhere(path):
+            raise GenericError(
+                f"Could not create '{path}': the image is locked by another process"
+            )
+
+    def _backing_for(self, source: BlockNode, sync: str) -> BlockNode | None:
+        """The node a new target reads through to: the source itself for sync=none (fleecing),
+        the source's backing for sync=top, nothing for sync=full."""
+        if sync == "none":
+            return source
+        if sync == "top":
+            return source.backing()
+        return None
+
+    @command(
+        "blockdev-backup", {**_BACKUP_ARGS, "target": "str", "*discard-source": "bool"}, whole=True
+    )
+    def blockdev_backup(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Back up ``device`` into the existing node ``target``."""
+        device: str = args["device"]
+        source = self.find_node(device)
+        name: str = args["target"]
+        target = self.graph.find(name)
+        if target is None:
+            raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
+        job_id = args.get("job-id") or device
+        self._check_job_id(job_id)
+        if args.get("discard-source"):
+            raise GenericError("discard-source is not supported yet")
+        self._backup_job(source, target, job_id=job_id, sync=args["sync"], fresh=False,
+                         options=args)
+        return {}
+
+    # -- stream and commit -------------------------------------------------------------------
+    def _chain_options(self, device: str, job_id: str | None, speed: int | None,
+                       on_error: str | None, auto_finalize: bool | None,
+                       auto_dismiss: bool | None) -> tuple[str, dict[str, Any]]:
+        job_id = job_id or device
+        self._check_job_id(job_id)
+        options: dict[str, Any] = {"speed": speed or 0,
+                                   "on_source_error": on_error or "report",
+                                   "on_target_error": on_error or "report"}
+        if auto_finalize is not None:
+            options["auto_finalize"] = auto_finalize
+        if auto_dismiss is not None:
+            options["auto_dismiss"] = auto_dismiss
+        return job_id, options
+
+    @command(
+        "block-stream",
+        {"device": "str", "*base-node": "str", "*base": "str", "*job-id": "str", "*speed": "int",
+         "*on-error": ERROR_POLICY, "*auto-finalize": "bool", "*auto-dismiss": "bool",
+         "*backing-file": "str", "*filter-node-name": "str"},
+    )
+    def block_stream(self, device: str, base_node: str | None = None, base: str | None = None,
+                     job_id: str | None = None, speed: int | None = None,
+                     on_error: str | None = None, auto_finalize: bool | None = None,
+                     auto_dismiss: bool | None = None, backing_file: str | None = None,
+                     filter_node_name: str | None = None) -> dict[str, Any]:
+        """Copy the chain's data above ``base-node`` into ``device``'s top image."""
+        from fleece.jobs.stream import StreamJob
+
+        if base is not None:
+            raise GenericError("'base' by file name is not supported; use 'base-node'")
+        top = self.find_node(device)
+        base_bs = self.graph.get(base_node) if base_node is not None else None
+        job_id, options = self._chain_options(device, job_id, speed, on_error, auto_finalize,
+                                              auto_dismiss)
+        job = StreamJob(self, job_id, top, base_bs, **options)  # type: ignore[arg-type]
+        self._register_job(job)
+        job.start()
+        return {}
+
+    @command(
+        "block-commit",
+        {"device": "str", "*top-node": "str", "*base-node": "str", "*job-id": "str",
+         "*speed": "int", "*on-error": ERROR_POLICY, "*auto-finalize": "bool",
+         "*auto-dismiss": "bool", "*backing-file": "str", "*filter-node-name": "str",
+         "*top": "str", "*base": "str"},
+    )
+    def block_commit(self, device: str, top_node: str | None = None,
+                     base_node: str | None = None, job_id: str | None = None,
+                     speed: int | None = None, on_error: str | None = None,
+                     auto_finalize: bool | None = None, auto_dismiss: bool | None = None,
+                     backing_file: str | None = None, filter_node_name: str | None = None,
+                     top: str | None = None, base: str | None = None) -> dict[str, Any]:
+        """Commit an intermediate layer ``top-node`` (and those below it) into ``base-node``."""
+        from fleece.block.chain import backing_chain
+        from fleece.jobs.stream import CommitJob
+
+        if top is not None or base is not None:
+            raise GenericError("'top'/'base' by file name are not supported; use the node names")
+        active = self.find_node(device)
+        chain = backing_chain(active)
+        top_bs = self.graph.get(top_node) if top_node is not None else active
+        if base_node is not None:
+            base_bs = self.graph.get(base_node)
+        elif len(chain) > 1:
+            base_bs = chain[-1]
+        else:
+            raise GenericError(f"'{device}' has no backing file to commit into")
+        if base_bs is top_bs:
+            raise GenericError("Base and top must not be the same")
+        job_id, options = self._chain_options(device, job_id, speed, on_error, auto_finalize,
+                                              auto_dismiss)
+        job = CommitJob(self, job_id, active, top_bs, base_bs, **options)  # type: ignore[arg-type]
+        self._register_job(job)
+        job.start()
+        return {}
+
+    # -- queries -----------------------------------------------------------------------------
+    @command("query-block-jobs", {})
+    def query_block_jobs(self) -> list[dict[str, Any]]:
+        return [job.block_info() for job in list(self.jobs.values())]
+
+    @command("query-jobs", {})
+    def query_jobs(self) -> list[dict[str, Any]]:
+        return [job.job_info() for job in list(self.jobs.values())]
+
+    # -- block-job-* verbs (by device = job id) ----------------------------------------------
+    @command("block-job-cancel", {"device": "str", "*force": "bool"})
+    def block_job_cancel(self, device: str, force: bool = False) -> dict[str, Any]:
+        self.block_job(device).cancel(force)
+        return {}
+
+    @command("block-job-pause", {"device": "str"})
+    def block_job_pause(self, device: str) -> dict[str, Any]:
+        self.block_job(device).user_pause()
+        return {}
+
+    @command("block-job-resume", {"device": "str"})
+    def block_job_resume(self, device: str) -> dict[str, Any]:
+        self.block_job(device).user_resume()
+        return {}
+
+    @command("block-job-set-speed", {"device": "str", "speed": "int"})
+    def block_job_set_speed(self, device: str, speed: int) -> dict[str, Any]:
+        self.block_job(device).set_speed(speed)
+        return {}
+
+    @command("block-job-complete", {"device": "str"})
+    def block_job_complete(self, device: str) -> dict[str, Any]:
+        self.block_job(device).complete()
+        return {}
+
+    @command("block-job-finalize", {"id": "str"})
+    def block_job_finalize(self, id: str) -> dict[str, Any]:
+        self.block_job(id).user_finalize()
+        return {}
+
+    @command("block-job-dismiss", {"id": "str"})
+    def block_job_dismiss(self, id: str) -> dict[str, Any]:
+        self.block_job(id).user_dismiss()
+        return {}
+
+    # -- job-* verbs -------------------------------------------------------------------------
+    @command("job-pause", {"id": "str"})
+    def job_pause(self, id: str) -> dict[str, Any]:
+        self.job(id).user_pause()
+        return {}
+
+    @command("job-resume", {"id": "str"})
+    def job_resume(self, id: str) -> dict[str, Any]:
+        self.job(id).user_resume()
+        return {}
+
+    @command("job-cancel", {"id": "str"})
+    def job_cancel(self, id: str) -> dict[str, Any]:
+        self.job(id).cancel()
+        return {}
+
+    @command("job-complete", {"id": "str"})
+    def job_complete(self, id: str) -> dict[str, Any]:
+        self.job(id).complete()
+        return {}
+
+    @command("job-finalize", {"id": "str"})
+    def job_finalize(self, id: str) -> dict[str, Any]:
+        self.job(id).user_finalize()
+        return {}
+
+    @command("job-dismiss", {"id": "str"})
+    def job_dismiss(self, id: str) -> dict[str, Any]:
+        self.job(id).user_dismiss()
+        return {}
+
+
+def _copy_ahead(perf: Any) -> int:
+    """``x-perf.copy-ahead`` (bytes, 0 to copy exactly the clusters the guest overwrites);
+    fleece's own member of QEMU's experimental ``x-perf`` options, whose others it ignores."""
+    if perf is None:
+        return COPY_AHEAD_BYTES
+    value = perf.get("copy-ahead", COPY_AHEAD_BYTES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise GenericError("Parameter 'x-perf.copy-ahead' expects a non-negative integer")
+    return value
+
+
+def _create_target(path: str, fmt: str, size: int, backing: BlockNode | None) -> None:
+    """Create the backup target image (QEMU's mode=absolute-paths)."""
+    try:
+        if fmt == "qcow2":
+            from fleece.block.qcow2 import create
+
+            create(
+                path,
+                size,
+                backing_file=backing.driver.filename() if backing is not None else None,
+                backing_format=backing.driver_name if backing is not None else None,
+            )
+        else:
+            with open(path, "wb") as f:
+                f.truncate(size)
+    except (OSError, ValueError) as exc:
+        raise GenericError(f"Could not create '{path}': {exc}") from exc
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,408 @@
+"""The job runtime: a thread per job, driven through QEMU's status and verb tables.
+
+A job's ``run()`` does the work and calls :meth:`Job.checkpoint` between pieces (where pause and
+cancel take effect) and :meth:`Job.throttle` after each (the speed limit). When ``run()`` returns
+the job goes ``waiting -> pending``, is finalized (its ``commit()`` runs and the completion event
+goes out) automatically or by ``job-finalize``, and is dismissed automatically or by
+``job-dismiss``. Cancel or a failure goes through ``aborting`` instead, calling ``abort()``.
+
+Jobs are threads rather than asyncio tasks because a job's work is blocking block I/O and because
+``Storage`` is used without an event loop by embedders; nothing in a job touches the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fleece.block.node import BlockNode, NodeUser, UserKind
+from fleece.block.perm import Perm
+from fleece.errors import GenericError
+from fleece.jobs.state import JobStatus, JobVerb, check_transition, check_verb
+
+if TYPE_CHECKING:
+    from fleece.storage import Storage
+
+ERROR_POLICIES = ("report", "ignore", "stop", "enospc")
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`Job.checkpoint` in the job's thread once it was cancelled."""
+
+
+class Job:
+    """One block job. Subclasses set ``kind`` and implement ``run`` (and maybe ``commit``)."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        storage: Storage,
+        job_id: str,
+        *,
+        speed: int = 0,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+        on_source_error: str = "report",
+        on_target_error: str = "report",
+    ) -> None:
+        if speed < 0:
+            raise GenericError("Invalid parameter 'speed'")
+        for name, policy in (("on-source-error", on_source_error),
+                             ("on-target-error", on_target_error)):
+            if policy not in ERROR_POLICIES:
+                raise GenericError(f"Parameter '{name}' does not accept value '{policy}'")
+        self.storage = storage
+        self.id = job_id
+        self.speed = speed
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.status = JobStatus.UNDEFINED
+        self.offset = 0
+        self.len = 0
+        self.error: str | None = None
+        self.io_status = "ok"
+        self.busy = False
+        self.users: list[NodeUser] = []
+        self._cond = threading.Condition()
+        self._pause_count = 0
+        self._cancelled = False
+        self._ended = False  # finalize or abort has begun: only one of them ever runs
+        self._thread: threading.Thread | None = None
+        self._throttle_start = time.monotonic()
+        self._throttle_bytes = 0
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def run(self) -> None:
+        """Do the work; raise to fail, return to succeed. Runs in the job's thread."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Make the result permanent (success only), before the completion event."""
+
+    def abort(self) -> None:
+        """Undo what can be undone (cancel or failure), before the cancel/completion event."""
+
+    def clean(self) -> None:
+        """Release what the job holds, whichever way it ended."""
+
+    # -- node references ---------------------------------------------------------------------
+    def use_node(self, node: BlockNode, perm: Perm, shared: Perm) -> NodeUser:
+        """Hold ``node`` for the job's lifetime ("in use by block job: <kind>")."""
+        user = node.add_user(
+            UserKind.JOB, f"block device is in use by block job: {self.kind}", perm, shared
+        )
+        self.users.append(user)
+        return user
+
+    def guarded_setup(self) -> _SetupGuard:
+        """``with job.guarded_setup():`` releases the nodes taken so far if setup fails."""
+        return _SetupGuard(self)
+
+    def release_nodes(self) -> None:
+        users, self.users = self.users, []
+        for user in reversed(users):
+            user.release()
+
+    # -- state -------------------------------------------------------------------------------
+    def _transition(self, new: JobStatus) -> None:
+        with self._cond:
+            old = self.status
+            if old is new:
+                return
+            check_transition(old, new)
+            self.status = new
+            self._cond.notify_all()
+        self.storage.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_count > 0
+
+    def block_info(self) -> dict[str, Any]:
+        """QEMU's ``BlockJobInfo``."""
+        info: dict[str, Any] = {
+            "type": self.kind,
+            "device": self.id,
+            "len": self.len,
+            "offset": self.offset,
+            "busy": self.busy,
+            "paused": self.paused,
+            "speed": self.speed,
+            "io-status": self.io_status,
+            "ready": self.status in (JobStatus.READY, JobStatus.STANDBY),
+            "status": self.status.value,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+    def job_info(self) -> dict[str, Any]:
+        """QEMU's ``JobInfo``."""
+        info: dict[str, Any] = {
+            "id": self.id,
+            "type": self.kind,
+            "status": self.status.value,
+            "current-progress": self.offset,
+            "total-progress": self.len,
+        }
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+    def _event_data(self) -> dict[str, Any]:
+        return {"type": self.kind, "device": self.id, "len": self.len, "offset": self.offset,
+                "speed": self.speed}
+
+    # -- the job's thread --------------------------------------------------------------------
+    def start(self) -> None:
+        """Announce the job (``created``) and run it in its own thread."""
+        self._transition(JobStatus.CREATED)
+        self._transition(JobStatus.RUNNING)
+        self.busy = True
+        self._thread = threading.Thread(target=self._main, name=f"job-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        failure: str | None = None
+        try:
+            self.checkpoint()
+            self.run()
+            if self._cancelled:
+                raise JobCancelled
+        except JobCancelled:
+            pass
+        except Exception as exc:  # the job failed: report it in the events, never crash
+            failure = str(exc) or type(exc).__name__
+        self.busy = False
+        if self._cancelled or failure is not None:
+            self.error = failure if failure is not None else None
+            self._abort_path()
+        else:
+            self._transition(JobStatus.WAITING)
+            self._transition(JobStatus.PENDING)
+            if self.auto_finalize:
+                self.finalize()
+            else:  # QEMU announces PENDING only when someone has to finalize by hand
+                self.storage.emit("BLOCK_JOB_PENDING", {"type": self.kind, "id": self.id})
+
+    def _claim_end(self) -> bool:
+        """True for the first caller of finalize or abort; a cancel racing an auto-finalize
+        must not end the job twice."""
+        with self._cond:
+            if self._ended:
+                return False
+            self._ended = True
+            return True
+
+    def _abort_path(self, claimed: bool = False) -> None:
+        if not claimed and not self._claim_end():
+            return
+        self._transition(JobStatus.ABORTING)
+        try:
+            self.abort()
+        finally:
+            self._clean()
+        if self._cancelled and self.error is None:
+            self.storage.emit("BLOCK_JOB_CANCELLED", self._event_data())
+        else:
+            self.storage.emit("BLOCK_JOB_COMPLETED", {**self._event_data(),
+                                                      "error": self.error or "Job failed"})
+        self._conclude()
+
+    def finalize(self) -> None:
+        """Commit and announce completion (``job-finalize``, or automatically)."""
+        if not self._claim_end():
+            return
+        if self._cancelled:  # a cancel landed while the job was pending
+            self._abort_path(claimed=True)
+            return
+        try:
+            self.commit()
+        except Exception as exc:
+            self.error = str(exc)
+            self._abort_path(claimed=True)
+            return
+        self._clean()
+        self.storage.emit("BLOCK_JOB_COMPLETED", self._event_data())
+        self._conclude()
+
+    def _clean(self) -> None:
+        try:
+            self.clean()
+        finally:
+            self.release_nodes()
+
+    def _conclude(self) -> None:
+        self._transition(JobStatus.CONCLUDED)
+        if self.auto_dismiss:
+            self.dismiss()
+
+    def dismiss(self) -> None:
+        self._transition(JobStatus.NULL)
+        self.storage.forget_job(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job concluded (or went away); True if it did within ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.status in (JobStatus.CONCLUDED, JobStatus.NULL), timeout
+            )
+
+    def wait_for_status(
+        self, statuses: tuple[JobStatus, ...], timeout: float | None = None
+    ) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.status in statuses, timeout)
+
+    # -- called from run() -------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Where pause and cancel take effect. Raises :class:`JobCancelled`."""
+        with self._cond:
+            if self._cancelled:
+                raise JobCancelled
+            if self._pause_count == 0:
+                return
+        paused_from = self.status
+        self._transition(
+            JobStatus.STANDBY if paused_from is JobStatus.READY else JobStatus.PAUSED
+        )
+        self.busy = False
+        with self._cond:
+            self._cond.wait_for(lambda: self._pause_count == 0 or self._cancelled)
+        self.busy = True
+        self._transition(JobStatus.READY if paused_from is JobStatus.READY else JobStatus.RUNNING)
+        if self._cancelled:
+            raise JobCancelled
+
+    def chunk_bytes(self, largest: int, granularity: int) -> int:
+        """How much to copy between two checkpoints: ``largest``, or less under a speed limit
+        so that the job is never more than a quarter second ahead of it, and a pause takes
+        effect promptly."""
+        if self.speed <= 0:
+            return largest
+        return max(granularity, min(largest, self.speed // 4 // granularity * granularity))
+
+    def progress(self, done: int) -> None:
+        with self._cond:
+            self.offset += done
+
+    def throttle(self, copied: int) -> None:
+        """Sleep as long as the speed limit asks after ``copied`` more bytes (wakes on cancel)."""
+        if self.speed <= 0:
+            self._throttle_start, self._throttle_bytes = time.monotonic(), 0
+            return
+        self._throttle_bytes += copied
+        due = self._throttle_start + self._throttle_bytes / self.speed
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._cancelled or self._pause_count > 0 or time.monotonic() >= due
+                or self.speed <= 0,
+                max(0.0, due - time.monotonic()),
+            )
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` or until cancelled / paused."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._cancelled or self._pause_count > 0, seconds)
+
+    def handle_error(self, exc: OSError, operation: str) -> str:
+        """Apply the error policy for a failed ``read`` (source) or ``write`` (target).
+
+        Returns ``"retry"`` (after a stop and resume) or ``"ignore"``; re-raises for ``report``.
+        """
+        policy = self.on_source_error if operation == "read" else self.on_target_error
+        if policy == "enospc":
+            policy = "stop" if exc.errno == errno.ENOSPC else "report"
+        self.io_status = "nospace" if exc.errno == errno.ENOSPC else "failed"
+        self.storage.emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation,
+                                              "action": policy})
+        if policy == "report":
+            raise exc
+        if policy == "ignore":
+            self.io_status = "ok"
+            return "ignore"
+        with self._cond:
+            self._pause_count += 1
+        self.checkpoint()
+        self.io_status = "ok"
+        return "retry"
+
+    # -- verbs -------------------------------------------------------------------------------
+    def verb(self, verb: JobVerb) -> None:
+        check_verb(self.id, self.status, verb)
+
+    def user_pause(self) -> None:
+        self.verb(JobVerb.PAUSE)
+        with self._cond:
+            if self._pause_count:
+                raise GenericError(f"The block job '{self.id}' is already paused")
+            self._pause_count += 1
+            self._cond.notify_all()
+
+    def user_resume(self) -> None:
+        self.verb(JobVerb.RESUME)
+        with self._cond:
+            if not self._pause_count:
+                raise GenericError("Can't resume a job that was not paused")
+            self._pause_count = 0
+            self._cond.notify_all()
+
+    def cancel(self, force: bool = False) -> None:
+        self.verb(JobVerb.CANCEL)
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+        if self.status is JobStatus.CREATED or self.status is JobStatus.PENDING:
+            self._abort_path()
+
+    def set_speed(self, speed: int) -> None:
+        self.verb(JobVerb.SET_SPEED)
+        if speed < 0:
+            raise GenericError("Invalid parameter 'speed'")
+        with self._cond:
+            self.speed = speed
+            self._throttle_start, self._throttle_bytes = time.monotonic(), 0
+            self._cond.notify_all()
+
+    def complete(self) -> None:
+        self.verb(JobVerb.COMPLETE)
+
+    def user_finalize(self) -> None:
+        self.verb(JobVerb.FINALIZE)
+        self.finalize()
+
+    def user_dismiss(self) -> None:
+        self.verb(JobVerb.DISMISS)
+        self.dismiss()
+
+    def join(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+class _SetupGuard:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None:
+            self.job.release_nodes()
+
+
+JobFactory = Callable[..., Job]
