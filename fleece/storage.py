@@ -19,10 +19,11 @@ from fleece.commands import CommandSpec, command
 from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
 from fleece.events import Event, EventBus
 from fleece.jobs.commands import JobCommands
+from fleece.nbd.commands import ExportCommands
 from fleece.qmp.schema import Schema, check_arguments
 
 
-class Storage(JobCommands):
+class Storage(JobCommands, ExportCommands):
     """The block graph, devices, jobs and exports of one fleece instance.
 
     Thread-safe: commands may come from the QMP loop and from a harness's threads at once; they
@@ -36,6 +37,7 @@ class Storage(JobCommands):
         self._lock = threading.RLock()
         self._closed = False
         self._init_jobs()
+        self._init_exports()
         self._commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
         for attr in dir(type(self)):
             method = getattr(self, attr)
@@ -195,6 +197,7 @@ class Storage(JobCommands):
                 return
             self._closed = True
             self.cancel_all_jobs()
+            self._close_exports()
             for device in list(self.devices.values()):
                 device.unplug()
             self.devices.clear()

@@ -17,6 +17,7 @@ import os
 import struct
 from typing import ClassVar
 
+from fleece.block import nowait
 from fleece.block.driver import BlockStatus, Driver, Options, Status
 from fleece.block.perm import Perm
 from fleece.errors import GenericError
@@ -150,9 +151,17 @@ class FileDriver(Driver):
         return self.path
 
     def preadv(self, offset: int, buf: memoryview) -> None:
+        flags = 0
+        if nowait.active():
+            if not nowait.RWF_NOWAIT:
+                raise nowait.WouldBlock
+            flags = nowait.RWF_NOWAIT
         done = 0
         while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done, flags)
+            except BlockingIOError:
+                raise nowait.WouldBlock from None
             if n == 0:  # end of file: the rest reads as zeroes
                 buf[done:] = bytes(len(buf) - done)
                 return

@@ -1,0 +1,326 @@
+"""A small synchronous NBD client: fixed newstyle, ``NBD_OPT_GO``, structured replies,
+``base:allocation``, optional ``STARTTLS``, and pipelined requests identified by cookies.
+
+It is what the demo and the tests use when libnbd is not around. Requests may be submitted
+many at a time (:meth:`NBDClient.submit`) and collected in any order (:meth:`NBDClient.wait`);
+the convenience methods (``pread``, ``pwrite``, ...) submit one request and wait for it.
+Not thread-safe: one thread drives a client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+from dataclasses import dataclass, field
+
+from fleece.nbd.constants import (
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+
+_REQUEST = struct.Struct(">IHHQQI")
+_NO_FLAGS = CmdFlag(0)
+
+
+class NBDError(OSError):
+    """The server answered a request with an error; ``errno`` is the NBD error value."""
+
+
+class NegotiationError(ConnectionError):
+    """The handshake failed: the server refused an option or spoke something else."""
+
+
+@dataclass
+class _Pending:
+    command: int
+    offset: int
+    length: int
+    data: bytearray | None = None
+    error: int = 0
+    message: str = ""
+    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The outcome of one request: ``error`` 0 on success, the data of a read, and the block
+    status extents ``(length, flags)`` per meta context name."""
+
+    error: int
+    message: str
+    data: bytes | None
+    extents: dict[str, list[tuple[int, int]]]
+
+
+class NBDClient:
+    """A client connected to one export over ``sock`` (already connected).
+
+    Raises ``NegotiationError`` when the handshake fails, ``ConnectionError`` when the server
+    hangs up.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        export: str = "",
+        *,
+        structured: bool = True,
+        contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.sock: socket.socket = sock
+        self.export = export
+        self.structured = False
+        self.contexts: dict[str, int] = {}
+        self.size = 0
+        self.flags = TransmissionFlag(0)
+        self.block_size: tuple[int, int, int] | None = None
+        self._cookie = 0
+        self._pending: dict[int, _Pending] = {}
+        self._negotiate(structured, contexts, tls, server_hostname)
+
+    @classmethod
+    def connect_unix(cls, path: str, export: str = "", **kwargs: object) -> NBDClient:
+        """Connect over a unix socket; keyword arguments as the constructor."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return cls(sock, export, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def connect_tcp(cls, host: str, port: int, export: str = "", **kwargs: object) -> NBDClient:
+        """Connect over TCP; keyword arguments as the constructor."""
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            return cls(sock, export, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            sock.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _recv(self, size: int) -> bytes:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("the NBD server closed the connection")
+            got += n
+        return bytes(buf)
+
+    def _option(self, opt: int, data: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+    def _option_reply(self, opt: int) -> tuple[int, bytes]:
+        magic, got_opt, rep, length = struct.unpack(">QIII", self._recv(20))
+        if magic != OPTION_REPLY_MAGIC or got_opt != opt:
+            raise NegotiationError(f"bad option reply (magic 0x{magic:x}, option {got_opt})")
+        return rep, self._recv(length) if length else b""
+
+    def _negotiate(
+        self,
+        structured: bool,
+        contexts: tuple[str, ...],
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> None:
+        magic, opt_magic, flags = struct.unpack(">QQH", self._recv(18))
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+            raise NegotiationError("not a newstyle NBD server")
+        if not flags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise NegotiationError("the server does not speak fixed newstyle")
+        client = ClientFlag.FIXED_NEWSTYLE
+        if flags & HandshakeFlag.NO_ZEROES:
+            client |= ClientFlag.NO_ZEROES
+        self.sock.sendall(struct.pack(">I", client))
+        if tls is not None:
+            self._option(Opt.STARTTLS)
+            rep, data = self._option_reply(Opt.STARTTLS)
+            if rep != Rep.ACK:
+                raise NegotiationError(f"STARTTLS refused: {data.decode(errors='replace')}")
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
+        if structured:
+            self._option(Opt.STRUCTURED_REPLY)
+            rep, _ = self._option_reply(Opt.STRUCTURED_REPLY)
+            self.structured = rep == Rep.ACK
+        name = self.export.encode()
+        if self.structured and contexts:
+            queries = b"".join(struct.pack(">I", len(q.encode())) + q.encode() for q in contexts)
+            self._option(
+                Opt.SET_META_CONTEXT,
+                struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts)) + queries,
+            )
+            while True:
+                rep, data = self._option_reply(Opt.SET_META_CONTEXT)
+                if rep == Rep.META_CONTEXT:
+                    self.contexts[data[4:].decode()] = struct.unpack(">I", data[:4])[0]
+                elif rep == Rep.ACK:
+                    break
+                else:
+                    raise NegotiationError(
+                        f"SET_META_CONTEXT refused: {data.decode(errors='replace')}"
+                    )
+        self._option(Opt.GO, struct.pack(">I", len(name)) + name
+                     + struct.pack(">HH", 1, Info.BLOCK_SIZE))
+        while True:
+            rep, data = self._option_reply(Opt.GO)
+            if rep == Rep.ACK:
+                break
+            if rep != Rep.INFO:
+                raise NegotiationError(
+                    f"export '{self.export}': reply 0x{rep:x} {data.decode(errors='replace')}"
+                )
+            (kind,) = struct.unpack(">H", data[:2])
+            if kind == Info.EXPORT:
+                self.size, flags = struct.unpack(">QH", data[2:12])
+                self.flags = TransmissionFlag(flags)
+            elif kind == Info.BLOCK_SIZE:
+                self.block_size = struct.unpack(">III", data[2:14])
+
+    # -- pipelined requests --------------------------------------------------------------------
+    def submit(
+        self, command: Cmd, offset: int = 0, length: int = 0, flags: CmdFlag = _NO_FLAGS,
+        payload: bytes | bytearray | memoryview | None = None,
+    ) -> int:
+        """Send a request; returns its cookie for :meth:`wait`."""
+        self._cookie += 1
+        cookie = self._cookie
+        if payload is not None:
+            length = len(payload)
+        pending = _Pending(command, offset, length)
+        if command == Cmd.READ:
+            pending.data = bytearray(length)
+        self._pending[cookie] = pending
+        header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+        if payload is None or len(payload) < 65536:
+            self.sock.sendall(header if payload is None else header + bytes(payload))
+        else:
+            self.sock.sendall(header)
+            self.sock.sendall(payload)
+        return cookie
+
+    def wait(self, cookie: int) -> Reply:
+        """Read replies until the one for ``cookie`` is complete; returns it."""
+        pending = self._pending.get(cookie)
+        if pending is None:
+            raise KeyError(f"no request with cookie {cookie}")
+        while not pending.done:
+            self._read_reply()
+        del self._pending[cookie]
+        names = {v: k for k, v in self.contexts.items()}
+        return Reply(
+            pending.error,
+            pending.message,
+            None if pending.data is None or pending.error else bytes(pending.data),
+            {names.get(k, str(k)): v for k, v in pending.extents.items()},
+        )
+
+    def _read_reply(self) -> None:
+        (magic,) = struct.unpack(">I", self._recv(4))
+        if magic == SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", self._recv(12))
+            pending = self._pending[cookie]
+            pending.error = error
+            if pending.command == Cmd.READ and not error and pending.data is not None:
+                pending.data[:] = self._recv(pending.length)
+            pending.done = True
+            return
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise ConnectionError(f"bad reply magic 0x{magic:08x}")
+        flags, kind, cookie, length = struct.unpack(">HHQI", self._recv(16))
+        pending = self._pending[cookie]
+        body = self._recv(length) if length else b""
+        if kind == ReplyType.OFFSET_DATA:
+            (offset,) = struct.unpack(">Q", body[:8])
+            assert pending.data is not None
+            start = offset - pending.offset
+            pending.data[start:start + len(body) - 8] = body[8:]
+        elif kind == ReplyType.OFFSET_HOLE:
+            pass  # the buffer is zeroed already
+        elif kind == ReplyType.BLOCK_STATUS:
+            (context,) = struct.unpack(">I", body[:4])
+            pending.extents[context] = [
+                struct.unpack(">II", body[i:i + 8]) for i in range(4, len(body), 8)
+            ]
+        elif kind & 0x8000:
+            error, mlen = struct.unpack(">IH", body[:6])
+            pending.error = error
+            pending.message = body[6:6 + mlen].decode(errors="replace")
+        if flags & ReplyFlag.DONE:
+            pending.done = True
+
+    def _check(self, reply: Reply) -> Reply:
+        if reply.error:
+            raise NBDError(reply.error, reply.message or os.strerror(reply.error))
+        return reply
+
+    # -- one request at a time -----------------------------------------------------------------
+    def pread(self, offset: int, length: int, flags: CmdFlag = _NO_FLAGS) -> bytes:
+        """``length`` bytes at ``offset``; ``NBDError`` when the server fails the read."""
+        data = self._check(self.wait(self.submit(Cmd.READ, offset, length, flags))).data
+        return b"" if data is None else data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview,
+               flags: CmdFlag = _NO_FLAGS) -> None:
+        """Write ``data`` at ``offset``; ``NBDError`` on failure."""
+        self._check(self.wait(self.submit(Cmd.WRITE, offset, flags=flags, payload=data)))
+
+    def flush(self) -> None:
+        """``NBD_CMD_FLUSH``; ``NBDError`` on failure."""
+        self._check(self.wait(self.submit(Cmd.FLUSH)))
+
+    def trim(self, offset: int, length: int) -> None:
+        """``NBD_CMD_TRIM``; ``NBDError`` on failure."""
+        self._check(self.wait(self.submit(Cmd.TRIM, offset, length)))
+
+    def zero(self, offset: int, length: int, flags: CmdFlag = _NO_FLAGS) -> None:
+        """``NBD_CMD_WRITE_ZEROES``; ``NBDError`` on failure."""
+        self._check(self.wait(self.submit(Cmd.WRITE_ZEROES, offset, length, flags)))
+
+    def block_status(
+        self, offset: int, length: int, context: str = BASE_ALLOCATION
+    ) -> list[tuple[int, int]]:
+        """The ``(length, flags)`` extents of ``context`` from ``offset``; ``NBDError``."""
+        reply = self._check(self.wait(self.submit(Cmd.BLOCK_STATUS, offset, length)))
+        return reply.extents.get(context, [])
+
+    def close(self) -> None:
+        """Send ``NBD_CMD_DISC`` and close the socket (idempotent)."""
+        if self.sock.fileno() < 0:
+            return
+        try:
+            self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> NBDClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
