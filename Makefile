@@ -30,7 +30,7 @@ peers:
 	sh scripts/install-peers.sh peers
 
 lint: $(STAMP)
-	$(PY) -m ruff check fleece tests benchmarks
+	$(PY) -m ruff check fleece tests benchmarks examples
 	$(PY) -m mypy
 
 # The unit tests run twice: on the compiled extensions, then on the pure-Python twins.

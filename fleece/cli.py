@@ -25,9 +25,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleece {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    daemon = sub.add_parser(
+        "daemon", help="run the storage daemon (QMP and NBD), like qemu-storage-daemon"
+    )
+    daemon.add_argument("--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT",
+                        help="serve QMP on this socket (repeatable)")
+    daemon.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
+                        help="a block node: JSON, or key=value with dotted keys (repeatable)")
+    daemon.add_argument("--drive", action="append", default=[], metavar="OPTIONS",
+                        help="id=NAME,file=PATH[,format=qcow2|raw][,readonly=on]: a node and "
+                             "a device named NAME (repeatable)")
+    daemon.add_argument("--nbd-server", action="append", default=[], metavar="OPTIONS",
+                        help="addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,"
+                             "addr.port=N[,tls-creds=ID][,max-connections=N]")
+    daemon.add_argument("--export", action="append", default=[], metavar="OPTIONS",
+                        help="type=nbd,id=ID,node-name=N[,name=NAME][,writable=on] (repeatable)")
+    daemon.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                        help="tls-creds-x509,id=ID,dir=D,endpoint=server[,verify-peer=on]")
+    daemon.add_argument("--pidfile", default=None, help="write the daemon's pid here")
+
     demo = sub.add_parser("demo", help="run the main job on a built-in sample disk")
-    demo.add_argument("--size", type=_size, default=parse_size("256M"),
-                      help="sample disk size, as qemu-img takes it (64M, 1G); default 256M")
+    demo.add_argument("--size", type=_size, default=parse_size("1G"),
+                      help="sample disk size, as qemu-img takes it (64M, 1G); default 1G")
     demo.add_argument("--dir", default=None,
                       help="keep the demo's files in this folder (default: a temporary one)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic guest")
@@ -36,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "daemon":
+        from fleece.daemon import DaemonConfig, run_daemon
+
+        return run_daemon(DaemonConfig(
+            qmp=args.qmp, blockdev=args.blockdev, drive=args.drive, nbd_server=args.nbd_server,
+            export=args.export, object=args.object, pidfile=args.pidfile,
+        ))
     if args.command == "demo":
         from fleece.demo import run_demo
 

@@ -1,44 +1,176 @@
-"""``fleece demo``: the most end-to-end thing fleece does so far, on a built-in sample disk.
+"""``fleece demo``: the main job, end to end, on a built-in sample disk.
 
-Today that is the block layer and the cluster bitmap: a sample disk full of random data is opened
-with ``blockdev-add``, plugged as device ``virtio0``, and a synthetic guest writes to it from two
-vCPU threads while a cluster bitmap records which clusters it dirtied (the set a fleecing job will
-copy before write). Then every cluster is read back and checked: dirtied ones hold what the guest
-wrote, the others still hold the original data. The fleecing steps (``drive-backup`` with a
-``target-id`` and an NBD export) are not built yet, and the report says so.
+1. Make a sample qcow2 disk full of random data (reproducible from ``--seed``).
+2. Start the daemon in-process with QMP and NBD sockets in a temporary folder, and plug the disk
+   in as device ``virtio0`` over QMP.
+3. A synthetic guest writes through the device from two vCPU threads.
+4. The original design's two commands, over QMP: ``drive-backup device=virtio0 format=qcow2
+   target=pit.qcow2 target-id=pit0 sync=none`` and ``nbd-server-add device=pit0
+   writable=false``. The guest is frozen around the first (as a guest agent's fsfreeze would),
+   so the point in time is exactly the writes made before it.
+5. While the guest keeps writing, read the snapshot over NBD and check it byte for byte against
+   the point-in-time content (also with nbdcopy when it is installed).
+6. Cancel the job and show the export still serving; stop the NBD server and show ``pit0`` gone
+   from the graph and the target file kept on disk.
+
+The exit status is 0 only when the snapshot verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from fleece.bitmap import IMPLEMENTATION, ClusterBitmap
-from fleece.storage import Storage
+from tqdm import tqdm
+
+from fleece.block.graph import BlockGraph
+from fleece.block.node import UserKind
+from fleece.block.perm import Perm
+from fleece.block.qcow2 import create
+from fleece.daemon import DaemonConfig, DaemonThread
+from fleece.nbd.client import NBDClient
+from fleece.qmp.client import QMPClient
 from fleece.units import format_size
 
-CLUSTER = 64 * 1024
-WRITE = 64 * 1024
+CHUNK = 4 << 20  # the unit of sample data generation and of snapshot reads
+WRITE = 64 * 1024  # the guest writes 64 KiB at a time
+
+
+def _chunk(seed: int, index: int) -> bytes:
+    """Chunk ``index`` of the sample disk: random, reproducible from the seed."""
+    return random.Random(seed * 1_000_003 + index).randbytes(CHUNK)
+
+
+class Model:
+    """What the disk holds: the sample data plus every guest write so far."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.writes: dict[int, bytes] = {}
+
+    def snapshot(self) -> Model:
+        frozen = Model(self.size, self.seed)
+        frozen.writes = dict(self.writes)
+        return frozen
+
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        for index in range(self.size // CHUNK):
+            data = bytearray(_chunk(self.seed, index))
+            base = index * CHUNK
+            for offset in range(base, base + CHUNK, WRITE):
+                written = self.writes.get(offset)
+                if written is not None:
+                    data[offset - base : offset - base + WRITE] = written
+            yield base, bytes(data)
 
 
 def _make_sample_disk(path: Path, size: int, seed: int) -> None:
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        remaining = size
-        while remaining:
-            chunk = min(remaining, 4 << 20)
-            f.write(rng.randbytes(chunk))
-            remaining -= chunk
+    create(str(path), size)
+    graph = BlockGraph()
+    node = graph.open_node({"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}})
+    user = node.add_user(UserKind.MONITOR, "the demo", Perm.CONSISTENT_READ | Perm.WRITE,
+                         Perm.CONSISTENT_READ)
+    try:
+        chunks = tqdm(range(size // CHUNK), desc="sample disk", unit="chunk", leave=False,
+                      disable=None)
+        for index in chunks:
+            node.pwrite(index * CHUNK, _chunk(seed, index))
+        node.flush()
+    finally:
+        user.release()
+
+
+class Guest:
+    """A synthetic guest: vCPU threads writing 64 KiB blocks through the device."""
+
+    def __init__(self, device_write: object, model: Model, seed: int) -> None:
+        self.write = device_write
+        self.model = model
+        self.rng = random.Random(seed)
+        self.freeze = threading.Lock()  # held by the demo around the snapshot command
+        self.stop = threading.Event()
+        self.written = 0
+        self._threads: list[threading.Thread] = []
+        self._slots = threading.Lock()
+
+    def write_block(self, offset: int, data: bytes) -> None:
+        with self.freeze:
+            self.write(offset, data)  # type: ignore[operator]
+            with self._slots:
+                self.model.writes[offset] = data
+                self.written += len(data)
+
+    def burst(self, first: int, count: int) -> float:
+        """Write ``count`` sequential blocks from ``first``; returns bytes per second."""
+        data = self.rng.randbytes(WRITE)
+        start = time.perf_counter()
+        for block in range(first, first + count):
+            self.write_block(block * WRITE, data)
+        return count * WRITE / (time.perf_counter() - start)
+
+    def start_background(self, vcpus: int, first_block: int, blocks: int) -> None:
+        def vcpu(index: int) -> None:
+            rng = random.Random(self.rng.random() + index)
+            while not self.stop.is_set():
+                block = first_block + rng.randrange(blocks)
+                self.write_block(block * WRITE, rng.randbytes(WRITE))
+                time.sleep(0.001)
+
+        for index in range(vcpus):
+            thread = threading.Thread(target=vcpu, args=(index,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def join(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def _verify_over_nbd(socket_path: str, export: str, frozen: Model) -> tuple[int, float]:
+    """Read the whole export and compare with ``frozen``; returns (bad chunks, bytes/s)."""
+    bad = 0
+    start = time.perf_counter()
+    with NBDClient.connect_unix(socket_path, export) as client:
+        for offset, want in tqdm(frozen.chunks(), total=frozen.size // CHUNK,
+                                 desc="snapshot over NBD", unit="chunk", leave=False, disable=None):
+            if client.pread(offset, CHUNK) != want:
+                bad += 1
+    return bad, frozen.size / (time.perf_counter() - start)
+
+
+def _verify_with_nbdcopy(socket_path: str, export: str, frozen: Model, work: Path) -> str:
+    nbdcopy = shutil.which("nbdcopy")
+    if nbdcopy is None:
+        return "not installed, skipped"
+    out = work / "snapshot-copy.raw"
+    proc = subprocess.run([nbdcopy, f"nbd+unix:///{export}?socket={socket_path}", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return f"FAILED: {proc.stderr.strip()}"
+    want, got = hashlib.sha256(), hashlib.sha256()
+    for _, data in frozen.chunks():
+        want.update(data)
+    with open(out, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            got.update(block)
+    out.unlink()
+    return "identical" if want.digest() == got.digest() else "DIFFERENT"
 
 
 def run_demo(*, size: int, folder: str | None, seed: int) -> int:
-    """Run the demo; returns the exit status (0 only when every byte verified)."""
-    if size < CLUSTER or size % CLUSTER:
-        print(f"fleece demo: --size must be a multiple of {CLUSTER} bytes, got {size}")
+    """Run the demo; returns the exit status (0 only when the snapshot verified)."""
+    if size < CHUNK or size % CHUNK:
+        print(f"fleece demo: --size must be a multiple of {format_size(CHUNK)}, got {size}")
         return 2
     with tempfile.TemporaryDirectory(prefix="fleece-demo-") as tmp:
         work = Path(folder) if folder else Path(tmp)
@@ -47,76 +179,86 @@ def run_demo(*, size: int, folder: str | None, seed: int) -> int:
 
 
 def _run(work: Path, size: int, seed: int) -> int:
-    disk = work / "disk.raw"
-    print(f"fleece demo: making a {format_size(size)} sample disk of random data at {disk}")
+    disk, target = work / "disk.qcow2", work / "pit.qcow2"
+    qmp_path, nbd_path = str(work / "qmp.sock"), str(work / "nbd.sock")
+    print(f"fleece demo: a {format_size(size)} sample disk of random data at {disk}")
     _make_sample_disk(disk, size, seed)
-    original = disk.read_bytes() if size <= (1 << 30) else b""
+    model = Model(size, seed)
 
-    storage = Storage()
-    storage.execute("blockdev-add", {"driver": "raw", "node-name": "disk0",
-                                     "file": {"driver": "file", "filename": str(disk)}})
-    storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-    device = storage.device("virtio0")
-    dirty = ClusterBitmap(size // CLUSTER)
-    written: dict[int, bytes] = {}
-    lock = threading.Lock()
+    daemon = DaemonThread(DaemonConfig(
+        qmp=[f"unix:{qmp_path}"],
+        blockdev=[f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}"],
+        nbd_server=[f"addr.type=unix,addr.path={nbd_path}"],
+    ))
+    daemon.start()
+    ok = False
+    try:
+        with QMPClient(qmp_path) as qmp:
+            ok = _scenario(daemon, qmp, model, work, target, nbd_path)
+    finally:
+        daemon.stop()
+    return 0 if ok else 1
 
-    def vcpu(index: int, count: int) -> None:
-        rng = random.Random(seed * 1000 + index)
-        for _ in range(count):
-            offset = rng.randrange(size // WRITE) * WRITE
-            data = rng.randbytes(WRITE)
-            with lock:  # one writer per offset at a time, so the model stays exact
-                device.pwrite(offset, data)
-                written[offset] = data
-                dirty.set_range(offset // CLUSTER, WRITE // CLUSTER)
 
-    writes_per_vcpu = max(1, min(2000, size // WRITE // 4))
-    start = time.perf_counter()
-    threads = [threading.Thread(target=vcpu, args=(i, writes_per_vcpu)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    device.flush()
-    write_seconds = time.perf_counter() - start
-    write_bytes = 2 * writes_per_vcpu * WRITE
+def _scenario(daemon: DaemonThread, qmp: QMPClient, model: Model, work: Path, target: Path,
+              nbd_path: str) -> bool:
+    size = model.size
+    qmp.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
+    device = daemon.storage.device("virtio0")
+    guest = Guest(device.pwrite, model, model.seed)
+    blocks = size // WRITE
+    quarter = blocks // 4
+    burst = min(quarter, (64 << 20) // WRITE)
 
-    print("fleece demo: reading every cluster back through virtio0 and checking it")
-    bad = 0
-    start = time.perf_counter()
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
-    for offset in range(0, size, len(buf)):
-        length = min(len(buf), size - offset)
-        device.pread_into(offset, view[:length])
-        for cluster_offset in range(offset, offset + length, CLUSTER):
-            got = bytes(view[cluster_offset - offset : cluster_offset - offset + CLUSTER])
-            if dirty.get(cluster_offset // CLUSTER):
-                want = written[cluster_offset - cluster_offset % WRITE]
-            elif original:
-                want = original[cluster_offset : cluster_offset + CLUSTER]
-            else:
-                continue
-            bad += got != want
-    read_seconds = time.perf_counter() - start
-    storage.execute("device_del", {"id": "virtio0"})
-    storage.execute("blockdev-del", {"node-name": "disk0"})
-    storage.close()
-    os.sync()
+    print("fleece demo: the guest writes without copy-before-write")
+    plain_rate = guest.burst(0, burst)
+
+    with guest.freeze:  # fsfreeze: no guest write is in flight across the point in time
+        qmp.execute("drive-backup", {"device": "virtio0", "format": "qcow2",
+                                     "target": str(target), "target-id": "pit0", "sync": "none"})
+        frozen = model.snapshot()
+    qmp.execute("nbd-server-add", {"device": "pit0", "writable": False})
+    print("fleece demo: snapshot taken: drive-backup ... target-id=pit0 sync=none, "
+          "nbd-server-add device=pit0 writable=false")
+
+    cbw_rate = guest.burst(quarter, burst)  # clusters not copied yet: every write copies first
+    guest.start_background(2, 2 * quarter, blocks - 2 * quarter)
+    try:
+        bad, read_rate = _verify_over_nbd(nbd_path, "pit0", frozen)
+        nbdcopy_result = _verify_with_nbdcopy(nbd_path, "pit0", frozen, work)
+    finally:
+        guest.join()
+    job = daemon.storage.jobs.get("virtio0")
+    copied = job.cbw.copied_clusters if job is not None and hasattr(job, "cbw") else 0
+    cluster = job.cbw.cluster_size if job is not None and hasattr(job, "cbw") else 0
+
+    qmp.execute("block-job-cancel", {"device": "virtio0"})
+    cancelled = qmp.wait_event("BLOCK_JOB_CANCELLED")
+    with NBDClient.connect_unix(nbd_path, "pit0") as client:
+        still_serving = len(client.pread(0, 4096)) == 4096
+    qmp.execute("nbd-server-stop")
+    nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+    kept = target.exists()
+    target_size = os.stat(target).st_blocks * 512 if kept else 0
 
     print()
     print("fleece demo report")
-    print(f"  sample disk              {format_size(size)} raw, {size // CLUSTER} clusters")
-    print(f"  guest writes             {2 * writes_per_vcpu} x 64 KiB from 2 vCPU threads, "
-          f"{format_size(write_bytes / write_seconds)}/s")
-    print(f"  clusters dirtied         {dirty.count()} (cluster bitmap: {IMPLEMENTATION})")
-    print(f"  read back                {format_size(size / read_seconds)}/s, "
-          f"{bad} clusters wrong")
-    print("  not built yet            drive-backup target-id=pit0 sync=none, nbd-server-add:")
-    print("                           this demo stops at the block layer and the bitmap")
-    if bad:
-        print("fleece demo: FAILED, the disk does not hold what was written")
-        return 1
-    print("fleece demo: every byte verified")
-    return 0
+    print(f"  sample disk                  {format_size(size)} qcow2, random data")
+    print(f"  guest writes, plain          {format_size(plain_rate)}/s "
+          f"(64 KiB sequential, {format_size(burst * WRITE)})")
+    print(f"  guest writes, fleecing       {format_size(cbw_rate)}/s "
+          f"(copy-before-write of every cluster; ratio {cbw_rate / plain_rate:.2f})")
+    print(f"  guest writes meanwhile       {format_size(guest.written)} in all, from 2 vCPUs")
+    print(f"  snapshot read over NBD       {format_size(read_rate)}/s, "
+          f"{'verified byte for byte' if not bad else f'{bad} chunks WRONG'}")
+    print(f"  snapshot read by nbdcopy     {nbdcopy_result}")
+    print(f"  clusters copied              {copied} x {format_size(cluster)}")
+    print(f"  cancel                       BLOCK_JOB_CANCELLED len={cancelled['data']['len']}; "
+          f"export {'still serving' if still_serving else 'NOT serving'}")
+    print(f"  after nbd-server-stop        pit0 {'still there' if 'pit0' in nodes else 'gone'}"
+          f" from the graph; target file {'kept' if kept else 'MISSING'}, "
+          f"{format_size(target_size)} on disk")
+    verified = (not bad and nbdcopy_result in ("identical", "not installed, skipped")
+                and still_serving and "pit0" not in nodes and kept)
+    print(f"fleece demo: {'the snapshot verified' if verified else 'FAILED'}")
+    return verified

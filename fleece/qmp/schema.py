@@ -54,9 +54,6 @@ def check_arguments(schema: Schema, arguments: Mapping[str, Any]) -> None:
     for key, kind in schema.items():
         optional = key.startswith("*")
         known[key.lstrip("*")] = (kind, optional)
-    for name in arguments:
-        if name not in known:
-            raise GenericError(f"Parameter '{name}' is unexpected")
     for name, (kind, optional) in known.items():
         if name not in arguments:
             if not optional:
@@ -69,3 +66,6 @@ def check_arguments(schema: Schema, arguments: Mapping[str, Any]) -> None:
             raise GenericError(
                 f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES.get(kind, kind)}"
             )
+    for name in arguments:  # QEMU looks for unknown members after visiting its own
+        if name not in known:
+            raise GenericError(f"Parameter '{name}' is unexpected")

@@ -1,0 +1,274 @@
+"""``fleece daemon``: a storage daemon in the spirit of qemu-storage-daemon.
+
+Start-up applies the options in qemu-storage-daemon's order (objects, block nodes, drives, the NBD
+server, exports) through the same ``Storage.execute`` the QMP clients use, and only then opens
+the QMP sockets and writes the pid file: a client that finds the socket finds a daemon that
+accepts commands. An option that fails stops the start-up, releases what was set up, and exits
+with status 1 and a message naming the option. ``quit``, SIGTERM and SIGINT shut down the same
+way: running jobs are cancelled (their events go out), ``SHUTDOWN`` is sent, every image is
+flushed and closed, and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleece.errors import QMPError
+from fleece.keyval import KeyvalError, parse_keyval
+from fleece.qmp.server import QMPServer
+from fleece.storage import Storage
+
+
+class OptionError(Exception):
+    """A command-line option that could not be applied; ``str()`` names it."""
+
+    def __init__(self, option: str, value: str, problem: str) -> None:
+        super().__init__(f"{option} '{value}': {problem}")
+        self.option = option
+
+
+@dataclass
+class DaemonConfig:
+    qmp: list[str] = field(default_factory=list)
+    blockdev: list[str] = field(default_factory=list)
+    drive: list[str] = field(default_factory=list)
+    nbd_server: list[str] = field(default_factory=list)
+    export: list[str] = field(default_factory=list)
+    object: list[str] = field(default_factory=list)
+    pidfile: str | None = None
+
+
+def _parse(option: str, value: str, implied: str | None = None) -> dict[str, Any]:
+    try:
+        return parse_keyval(value, implied)
+    except KeyvalError as exc:
+        raise OptionError(option, value, str(exc)) from exc
+
+
+def _execute(storage: Storage, option: str, value: str, command: str,
+             arguments: dict[str, Any]) -> Any:
+    try:
+        return storage.execute(command, arguments)
+    except QMPError as exc:
+        raise OptionError(option, value, exc.desc) from exc
+
+
+def _socket_address(option: str, value: str, addr: Any) -> dict[str, Any]:
+    """qemu-storage-daemon's flat SocketAddress as nbd-server-start's legacy form."""
+    if not isinstance(addr, dict) or "type" not in addr:
+        raise OptionError(option, value, "addr.type is missing (unix or inet)")
+    kind = addr.pop("type")
+    if kind == "unix":
+        return {"type": "unix", "data": addr}
+    if kind == "inet":
+        return {"type": "inet", "data": addr}
+    raise OptionError(option, value, f"addr.type '{kind}' is not supported (unix or inet)")
+
+
+def _coerce_bools(arguments: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if isinstance(arguments.get(key), str):
+            arguments[key] = arguments[key] in ("on", "true", "yes")
+
+
+def _coerce_ints(arguments: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = arguments.get(key)
+        if isinstance(value, str) and value.isdigit():
+            arguments[key] = int(value)
+
+
+def apply_options(storage: Storage, config: DaemonConfig) -> None:
+    """Set up ``storage`` from the command line. Raises :class:`OptionError`."""
+    for value in config.object:
+        args = _parse("--object", value, "qom-type")
+        _coerce_bools(args, ("verify-peer",))
+        _execute(storage, "--object", value, "object-add", args)
+    for value in config.blockdev:
+        _execute(storage, "--blockdev", value, "blockdev-add", _parse("--blockdev", value))
+    for value in config.drive:
+        add_drive(storage, value)
+    for value in config.nbd_server:
+        args = _parse("--nbd-server", value)
+        args["addr"] = _socket_address("--nbd-server", value, args.get("addr"))
+        _coerce_ints(args, ("max-connections",))
+        _execute(storage, "--nbd-server", value, "nbd-server-start", args)
+    for value in config.export:
+        args = _parse("--export", value)
+        _coerce_bools(args, ("writable", "allocation-depth", "writethrough"))
+        if isinstance(args.get("bitmaps"), str):
+            args["bitmaps"] = [args["bitmaps"]]
+        _execute(storage, "--export", value, "block-export-add", args)
+
+
+def add_drive(storage: Storage, value: str) -> None:
+    """``--drive id=virtio0,file=PATH,format=qcow2[,readonly=on]``: a node and a device."""
+    args = _parse("--drive", value)
+    device_id = args.pop("id", None)
+    path = args.pop("file", None)
+    if not device_id or not path:
+        raise OptionError("--drive", value, "both id= and file= are needed")
+    fmt = args.pop("format", None)
+    if fmt is None:
+        from fleece.block.qcow2.create import probe_format
+
+        try:
+            fmt = probe_format(path)
+        except OSError as exc:
+            raise OptionError("--drive", value, f"Could not open '{path}': {exc.strerror}") from exc
+    read_only = args.pop("readonly", "off") in ("on", "true", "yes")
+    if args:
+        raise OptionError("--drive", value, f"Parameter '{sorted(args)[0]}' is unexpected")
+    node_name = f"drive-{device_id}"
+    _execute(storage, "--drive", value, "blockdev-add", {
+        "driver": fmt, "node-name": node_name, "read-only": read_only,
+        "file": {"driver": "file", "filename": path},
+    })
+    _execute(storage, "--drive", value, "device_add",
+             {"driver": "virtio-blk", "id": device_id, "drive": node_name})
+
+
+class Daemon:
+    """The running daemon: one asyncio loop for QMP, ``Storage`` underneath."""
+
+    def __init__(self, config: DaemonConfig, storage: Storage | None = None, *,
+                 handle_signals: bool = True) -> None:
+        self.config = config
+        self.handle_signals = handle_signals
+        self.storage = storage or Storage()
+        self.qmp = QMPServer(self.storage, on_quit=lambda: self.request_shutdown("host-qmp-quit"))
+        self._stop: asyncio.Event | None = None
+        self._reason = "host-qmp-quit"
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Apply the options, then listen. Raises :class:`OptionError` (nothing left running)."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self._loop.run_in_executor(None, apply_options, self.storage, self.config)
+            for value in self.config.qmp:
+                await self._listen(value)
+            if self.config.pidfile:
+                self._write_pidfile(self.config.pidfile)
+        except BaseException:
+            await self.qmp.close()
+            await self._loop.run_in_executor(None, self.storage.close)
+            raise
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
+
+    async def _listen(self, value: str) -> None:
+        kind, _, rest = value.partition(":")
+        try:
+            if kind == "unix" and rest:
+                path = rest.split(",", 1)[0]
+                await self.qmp.listen_unix(path)
+            elif kind == "tcp" and rest:
+                host, _, port = rest.split(",", 1)[0].rpartition(":")
+                await self.qmp.listen_tcp(host or "127.0.0.1", int(port))
+            else:
+                raise OptionError("--qmp", value, "expected unix:PATH or tcp:HOST:PORT")
+        except (OSError, ValueError) as exc:
+            raise OptionError("--qmp", value, str(exc)) from exc
+
+    def _write_pidfile(self, path: str) -> None:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+
+    def request_shutdown(self, reason: str) -> None:
+        """Ask the daemon to shut down (from the loop's thread)."""
+        self._reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until ``quit`` or a signal, then shut down cleanly."""
+        assert self._stop is not None and self._loop is not None
+        await self._stop.wait()
+        loop = self._loop
+        await loop.run_in_executor(None, self.storage.cancel_all_jobs)
+        self.storage.emit("SHUTDOWN", {"guest": False, "reason": self._reason})
+        await self.qmp.flush()
+        await loop.run_in_executor(None, self.storage.close)
+        await self.qmp.close()
+        if self.config.pidfile:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.pidfile)
+
+
+class DaemonThread:
+    """A daemon on its own event loop in a background thread: ``fleece demo`` and the tests
+    run the real daemon in-process this way and still talk to it over its sockets."""
+
+    def __init__(self, config: DaemonConfig, storage: Storage | None = None) -> None:
+        self.daemon = Daemon(config, storage, handle_signals=False)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fleece-daemon", daemon=True)
+
+    @property
+    def storage(self) -> Storage:
+        return self.daemon.storage
+
+    def _run(self) -> None:
+        async def main() -> None:
+            try:
+                await self.daemon.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.daemon.serve()
+
+        asyncio.run(main())
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start and wait until the sockets accept; re-raises a start-up error here."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the daemon did not start in time")
+        if self._error is not None:
+            raise self._error
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut down as ``quit`` does and wait for the thread."""
+        loop = self.daemon._loop
+        if loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.daemon.request_shutdown, "host-qmp-quit")
+        self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+async def _main(config: DaemonConfig) -> int:
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except OptionError as exc:
+        print(f"fleece daemon: {exc}", file=sys.stderr)
+        return 1
+    await daemon.serve()
+    return 0
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    """Run the daemon in this process until it shuts down; returns the exit status."""
+    if not config.qmp and not config.nbd_server and not config.export:
+        print("fleece daemon: nothing to serve: give --qmp (and/or --nbd-server, --export)",
+              file=sys.stderr)
+        return 1
+    return asyncio.run(_main(config))
