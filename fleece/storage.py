@@ -12,7 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fleece.bitmaps.commands import BitmapCommands
 from fleece.block.device import DEVICE_DRIVERS, Device
+from fleece.block.dirty_bitmap import add_bitmap_info
 from fleece.block.graph import BlockGraph
 from fleece.block.node import BlockNode, UserKind
 from fleece.commands import CommandSpec, command
@@ -21,9 +23,10 @@ from fleece.events import Event, EventBus
 from fleece.jobs.commands import JobCommands
 from fleece.nbd.commands import ExportCommands
 from fleece.qmp.schema import Schema, check_arguments
+from fleece.transaction import TransactionCommands
 
 
-class Storage(JobCommands, ExportCommands):
+class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
     """The block graph, devices, jobs and exports of one fleece instance.
 
     Thread-safe: commands may come from the QMP loop and from a harness's threads at once; they
@@ -38,6 +41,7 @@ class Storage(JobCommands, ExportCommands):
         self._closed = False
         self._init_jobs()
         self._init_exports()
+        self._init_bitmaps()
         self._commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
         for attr in dir(type(self)):
             method = getattr(self, attr)
@@ -126,7 +130,7 @@ class Storage(JobCommands, ExportCommands):
     def query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
         result = []
         for node in self.graph.nodes():
-            info = node.info()
+            info = add_bitmap_info(node.info(), node)
             if flat:
                 info["image"].pop("backing-image", None)
             result.append(info)
@@ -142,7 +146,7 @@ class Storage(JobCommands, ExportCommands):
                 "removable": False,
                 "locked": False,
                 "io-status": "ok",
-                "inserted": device.node.info(),
+                "inserted": add_bitmap_info(device.node.info(), device.node),
             }
             for device in self.devices.values()
         ]

@@ -19,11 +19,13 @@ Planning (which runs of a request still need copying) and the lock table are Cyt
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from fleece.bitmap import ClusterBitmap
+from fleece.block import nowait
 from fleece.block.node import BlockNode
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.cbw_plan import plan_runs
@@ -64,6 +66,10 @@ class CopyBeforeWrite:
         *,
         done: ClusterBitmap | None = None,
         copy_ahead: int = COPY_AHEAD_BYTES,
+        on_error: str = "break-guest-write",
+        timeout: float = 0.0,
+        size_limit: int = 0,
+        guard_target: bool = True,
     ) -> None:
         if cluster_size <= 0 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster size must be a power of two, got {cluster_size}")
@@ -88,13 +94,27 @@ class CopyBeforeWrite:
         self._buffers = threading.local()
         self.locks = ClusterRangeLocks()
         self._attached = False
+        #: "break-guest-write": a failed copy fails the guest write, the snapshot stays valid;
+        #: "break-snapshot": the guest write goes on and the snapshot breaks (reads: EACCES)
+        self.on_error = on_error
+        #: seconds a copy may take before it counts as failed (0: no limit; break-snapshot only)
+        self.timeout = timeout
+        #: bytes the target may receive (0: no limit); past it, a copy fails with ENOSPC
+        self.size_limit = size_limit
+        #: why the snapshot broke, or None while it is valid
+        self.broken: str | None = None
+        #: clusters the snapshot still holds (a discard through snapshot-access drops them)
+        self.access = ClusterBitmap(self.nclusters)
+        self.access.set_range(0, self.nclusters)
+        self._guard_target = guard_target
 
     # -- installation ------------------------------------------------------------------------
     def attach(self) -> None:
         """Start intercepting writes to the source and guarding reads of the target."""
         if not self._attached:
             self.source.interceptors.append(self)
-            self.target.read_interceptors.append(_ReadGuard(self))
+            if self._guard_target:
+                self.target.read_interceptors.append(_ReadGuard(self))
             self._attached = True
 
     def detach(self) -> None:
@@ -124,14 +144,48 @@ class CopyBeforeWrite:
         first, end = self.clusters(offset, length)
         sequential = offset == self._last_end
         self._last_end = offset + length
-        if first < end and not self.all_done(first, end):
+        if first < end and not self.all_done(first, end) and self.broken is None:
             if sequential and self.ahead > 1:
                 # A sequential writer will overwrite what follows too: copy it now, in one
                 # large I/O, rather than one cluster per write. Only clusters not done yet are
                 # copied, and an extra copy is still point-in-time data, so this is safe.
                 end = min(self.nclusters, max(end, first + self.ahead))
-            self.copy_clusters(first, end)
+            if self.on_error == "break-snapshot":
+                self._copy_or_break(first, end)
+            else:
+                self.copy_clusters(first, end)
         return nullcontext()
+
+    def _copy_or_break(self, first: int, end: int) -> None:
+        """break-snapshot: the guest write always goes on; a copy that fails (or outlasts
+        ``timeout``) breaks the snapshot instead."""
+        if not self.timeout:
+            try:
+                self.copy_clusters(first, end)
+            except OSError as exc:
+                self.break_snapshot(f"copy-before-write failed: {exc}")
+            return
+        outcome: list[BaseException | None] = []
+        finished = threading.Event()
+
+        def copy() -> None:
+            try:
+                self.copy_clusters(first, end)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            finished.set()
+
+        threading.Thread(target=copy, name="fleece-cbw-copy", daemon=True).start()
+        if not finished.wait(self.timeout):
+            self.break_snapshot(f"copy-before-write timed out after {self.timeout} s")
+        elif outcome and outcome[0] is not None:
+            self.break_snapshot(f"copy-before-write failed: {outcome[0]}")
+
+    def break_snapshot(self, reason: str) -> None:
+        """Give up the snapshot (break-snapshot): its reads fail with EACCES from now on."""
+        if self.broken is None:
+            self.broken = reason
 
     def copy_clusters(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not yet done; returns the bytes copied."""
@@ -144,6 +198,11 @@ class CopyBeforeWrite:
     def _copy_run(self, first: int, count: int) -> int:
         offset = first * self.cluster_size
         length = min(count * self.cluster_size, self.size - offset)
+        if self.size_limit and self.copied_bytes + length > self.size_limit:
+            raise CopyWriteError(
+                errno.ENOSPC,
+                f"the fleecing target would exceed its size limit of {self.size_limit} bytes",
+            )
         buf = self._buffer(length)
         try:
             self.source.pread_into(offset, buf)
@@ -165,7 +224,7 @@ class CopyBeforeWrite:
         """A per-thread buffer reused for copies (copies never nest within a thread)."""
         buf: bytearray | None = getattr(self._buffers, "buf", None)
         if buf is None or len(buf) < length:
-            buf = bytearray(max(length, min(MAX_COPY_BYTES, self._max_run * self.cluster_size)))
+            buf = bytearray(length)  # grown on demand: a big buffer per thread costs RSS
             self._buffers.buf = buf
         return memoryview(buf)[:length]
 
@@ -212,11 +271,60 @@ class CopyBeforeWrite:
         with self.locks.locked(first, first + count, exclusive=True), self.locks.mutex:
             self.done.set_range(first, count)
 
+    # -- snapshot-access: reads routed by the done bitmap -------------------------------------
+    def read_snapshot(self, offset: int, buf: memoryview) -> None:
+        """Read the snapshot: done clusters from the target, the others from the source while
+        holding them against guest writes. ``EACCES`` once the snapshot broke, and for
+        clusters it no longer holds (discarded, or outside its bitmap)."""
+        if self.broken is not None:
+            raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
+        first, end = self.clusters(offset, len(buf))
+        if self.access.count(first, end) != end - first:
+            raise OSError(errno.EACCES, "the range is not part of the snapshot (discarded or "
+                          "outside its bitmap)")
+        guard = nullcontext() if self.all_done(first, end) else self._shared(first, end)
+        with guard:
+            stop = offset + len(buf)
+            for run_first, count, done in self.done.runs(first, end):
+                lo = max(offset, run_first * self.cluster_size)
+                hi = min(stop, (run_first + count) * self.cluster_size)
+                part = buf[lo - offset : hi - offset]
+                (self.target if done else self.source).pread_into(lo, part)
+        if self.broken is not None:  # broke while we read: what we read may be wrong
+            raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
+
+    def discard_snapshot(self, offset: int, length: int) -> None:
+        """Drop whole clusters from the snapshot: no more copies there, the target's copy is
+        discarded, and reads of them fail from now on."""
+        first = -(-offset // self.cluster_size)
+        end = min(self.nclusters, (offset + length) // self.cluster_size)
+        if offset + length >= self.size:
+            end = self.nclusters
+        if first >= end:
+            return
+        with self.locks.locked(first, end, exclusive=True):
+            with self.locks.mutex:
+                self.access.clear_range(first, end - first)
+                self.done.set_range(first, end - first)
+            start = first * self.cluster_size
+            self.target.pdiscard(start, min(end * self.cluster_size, self.size) - start)
+
     # -- the snapshot read path --------------------------------------------------------------
     def read_guard(self, offset: int, length: int) -> AbstractContextManager[None]:
         first, end = self.clusters(offset, length)
         if first >= end or self.all_done(first, end):
             return nullcontext()
+        return self._shared(first, end)
+
+    def _shared(self, first: int, end: int) -> AbstractContextManager[None]:
+        """A shared hold on clusters ``[first, end)`` for a snapshot read. A read that must not
+        wait (the NBD loop thread, inside :func:`fleece.block.nowait.nowait`) takes it only if
+        it is free now, else raises ``WouldBlock`` and an I/O thread does the read."""
+        if nowait.active():
+            held = self.locks.try_shared(first, end)
+            if held is None:
+                raise nowait.WouldBlock
+            return held
         return self.locks.locked(first, end, exclusive=False)
 
 

@@ -30,6 +30,7 @@ class Device:
         self._user: NodeUser = node.add_user(
             UserKind.DEVICE, f"attached to device '{id}'", perm, shared
         )
+        self._user.mover = self.move_to
 
     def __repr__(self) -> str:
         return f"<Device {self.id!r} on {self.node.name!r}>"
@@ -47,6 +48,7 @@ class Device:
         """Point the device at ``node`` (a filter inserted above its old node)."""
         old = self._user
         self._user = node.add_user(old.kind, old.description, old.perm, old.shared)
+        self._user.mover = self.move_to
         old.release()
 
     @property

@@ -49,6 +49,9 @@ class NodeUser:
     perm: Perm = NO_PERM
     shared: Perm = field(default_factory=Perm.all)
     released: bool = False
+    #: moves this user onto another node (a filter inserted above this one); devices and
+    #: exports set it, the others stay where they are
+    mover: Callable[[BlockNode], None] | None = None
 
     def release(self) -> None:
         """Drop this reference (idempotent). The node closes when it was the last."""
@@ -104,6 +107,9 @@ class BlockNode:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        self._quiesced = 0  # > 0: new writes wait (a transaction takes its point in time)
+        #: extra fields for query-named-block-nodes, computed when asked (fleecing cost, ...)
+        self.extra_info: dict[str, Callable[[], Any]] = {}
         self._draining = 0  # threads waiting in drain(): only they need a notify
 
     def __repr__(self) -> str:
@@ -162,14 +168,14 @@ class BlockNode:
             if perm & ~other.shared:
                 denied = Perm(perm & ~other.shared)
                 raise GenericError(
-                    f"Conflicts with use by {other.description}, which does not allow "
-                    f"'{denied.describe()}' on {self.name}"
+                    f"Permission conflict on node '{self.name}': it is {other.description}, "
+                    f"which does not allow '{denied.describe()}'"
                 )
             if other.perm & ~shared:
                 denied = Perm(other.perm & ~shared)
                 raise GenericError(
-                    f"Conflicts with use by {other.description}, which uses "
-                    f"'{denied.describe()}' on {self.name}"
+                    f"Permission conflict on node '{self.name}': it is {other.description}, "
+                    f"which needs '{denied.describe()}'"
                 )
 
     def _apply_perm(self) -> None:
@@ -178,6 +184,12 @@ class BlockNode:
             perm |= user.perm
             shared &= user.shared
         self.driver.set_perm(perm, shared)
+
+    def move_users_to(self, new: BlockNode, kinds: tuple[UserKind, ...]) -> None:
+        """Move the users of ``kinds`` that can move (devices, exports) onto ``new``."""
+        for user in list(self.users):
+            if user.kind in kinds and user.mover is not None and not user.released:
+                user.mover(new)
 
     def busy_users(self) -> list[NodeUser]:
         """Users other than the monitor: while there is one, ``blockdev-del`` refuses."""
@@ -287,6 +299,27 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size()
 
+    def _begin_write(self) -> None:
+        """:meth:`_begin` for a write: waits while the node is quiesced."""
+        if self._quiesced:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._quiesced)
+        self._begin()
+
+    @contextmanager
+    def quiesce(self) -> Iterator[None]:
+        """Hold new writes back and wait for the requests in flight: inside, the node's
+        content is still. Writes waiting meanwhile go on when the block ends."""
+        with self._idle:
+            self._quiesced += 1
+        try:
+            self.drain()
+            yield
+        finally:
+            with self._idle:
+                self._quiesced -= 1
+                self._idle.notify_all()
+
     def _begin(self) -> None:
         """Count a request in flight (``ENODEV`` once the node closed)."""
         with self._lock:
@@ -375,7 +408,7 @@ class BlockNode:
         self._check_write(offset, len(view))
         if not view:
             return
-        self._begin()
+        self._begin_write()
         try:
             if unchanged or not self.interceptors:
                 self.driver.pwritev(offset, view)
@@ -389,8 +422,12 @@ class BlockNode:
         self._check_write(offset, length)
         if not length:
             return
-        with self._request(), self._intercepted(offset, length):
-            self.driver.pwrite_zeroes(offset, length, may_unmap)
+        self._begin_write()
+        try:
+            with self._intercepted(offset, length):
+                self.driver.pwrite_zeroes(offset, length, may_unmap)
+        finally:
+            self._end()
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Drop the range's content if the node was opened with ``discard=unmap`` (QEMU
@@ -398,8 +435,12 @@ class BlockNode:
         self._check_write(offset, length)
         if not length or not self.discard_unmap:
             return
-        with self._request(), self._intercepted(offset, length):
-            self.driver.pdiscard(offset, length)
+        self._begin_write()
+        try:
+            with self._intercepted(offset, length):
+                self.driver.pdiscard(offset, length)
+        finally:
+            self._end()
 
     def flush(self) -> None:
         with self._request():
@@ -498,5 +539,7 @@ class BlockNode:
         }
         if backing_name:
             info["backing_file"] = backing_name
+        for key, compute in list(self.extra_info.items()):
+            info[key] = compute()
         return info
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from fleece.cbw_plan import RangeLockTable
 
@@ -54,6 +54,31 @@ class ClusterRangeLocks:
                 self._table.release(token)
                 self.mutex.notify_all()
 
+    def try_shared(self, first: int, end: int) -> AbstractContextManager[None] | None:
+        """A shared hold on ``[first, end)`` if one can be had without waiting (no conflicting
+        lock held, no exclusive request waiting over the range), else None."""
+        with self.mutex:
+            if self._waiting.conflicts(first, end, True):
+                return None
+            token = self._table.try_acquire(first, end, False)
+        return _Held(self, token) if token else None
+
+    def _release(self, token: int) -> None:
+        with self.mutex:
+            self._table.release(token)
+            self.mutex.notify_all()
+
     def __len__(self) -> int:
         with self.mutex:
             return len(self._table)
+
+
+class _Held(AbstractContextManager[None]):
+    """A lock already taken by :meth:`ClusterRangeLocks.try_shared`; released on exit."""
+
+    def __init__(self, locks: ClusterRangeLocks, token: int) -> None:
+        self._locks = locks
+        self._token = token
+
+    def __exit__(self, *exc: object) -> None:
+        self._locks._release(self._token)

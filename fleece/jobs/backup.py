@@ -8,6 +8,11 @@ in time is the moment ``drive-backup`` / ``blockdev-backup`` returns. From then 
 * ``sync=full`` also copies every other cluster, skipping ranges that read as zeroes.
 * ``sync=top`` copies only the clusters the source's top layer allocates; the target's own
   backing provides the rest.
+* ``sync=bitmap`` (and ``incremental``, its ``on-success`` form) copies exactly the clusters a
+  dirty bitmap marks. A job given a bitmap *freezes* it at its start (a successor records the
+  writes from then on) and, as ``bitmap-mode`` says, ends the freeze: ``on-success`` keeps only
+  the successor's bits if the job succeeded, everything otherwise; ``never`` keeps everything;
+  ``always`` keeps the successor's bits plus, on failure, the clusters left uncopied.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite, CopyReadError
+from fleece.block.dirty_bitmap import DirtyBitmap
 from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
 from fleece.jobs.job import Job
@@ -41,6 +47,10 @@ class BackupJob(Job):
         cluster_size: int,
         target_is_fresh: bool,
         copy_ahead: int = COPY_AHEAD_BYTES,
+        sync_bitmap: DirtyBitmap | None = None,
+        bitmap_mode: str = "on-success",
+        target_size_limit: int = 0,
+        on_cbw_error: str = "break-guest-write",
         **options: Any,
     ) -> None:
         super().__init__(storage, job_id, **options)
@@ -48,15 +58,39 @@ class BackupJob(Job):
         self.target = target
         self.sync = sync
         self.target_is_fresh = target_is_fresh
+        self.sync_bitmap = sync_bitmap
+        self.bitmap_mode = bitmap_mode
         with self.guarded_setup():
             self.use_node(source, Perm.CONSISTENT_READ, Perm.all())
             self.use_node(target, Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
-            self.cbw = CopyBeforeWrite(source, target, cluster_size, copy_ahead=copy_ahead)
+            self.cbw = CopyBeforeWrite(source, target, cluster_size, copy_ahead=copy_ahead,
+                                       size_limit=target_size_limit, on_error=on_cbw_error)
             self.cbw.on_copy.append(self.progress)
+            target.extra_info["fleecing"] = self.fleecing_info
             self.len = source.size
-            if sync == "top":
-                self._skip_unallocated_in_top()
-            self.cbw.attach()
+            if sync_bitmap is not None:
+                sync_bitmap.freeze()
+            try:
+                if sync == "top":
+                    self._skip_unallocated_in_top()
+                elif sync == "bitmap":
+                    assert sync_bitmap is not None
+                    self._skip_clean(sync_bitmap)
+                self.cbw.attach()
+            except BaseException:
+                if sync_bitmap is not None:
+                    sync_bitmap.reclaim()
+                raise
+
+    def _skip_clean(self, bitmap: DirtyBitmap) -> None:
+        """For sync=bitmap, the clusters the (frozen) bitmap does not mark are not the job's."""
+        cluster = self.cbw.cluster_size
+        done = self.cbw.done
+        done.set_range(0, len(done))
+        for offset, length in bitmap.dirty_runs():
+            first, end = self.cbw.clusters(offset, length)
+            done.clear_range(first, end - first)
+        self.offset = min(self.len, done.count() * cluster)
 
     def _skip_unallocated_in_top(self) -> None:
         """For sync=top, clusters the top layer does not allocate are not the job's to copy."""
@@ -72,6 +106,23 @@ class BackupJob(Job):
                 self.cbw.done.set_range(first, end - first)
         skipped = self.cbw.done.count() * cluster
         self.offset = min(self.len, skipped)
+
+    def fleecing_info(self) -> dict[str, Any]:
+        """The bytes copied into the target so far, and its limit (a fleece extension)."""
+        info: dict[str, Any] = {
+            "source": self.source.name,
+            "copied-bytes": self.cbw.copied_bytes,
+            "size-limit": self.cbw.size_limit,
+            "broken": self.cbw.broken is not None,
+        }
+        if self.cbw.broken is not None:
+            info["broken-reason"] = self.cbw.broken
+        return info
+
+    def block_info(self) -> dict[str, Any]:
+        info = super().block_info()
+        info["fleecing"] = self.fleecing_info()
+        return info
 
     @property
     def copied_clusters(self) -> int:
@@ -94,6 +145,10 @@ class BackupJob(Job):
 
     def _copy_chunk(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero."""
+        if self.sync == "bitmap":
+            # An incremental image must hold every dirty cluster, zeroes included: copied as
+            # data, they are exactly its allocated clusters and hide the older backup's data.
+            return 0 if self.cbw.all_done(first, end) else self._copy_with_policy(first, end)
         # A fresh target without backing already reads zeroes where nothing was written.
         reads_zero = self.target_is_fresh and self.target.backing() is None
         self.progress(self.cbw.skip_zeroes(first, end, target_reads_zero=reads_zero))
@@ -114,7 +169,31 @@ class BackupJob(Job):
                     self.progress((end - first - skipped) * self.cbw.cluster_size)
                     return 0
 
+    def commit(self) -> None:
+        self._end_bitmap_freeze(success=True)
+
+    def abort(self) -> None:
+        self._end_bitmap_freeze(success=False)
+
+    def _end_bitmap_freeze(self, success: bool) -> None:
+        """QEMU's backup_cleanup_sync_bitmap: settle the sync bitmap as ``bitmap-mode`` says."""
+        bitmap = self.sync_bitmap
+        if bitmap is None or bitmap.successor is None:
+            return
+        mode = self.bitmap_mode
+        if (success or mode == "always") and mode != "never":
+            bitmap.abdicate()
+        else:
+            bitmap.reclaim()
+        if not success and mode == "always":
+            cluster = self.cbw.cluster_size
+            for first, count, done in self.cbw.done.runs():
+                if not done:
+                    bitmap.mark(first * cluster, count * cluster)
+
     def clean(self) -> None:
+        self._end_bitmap_freeze(success=False)  # a job that ended without commit or abort
+        self.target.extra_info.pop("fleecing", None)
         self.cbw.detach()
         with suppress(OSError):  # the target's errors were reported while copying
             self.target.flush()

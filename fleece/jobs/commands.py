@@ -7,6 +7,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from fleece.bitmaps.commands import check_backup_bitmap
 from fleece.block.cbw import COPY_AHEAD_BYTES
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
@@ -44,6 +45,9 @@ _BACKUP_ARGS: dict[str, Any] = {
     "*compress": "bool",
     "*filter-node-name": "str",
     "*x-perf": "object",
+    # fleece's own: how much the target may take, and what happens past it
+    "*target-size-limit": "int",
+    "*on-cbw-error": ("break-guest-write", "break-snapshot"),
 }
 
 
@@ -130,8 +134,9 @@ class JobCommands:
         fresh: bool,
         options: dict[str, Any],
     ) -> BackupJob:
-        if sync in ("incremental", "bitmap") or options.get("bitmap") is not None:
-            raise GenericError(f"sync mode '{sync}' needs dirty bitmaps, which this fleece lacks")
+        checked = check_backup_bitmap(source, sync, options.get("bitmap"),
+                                      options.get("bitmap-mode"))
+        sync = checked.sync
         if options.get("compress"):
             raise GenericError("Compression is not supported by fleece's backup target writer")
         if source is target:
@@ -149,6 +154,10 @@ class JobCommands:
             cluster_size=_cluster_size(target),
             target_is_fresh=fresh,
             copy_ahead=_copy_ahead(options.get("x-perf")),
+            target_size_limit=_size_limit(options.get("target-size-limit")),
+            on_cbw_error=options.get("on-cbw-error") or "break-guest-write",
+            sync_bitmap=checked.bitmap,
+            bitmap_mode=checked.mode,
             speed=options.get("speed") or 0,
             auto_finalize=options.get("auto-finalize", True),
             auto_dismiss=options.get("auto-dismiss", True),
@@ -412,6 +421,14 @@ class JobCommands:
     def job_dismiss(self, id: str) -> dict[str, Any]:
         self.job(id).user_dismiss()
         return {}
+
+
+def _size_limit(value: Any) -> int:
+    if value is None:
+        return 0
+    if value < 0:
+        raise GenericError("Parameter 'target-size-limit' expects a non-negative value")
+    return int(value)
 
 
 def _copy_ahead(perf: Any) -> int:

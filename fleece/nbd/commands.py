@@ -10,16 +10,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleece.bitmaps.commands import export_bitmap
+from fleece.block.dirty_bitmap import DirtyBitmap, find_bitmap, publish, unpublish
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
 from fleece.commands import command
-from fleece.errors import GenericError
+from fleece.errors import GenericError, QMPError
 from fleece.events import Event
 from fleece.nbd.constants import MAX_NAME_LENGTH
 from fleece.nbd.server import Export, NBDServer
 from fleece.nbd.tls import TLSCredsX509, load_x509
 
 _SERVER_USER = "nbd-server"
+
+
+def _move_export(export: Export, node: BlockNode) -> None:
+    """Serve ``export`` from ``node`` from now on (a filter was inserted above its node)."""
+    old = export.user
+    export.user = node.add_user(old.kind, old.description, old.perm, old.shared)
+    export.user.mover = lambda new: _move_export(export, new)
+    export.node = node
+    old.release()
 
 
 class ExportCommands:
@@ -129,9 +140,10 @@ class ExportCommands:
         if description is not None and len(description.encode()) > MAX_NAME_LENGTH:
             raise GenericError("export description too long")
         node = self.find_node(node_name)
-        for bitmap in bitmaps:
-            label = bitmap.get("name") if isinstance(bitmap, dict) else bitmap
-            raise GenericError(f"Dirty bitmap '{label}' not found")
+        exported = [export_bitmap(node, item, not writable, self._export_bitmap_lookup)
+                    for item in bitmaps]
+        if len({bitmap.name for bitmap in exported}) < len(exported):
+            raise GenericError("Duplicate bitmap names in the export's bitmaps")
         if writable and node.read_only:
             raise GenericError(f"Cannot export read-only node '{node.name}' as writable")
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
@@ -145,14 +157,30 @@ class ExportCommands:
             writable=writable,
             writethrough=writethrough,
             allocation_depth=allocation_depth,
+            bitmaps=tuple(bitmap.name for bitmap in exported),
         )
+        user.mover = lambda new: _move_export(export, new)
+        publish(export, node, exported)
         try:
             server.add_export(export)
         except BaseException:
+            unpublish(export)
             user.release()
             raise
 
+    def _export_bitmap_lookup(self, node: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
+        """A ``{node, name}`` bitmap of ``block-export-add bitmaps`` (QEMU's lookup rules)."""
+        try:
+            holder = self.find_node(node)
+        except QMPError as exc:
+            raise GenericError(f"Node '{node}' not found") from exc
+        bitmap = find_bitmap(holder, name)
+        if bitmap is None:
+            raise GenericError(f"Dirty bitmap '{name}' not found")
+        return holder, bitmap
+
     def _forget_export(self, export: Export) -> None:
+        unpublish(export)
         export.user.release()
         self.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
 

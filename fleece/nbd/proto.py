@@ -333,7 +333,9 @@ class ServerConnection:
             self._handle_option(opt, data, events)
         except _OptionError as exc:
             self._reply(opt, exc.rep, _encode_message(str(exc)))
-        return self.phase is Phase.OPTIONS
+        # Go on in the new phase too: requests that came in the same chunk as the GO or
+        # EXPORT_NAME that ended negotiation must be parsed now, not when more bytes arrive.
+        return self.phase in (Phase.OPTIONS, Phase.TRANSMISSION)
 
     def _handle_option(self, opt: int, data: bytes, events: list[Event]) -> None:
         if self.tls_required and not self.tls_done and opt not in (Opt.STARTTLS, Opt.ABORT):

@@ -45,7 +45,8 @@ class DirectSender:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
-                 on_error: Callable[[], None]) -> None:
+                 on_error: Callable[[], None],
+                 on_drained: Callable[[], None] | None = None) -> None:
         self._loop = loop
         # A descriptor of our own: the transport keeps its own for reading, and the loop's
         # selector watches ours for writability only while something is queued.
@@ -56,6 +57,7 @@ class DirectSender:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._fd = self._sock.fileno()
         self._on_error = on_error
+        self._on_drained = on_drained  # called in the loop once a queue has emptied
         self._lock = threading.Lock()
         self._queue: deque[memoryview] = deque()
         self._watching = False
@@ -163,6 +165,8 @@ class DirectSender:
                 return
             self._watching = False
         self._loop.remove_writer(self._fd)
+        if self._on_drained is not None:
+            self._on_drained()
 
     def _fail(self) -> None:
         """The peer is gone (lock held): drop everything and tell the connection."""

@@ -17,11 +17,10 @@ node and wait for its in-flight I/O.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import errno
 import logging
 import os
+import queue
 import socket
 import ssl
 import stat
@@ -180,6 +179,9 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.contexts: dict[int, str] = {}
+        #: requests handed to the I/O threads, and their payload bytes (under ``count_lock``:
+        #: the loop counts them in, the I/O threads count them out)
+        self.count_lock = threading.Lock()
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.paused = False
@@ -278,7 +280,7 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_write_buffer_size():
             return None
-        return DirectSender(self.server.loop, sock.fileno(), self.abort)
+        return DirectSender(self.server.loop, sock.fileno(), self.abort, self._drained)
 
     def _send(self, buffers: list[Buffer]) -> None:
         if self.sender is not None:
@@ -317,7 +319,9 @@ class Connection(asyncio.BufferedProtocol):
             if event.error:
                 log.info("NBD client dropped: %s", event.reason)
             self.closing = True
-            if self.in_flight == 0:
+            with self.count_lock:
+                idle = self.in_flight == 0
+            if idle:
                 self._close_when_sent()
 
     async def _start_tls(self) -> None:
@@ -353,44 +357,87 @@ class Connection(asyncio.BufferedProtocol):
             request.command == Cmd.READ
             and request.length <= INLINE_READ_MAX
             and self.sender is not None
-            and not export.node.read_interceptors
             and self._read_inline(export, request)
         ):
+            if not self.paused and self.sender.pending >= MAX_IN_FLIGHT_BYTES:
+                self.paused = True  # replies the client does not read: stop taking requests
+                self.transport.pause_reading()
             return
-        self.in_flight += 1
         cost = request.length if request.command in (Cmd.READ, Cmd.WRITE) else 0
-        self.in_flight_bytes += cost
-        if not self.paused and (
-            self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
-        ):
-            self.paused = True
+        with self.count_lock:
+            self.in_flight += 1
+            self.in_flight_bytes += cost
+            pause = not self.paused and (
+                self.in_flight >= MAX_IN_FLIGHT
+                or self.in_flight_bytes + self._unsent() >= MAX_IN_FLIGHT_BYTES
+            )
+            if pause:
+                self.paused = True
+        if pause:
             self.transport.pause_reading()
-        future = self.server.loop.run_in_executor(
-            self.server.pool, self._execute_and_send, export, request
-        )
-        future.add_done_callback(lambda f: self._done(f, cost))
+        self.server.pool.submit(self._work, export, request, cost)
 
-    def _done(self, future: asyncio.Future[list[Buffer]], cost: int) -> None:
-        self.in_flight -= 1
-        self.in_flight_bytes -= cost
+    def _work(self, export: Export, request: Request, cost: int) -> None:
+        """Run a request in an I/O thread and send its reply from there when the connection
+        has a direct sender. The loop hears about it only when it must act: a reply to write
+        through the transport, reading to resume, or a connection to close."""
+        failed = False
+        buffers: list[Buffer] | None = None
         try:
-            buffers = future.result()
+            buffers = self._execute(export, request)
+            sender = self.sender
+            if sender is not None:
+                sender.send(buffers)
+                buffers = None
         except Exception:  # _execute answers errors itself; anything else is a bug
             log.exception("NBD request failed")
+            failed = True
+        with self.count_lock:
+            self.in_flight -= 1
+            self.in_flight_bytes -= cost
+            wake = failed or bool(buffers) or (self.closing and self.in_flight == 0) or (
+                self.paused and self._below_resume()
+            )
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: so is the connection
+                self.server.loop.call_soon_threadsafe(self._completed, buffers, failed)
+
+    def _unsent(self) -> int:
+        """Reply bytes queued for a client that reads slower than we answer."""
+        sender = self.sender
+        return sender.pending if sender is not None else 0
+
+    def _below_resume(self) -> bool:
+        # Replies still queued count too: a client that stops reading its replies must stop
+        # the server from reading (and answering) more of its requests.
+        return self.in_flight < MAX_IN_FLIGHT // 2 and (
+            self.in_flight_bytes + self._unsent() < MAX_IN_FLIGHT_BYTES // 2
+        )
+
+    def _drained(self) -> None:
+        """The sender's queue emptied (loop thread): reading may resume."""
+        self._completed(None, False)
+
+    def _completed(self, buffers: list[Buffer] | None, failed: bool) -> None:
+        """In the loop: act on a finished request (see :meth:`_work`)."""
+        if failed:
             self.abort()
             return
-        self._send(buffers)
+        if buffers:
+            self._send(buffers)
         transport = self.transport
         if transport is None:
             return
+        with self.count_lock:
+            idle = self.in_flight == 0
+            resume = self.paused and not self.closing and self._below_resume()
+            if resume:
+                self.paused = False
         if self.closing:
-            if self.in_flight == 0:
+            if idle:
                 self._close_when_sent()
             return
-        if self.paused and self.in_flight < MAX_IN_FLIGHT // 2 and (
-            self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2
-        ):
-            self.paused = False
+        if resume:
             transport.resume_reading()
 
     def _read_inline(self, export: Export, request: Request) -> bool:
@@ -404,15 +451,6 @@ class Connection(asyncio.BufferedProtocol):
         assert self.sender is not None
         self.sender.send(buffers)
         return True
-
-    def _execute_and_send(self, export: Export, request: Request) -> list[Buffer]:
-        """Run the request; a direct sender sends the reply from this thread (returns [])."""
-        buffers = self._execute(export, request)
-        sender = self.sender
-        if sender is None:
-            return buffers
-        sender.send(buffers)
-        return []
 
     def _execute(self, export: Export, request: Request) -> list[Buffer]:
         """Run ``request`` on the export's node (in a pool thread); the reply's buffers."""
@@ -531,7 +569,10 @@ class Connection(asyncio.BufferedProtocol):
         node: BlockNode, context: str, offset: int, length: int, one: bool
     ) -> list[tuple[int, int]]:
         if context.startswith(DIRTY_BITMAP_PREFIX):
-            raise OSError(errno.EIO, f"dirty bitmap context {context} is not available")
+            from fleece.block.dirty_bitmap import status_extents
+
+            name = context[len(DIRTY_BITMAP_PREFIX):]
+            return status_extents(node, name, offset, length, one, MAX_STATUS_EXTENTS)
         depth = context == ALLOCATION_DEPTH
         extents: list[tuple[int, int]] = []
         for status in node.extents(offset, length):
@@ -558,15 +599,80 @@ def _parse_address(addr: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return kind, data
 
 
+class IOPool:
+    """Worker threads running ``function(*args)`` items in submission order, without futures.
+
+    ``concurrent.futures`` costs the loop a future, a wrapped asyncio future and a wake-up per
+    request; the NBD requests report back only when they must (see ``Connection._work``), so a
+    plain queue is all they need. Threads start on demand, up to ``workers``.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._workers = workers
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        #: counts workers that finished a job and wait for the next (a new thread starts only
+        #: when none does: idle threads keep the memory they touched, so few are better)
+        self._idle = threading.Semaphore(0)
+        self._shutdown = False
+
+    def submit(self, function: Callable[..., None], *args: Any) -> None:
+        """Run ``function(*args)`` in a worker (``RuntimeError`` after :meth:`shutdown`)."""
+        if self._shutdown:
+            raise RuntimeError("the I/O pool is shut down")
+        self._queue.put((function, args))
+        if self._idle.acquire(blocking=False):
+            return  # a worker is waiting for it
+        if len(self._threads) < self._workers:
+            with self._lock:
+                if len(self._threads) < self._workers and not self._shutdown:
+                    thread = threading.Thread(
+                        target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True
+                    )
+                    self._threads.append(thread)
+                    thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            function, args = item
+            try:
+                function(*args)
+            except Exception:  # a job must handle its own errors; never lose the worker
+                log.exception("I/O pool job failed")
+            del item, function, args
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Run what was submitted, then stop the workers (and wait for them)."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 class NBDServer:
     """The listeners, exports and connections of one NBD server (see the module note).
 
     ``tls`` (an ``ssl.SSLContext`` for the server side) makes TLS mandatory.
     ``max_connections`` bounds the connected clients (0 = unlimited); more are dropped on accept.
+    ``workers``: I/O threads. Few are better on two cores: each one that wakes competes for the
+    GIL (8 made 29 futex calls a 64 KiB write, 4 made 14; see docs/performance.md).
     """
 
     def __init__(
-        self, *, tls: ssl.SSLContext | None = None, max_connections: int = 0, workers: int = 8
+        self, *, tls: ssl.SSLContext | None = None, max_connections: int = 0, workers: int = 4
     ) -> None:
         self.tls = tls
         self.max_connections = max_connections
@@ -577,7 +683,7 @@ class NBDServer:
         self.directory = _Directory(self)
         self.addresses: list[str | tuple[str, int]] = []
         self.closing = False
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fleece-io")
+        self.pool = IOPool(workers, "fleece-io")
         self.loop = asyncio.new_event_loop()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []

@@ -443,7 +443,7 @@ def test_export_commands(served: tuple[Storage, str]) -> None:
         storage.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     with pytest.raises(Exception, match="already has export named 'ro'"):
         storage.execute("nbd-server-add", {"device": "disk", "name": "ro"})
-    with pytest.raises(Exception, match="Dirty bitmap 'b0' not found"):
+    with pytest.raises(Exception, match="Bitmap 'b0' is not found"):
         storage.execute("nbd-server-add", {"device": "disk", "name": "x", "bitmap": "b0"})
     client = NBDClient.connect_unix(sock, "ro")
     with pytest.raises(Exception, match="still in use"):

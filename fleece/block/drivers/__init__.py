@@ -13,6 +13,8 @@ DRIVER_MODULES = {
     "qcow2": ("qcow2", "Qcow2Driver"),
     "null-co": ("null", "NullDriver"),
     "blkdebug": ("blkdebug", "BlkdebugDriver"),
+    "copy-before-write": ("cbw_filter", "CopyBeforeWriteDriver"),
+    "snapshot-access": ("snapshot_access", "SnapshotAccessDriver"),
 }
 
 

@@ -19,6 +19,9 @@ Design note
   bounded LRU (32 MiB of entries by default, ``l2-cache-size`` overrides). A request maps a
   table slice at once (numpy classification and run detection for long slices, a short Python
   loop for a few clusters), and contiguous host clusters become one file read or write.
+* **Persistent dirty bitmaps** (:mod:`fleece.block.qcow2.bitmaps`): loaded on open (one left
+  *in use* by a crash comes back inconsistent), flagged in use by a writable open, stored on
+  close or when going read-only; autoclear bit 0 is kept, any other autoclear bit is cleared.
 * **Dirty images**: a read-only open works; a writable open is *refused* (fleece does not
   rebuild refcounts; ``qemu-img check -r all`` repairs them). Corrupt images likewise, and
   images with internal snapshots are read-only (their shared clusters are never written).
@@ -26,6 +29,7 @@ Design note
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -39,11 +43,14 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from fleece.block.dirty_bitmap import DirtyBitmap, bitmaps_on, node_bitmaps
 from fleece.block.driver import BlockStatus, Driver, Options, Status
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
+from fleece.block.qcow2.bitmaps import BitmapStore, LoadedBitmap, check_new_bitmap
 from fleece.block.qcow2.create import probe_format
 from fleece.block.qcow2.format import (
+    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
@@ -262,11 +269,73 @@ class Qcow2Driver(Driver):
             table=reftable,
             meta=meta,
         )
-        if writable and h.autoclear:
-            # QEMU's rule: a program that does not maintain what an autoclear bit promises
-            # (persistent bitmaps, a raw data file) clears it when it opens the image writable.
-            io.write(OFF_AUTOCLEAR, struct.pack(">Q", 0))
-            h.autoclear = 0
+        self._bitmaps = BitmapStore(io, self._refs, h, meta)
+        for loaded in self._bitmaps.load(io.read_short(0, cs), file_size):
+            self._register_bitmap(loaded, writable)
+        if writable:
+            self._bitmaps_writable()
+
+    # -- persistent dirty bitmaps ------------------------------------------------------------
+    def _register_bitmap(self, loaded: LoadedBitmap, writable: bool) -> None:
+        """Make a bitmap read from the image one of the node's dirty bitmaps."""
+        entry = loaded.entry
+        bitmap = DirtyBitmap(
+            entry.name, self._size, entry.granularity,
+            disabled=loaded.inconsistent or not loaded.enabled, persistent=True,
+        )
+        bitmap.bits = loaded.bits
+        bitmap.inconsistent = loaded.inconsistent
+        bitmap.readonly = not writable
+        node_bitmaps(self.node).add(self.node, bitmap)
+
+    def _bitmaps_writable(self) -> None:
+        """The image is (now) open for writing: keep the autoclear bit we maintain (bitmaps),
+        clear the others (QEMU's rule for what a program does not maintain), and flag the
+        stored bitmaps in use so that a crash is detected."""
+        h = self.header
+        keep = AUTOCLEAR_BITMAPS if self._bitmaps.entries else 0
+        if h.autoclear & ~keep:
+            h.autoclear &= keep
+            self._io.write(OFF_AUTOCLEAR, struct.pack(">Q", h.autoclear))
+        self._bitmaps.mark_in_use()
+        for bitmap in bitmaps_on(self.node):
+            bitmap.readonly = False
+
+    def check_new_persistent_bitmap(self, name: str, granularity: int, existing: int,
+                                    directory_size: int) -> None:
+        """``GenericError`` (QEMU's wording) unless a bitmap could be stored in this image."""
+        try:
+            check_new_bitmap(self.header, name, granularity, existing, directory_size)
+        except ValueError as exc:
+            raise GenericError(
+                f"Can't make bitmap '{name}' persistent in '{self.node.name}': {exc}"
+            ) from exc
+
+    def store_bitmaps(self) -> None:
+        """Write the node's persistent bitmaps to the image (close, or going read-only).
+
+        Raises ``OSError`` or ``ValueError``; the bitmaps on disk then stay as they were.
+        """
+        if self._file is None or getattr(self, "_bitmaps", None) is None:
+            return
+        records = [
+            (b.name, b.granularity, b.snapshot(), b.enabled or b.successor is not None,
+             b.inconsistent)
+            for b in bitmaps_on(self.node)
+            if b.persistent
+        ]
+        with self._lock:
+            self._bitmaps.store(records)
+
+    def reopen(self, read_only: bool) -> None:
+        if read_only:
+            with contextlib.suppress(OSError, ValueError):
+                self.store_bitmaps()
+            for bitmap in bitmaps_on(self.node):
+                bitmap.readonly = True
+        else:
+            with self._lock:
+                self._bitmaps_writable()
 
     def _open_backing(self, ref: Any) -> None:
         if ref is None:
@@ -307,6 +376,9 @@ class Qcow2Driver(Driver):
         return super().child_perm(role, read_only)
 
     def close(self) -> None:
+        if not self.node.read_only:
+            with contextlib.suppress(OSError, ValueError):  # they stay "in use": inconsistent
+                self.store_bitmaps()
         self._l2_cache.clear()
         self._zcache = None
 
@@ -324,6 +396,9 @@ class Qcow2Driver(Driver):
             "extended-l2": False,
             "compression-type": COMPRESSION_NAMES.get(h.compression_type, "zlib"),
         }
+        bitmaps = self._bitmaps.info()
+        if bitmaps:
+            data["bitmaps"] = bitmaps
         info: dict[str, Any] = {
             "cluster-size": h.cluster_size,
             "format-specific": {"type": "qcow2", "data": data},

@@ -1,0 +1,150 @@
+"""``copy-before-write``: the filter of QEMU 6.2's fleecing scheme.
+
+The node sits above ``file`` (the live disk) and has a ``target`` child (any format, no backing
+needed). Every write that reaches ``file``, through this filter or not, first copies the old
+clusters into ``target`` (:class:`fleece.block.cbw.CopyBeforeWrite`). Opening the filter moves
+the devices and exports that used ``file`` onto it, as inserting it into a running graph does.
+A ``snapshot-access`` node over the filter reads the snapshot.
+
+Options are QEMU's: ``file``, ``target``, ``bitmap`` ({node, name}: only its dirty clusters
+are in the snapshot), ``on-cbw-error`` (break-guest-write | break-snapshot), ``cbw-timeout``
+(seconds, with break-snapshot), ``min-cluster-size``; and fleece's ``target-size-limit`` (bytes
+the target may receive, the same two policies past it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from fleece.block.cbw import CopyBeforeWrite
+from fleece.block.dirty_bitmap import find_bitmap
+from fleece.block.driver import BlockStatus, Driver, Options
+from fleece.block.node import BlockNode, UserKind
+from fleece.block.perm import ChildRole, Perm
+from fleece.errors import GenericError
+
+MIN_CLUSTER = 64 * 1024
+
+
+class CopyBeforeWriteDriver(Driver):
+    name: ClassVar[str] = "copy-before-write"
+    has_file: ClassVar[bool] = True
+
+    file: BlockNode
+    target: BlockNode
+    cbw: CopyBeforeWrite
+
+    _inserting = False  # while the users of ``file`` still sit on it: ask no write yet
+
+    def open(self, options: Options) -> None:
+        graph = self.node.graph
+        self._inserting = True
+        self.file = graph.open_child(self.node, "file", options.raw("file"), ChildRole.FILTERED)
+        self.target = graph.open_child(self.node, "target", options.raw("target"),
+                                       ChildRole.TARGET)
+        on_error = options.enum("on-cbw-error", ("break-guest-write", "break-snapshot"),
+                                "break-guest-write")
+        timeout = options.int("cbw-timeout", 0, minimum=0) or 0
+        if timeout and on_error != "break-snapshot":
+            raise GenericError("cbw-timeout works only with on-cbw-error=break-snapshot")
+        min_cluster = options.int("min-cluster-size", 0, minimum=0) or 0
+        if min_cluster and min_cluster & (min_cluster - 1):
+            raise GenericError("min-cluster-size must be a power of two")
+        limit = options.int("target-size-limit", 0, minimum=0) or 0
+        bitmap = options.raw("bitmap")
+        if self.target.size < self.file.size:
+            raise GenericError(
+                f"Target '{self.target.name}' is smaller ({self.target.size} bytes) than the "
+                f"source '{self.file.name}' ({self.file.size} bytes)"
+            )
+        target_cluster = self.target.driver.image_info().get("cluster-size", 0)
+        cluster = max(MIN_CLUSTER, min_cluster,
+                      target_cluster if isinstance(target_cluster, int) else 0)
+        self.cbw = CopyBeforeWrite(self.file, self.target, cluster, copy_ahead=0,
+                                   on_error=on_error, timeout=float(timeout), size_limit=limit,
+                                   guard_target=False)
+        if bitmap is not None:
+            self._limit_to_bitmap(bitmap)
+        self.cbw.attach()
+        # Inserted above a disk in use: its guest and its exports go through the filter now;
+        # then the filter takes the permissions it needs on the disk (write, for the guest).
+        self.file.move_users_to(self.node, (UserKind.DEVICE, UserKind.EXPORT))
+        self._inserting = False
+        link = self.node.children["file"]
+        self.file.update_user(link.user, *self.child_perm(ChildRole.FILTERED, self.node.read_only))
+
+    def _limit_to_bitmap(self, ref: Any) -> None:
+        """Only the bitmap's dirty clusters belong to the snapshot (QEMU's ``bitmap``)."""
+        if not isinstance(ref, dict) or "name" not in ref:
+            raise GenericError("Parameter 'bitmap' expects {\"node\": ..., \"name\": ...}")
+        holder = self.node.graph.find(str(ref.get("node", self.file.name)))
+        dirty = find_bitmap(holder, str(ref["name"])) if holder is not None else None
+        if dirty is None:
+            raise GenericError(f"Dirty bitmap '{ref['name']}' not found")
+        cluster = self.cbw.cluster_size
+        keep = self.cbw.access
+        keep.clear_range(0, len(keep))
+        for offset, length in dirty.dirty_runs():
+            first = offset // cluster
+            end = min(len(keep), -(-(offset + length) // cluster))
+            keep.set_range(first, end - first)
+        # What is outside the snapshot never needs a copy.
+        outside = keep.copy()
+        self.cbw.done.set_range(0, len(keep))
+        for first, count, inside in outside.runs():
+            if inside:
+                self.cbw.done.clear_range(first, count)
+
+    def size(self) -> int:
+        return self.file.size
+
+    def filename(self) -> str:
+        return self.file.driver.filename()
+
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        self.file.pread_into(offset, buf)
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        self.file.pwrite(offset, data)
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self.file.pwrite_zeroes(offset, length, may_unmap)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        self.file.pdiscard(offset, length)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        status = self.file.block_status_above(offset, length)
+        return BlockStatus(offset, status.length, status.flags, 1, None)
+
+    def child_perm(self, role: ChildRole, read_only: bool) -> tuple[Perm, Perm]:
+        if role & ChildRole.TARGET:
+            return Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+        if self._inserting:
+            return Perm.CONSISTENT_READ, Perm.all()
+        perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE
+        return perm, Perm.all()
+
+    def image_info(self) -> dict[str, Any]:
+        return {"fleecing": self.fleecing_info()}
+
+    def fleecing_info(self) -> dict[str, Any]:
+        """Fleece's report of the snapshot's cost (QEMU has none)."""
+        cbw = self.cbw
+        info: dict[str, Any] = {
+            "target": self.target.name,
+            "copied-bytes": cbw.copied_bytes,
+            "cluster-size": cbw.cluster_size,
+            "size-limit": cbw.size_limit,
+            "broken": cbw.broken is not None,
+        }
+        if cbw.broken is not None:
+            info["broken-reason"] = cbw.broken
+        return info
+
+    def close(self) -> None:
+        if hasattr(self, "cbw"):
+            self.cbw.detach()

@@ -1,0 +1,72 @@
+"""``snapshot-access``: reads the point-in-time snapshot a ``copy-before-write`` filter keeps.
+
+Its ``file`` is the filter. Reads route cluster by cluster: copied clusters come from the
+filter's target, the others from the live disk while held against guest writes. A discard
+(NBD TRIM on a writable export of this node) drops clusters from the snapshot: the target's
+copy goes, copy-before-write stops there, and later reads of them fail with ``EACCES``, as do
+all reads once the filter broke the snapshot (on-cbw-error=break-snapshot).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import ClassVar
+
+from fleece.block.cbw import CopyBeforeWrite
+from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.block.drivers.cbw_filter import CopyBeforeWriteDriver
+from fleece.block.node import BlockNode
+from fleece.block.perm import ChildRole, Perm
+from fleece.errors import GenericError
+
+
+class SnapshotAccessDriver(Driver):
+    name: ClassVar[str] = "snapshot-access"
+    has_file: ClassVar[bool] = True
+
+    file: BlockNode
+    cbw: CopyBeforeWrite
+
+    def open(self, options: Options) -> None:
+        self.file = self.node.graph.open_child(self.node, "file", options.raw("file"),
+                                               ChildRole.FILTERED)
+        driver = self.file.driver
+        if not isinstance(driver, CopyBeforeWriteDriver):
+            raise GenericError(
+                f"snapshot-access: '{self.file.name}' is not a copy-before-write filter"
+            )
+        self.cbw = driver.cbw
+        self.node.discard_unmap = True  # a discard is how a reader gives clusters back
+
+    def size(self) -> int:
+        return self.cbw.size
+
+    def filename(self) -> str:
+        return self.file.driver.filename()
+
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        self.cbw.read_snapshot(offset, buf)
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        raise OSError(errno.EPERM, "a snapshot cannot be written")
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        raise OSError(errno.EPERM, "a snapshot cannot be written")
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        self.cbw.discard_snapshot(offset, length)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        cbw = self.cbw
+        first, end = cbw.clusters(offset, length)
+        run_first, count, done = next(cbw.done.runs(first, end))
+        stop = min(offset + length, (run_first + count) * cbw.cluster_size)
+        node = cbw.target if done else cbw.source
+        status = node.block_status_above(offset, stop - offset)
+        flags = (status.flags & (Status.DATA | Status.ZERO)) | Status.ALLOCATED
+        if not flags & (Status.DATA | Status.ZERO):
+            flags |= Status.DATA
+        return BlockStatus(offset, status.length, Status(flags), 1, None)
+
+    def child_perm(self, role: ChildRole, read_only: bool) -> tuple[Perm, Perm]:
+        return Perm.CONSISTENT_READ, Perm.all()  # it never writes the filter
