@@ -23,7 +23,7 @@ $(STAMP): $(SOURCES)
 	sh scripts/install-peers.sh build
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	touch $(STAMP)
 
 peers:

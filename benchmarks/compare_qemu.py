@@ -1,0 +1,422 @@
+"""fleece daemon side by side with qemu-storage-daemon: the fleecing scenario of issue #8.
+
+Both daemons run the same scenario one after the other in this run, driven through the same
+QMP commands (``blockdev-add``, ``block-export-add``, ``blockdev-backup sync=none`` into a qcow2
+target whose backing is the source node) and measured with the same peers (fio with
+``ioengine=nbd``, nbdcopy). Scenario, per daemon and repeat, on a fresh copy of a qcow2 source
+filled with random data:
+
+1. export the source writable (``live``, the guest's path); nbdcopy it to ``null:``; fio
+   sequential 64 KiB writes (iodepth 8) over the first half; fio random 4 KiB writes over the
+   second half for ``--fio-seconds``;
+2. add the target ``pit0`` (``qemu-img create -f qcow2 -b SRC -F qcow2``, opened with
+   ``backing=src``), start ``blockdev-backup sync=none``, export ``pit0`` read-only (``snap``)
+   and time until its first byte arrives;
+3. with fleecing active: sequential 64 KiB writes over the first half (no cluster copied yet),
+   nbdcopy of ``snap`` (half served from the target, half from the source), fio random 4 KiB
+   reads of ``snap``, random 4 KiB writes over the second half;
+4. the daemon's peak RSS (``VmHWM``).
+
+A second check fleeces a sparse 1 TiB source the same way, reads and writes a few MiB, and
+reports the peak RSS (fleece's must stay under 100 MiB). Run::
+
+    python benchmarks/compare_qemu.py [--size 1G] [--repeat 2] [--fio-seconds 3] [--json]
+                                      [--plot docs/compare_qemu.png] [--only fleece|qemu]
+
+Prints, for each figure, the best of ``--repeat`` runs for each daemon and the ratio fleece /
+QEMU (for times and memory, a ratio above 1 means fleece is better too: it is QEMU / fleece).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fleece.nbd.client import NBDClient
+from fleece.qmp.client import QMPClient
+from fleece.units import parse_size
+
+PEER_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
+MiB = 1 << 20
+DAEMONS = ("fleece", "qemu")
+RSS_LIMIT_MIB = 100.0
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the table: how to pick the best repeat and what ratio issue #8 wants."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool = True
+    target: float | None = None  # the ratio (oriented so that higher is better) to reach
+
+
+FIGURES = (
+    Figure("seq_write", "seq 64k writes, no fleecing", "MiB/s", target=0.8),
+    Figure("seq_write_fleece", "seq 64k writes, fleecing", "MiB/s", target=1.0),
+    Figure("rand_write", "rand 4k writes, no fleecing", "IOPS", target=0.7),
+    Figure("rand_write_fleece", "rand 4k writes, fleecing", "IOPS", target=0.7),
+    Figure("copy_snapshot", "nbdcopy snapshot (half copied)", "MiB/s", target=1.0),
+    Figure("copy_live", "nbdcopy live export", "MiB/s"),
+    Figure("rand_read_snapshot", "rand 4k reads, snapshot", "IOPS", target=0.7),
+    Figure("first_byte", "blockdev-backup to 1st byte", "ms", higher_is_better=False),
+    Figure("rss", "peak RSS (1 GiB scenario)", "MiB", higher_is_better=False),
+    Figure("rss_1t", "peak RSS (1 TiB fleeced)", "MiB", higher_is_better=False),
+)
+
+
+# -- peers -----------------------------------------------------------------------------------
+def run(argv: list[str]) -> str:
+    """Run a peer; its stdout. ``CalledProcessError`` (with stderr shown) on failure."""
+    done = subprocess.run(argv, capture_output=True, text=True, env=PEER_ENV)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        done.check_returncode()
+    return done.stdout
+
+
+def nbd_uri(sock: Path, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+def nbdcopy_rate(sock: Path, export: str, size: int) -> float:
+    """MiB/s of ``nbdcopy`` from the export to ``null:``."""
+    start = time.perf_counter()
+    run(["nbdcopy", nbd_uri(sock, export), "null:"])
+    return size / (time.perf_counter() - start) / MiB
+
+
+def fio(sock: Path, export: str, rw: str, bs: str, iodepth: int, offset: int, size: int,
+        seconds: int = 0) -> dict[str, Any]:
+    """One fio job over the export (``ioengine=nbd``); the job's read or write section."""
+    argv = ["fio", "--name=job", "--ioengine=nbd", f"--uri={nbd_uri(sock, export)}",
+            f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}", f"--offset={offset}",
+            f"--size={size}", "--output-format=json"]
+    if seconds:
+        argv += [f"--runtime={seconds}", "--time_based"]
+    out = run(argv)
+    section: dict[str, Any] = json.loads(out[out.index("{"):])["jobs"][0]
+    return section["write" if "write" in rw else "read"]  # type: ignore[no-any-return]
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """The process's peak resident set size (``VmHWM``) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def make_random_qcow2(path: Path, size: int, work: Path) -> None:
+    """A fully allocated qcow2 image of random data (a random raw file, converted)."""
+    raw = work / "random.raw"
+    with raw.open("wb") as f:
+        chunk = os.urandom(4 * MiB)
+        left = size
+        while left:
+            # Vary each chunk a little so no two clusters are equal.
+            piece = chunk[: min(left, len(chunk))]
+            f.write(os.urandom(16) + piece[16:])
+            left -= len(piece)
+    run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)])
+    raw.unlink()
+
+
+# -- daemons ---------------------------------------------------------------------------------
+@dataclass
+class Daemon:
+    kind: str
+    pid: int
+    qmp: QMPClient
+    nbd: Path
+
+
+@contextmanager
+def daemon(kind: str, work: Path) -> Iterator[Daemon]:
+    """Start ``fleece daemon`` or ``qemu-storage-daemon`` with a QMP socket and an NBD server
+    on unix sockets in ``work``; quit it through QMP when done."""
+    qmp_sock, nbd_sock, pidfile = work / f"{kind}.qmp", work / f"{kind}.nbd", work / f"{kind}.pid"
+    for path in (qmp_sock, nbd_sock, pidfile):
+        with suppress(FileNotFoundError):
+            path.unlink()
+    nbd_server = f"addr.type=unix,addr.path={nbd_sock}"
+    if kind == "fleece":
+        argv = [sys.executable, "-m", "fleece", "daemon", "--qmp", f"unix:{qmp_sock}",
+                "--nbd-server", nbd_server, "--pidfile", str(pidfile)]
+    else:
+        argv = ["qemu-storage-daemon",
+                "--chardev", f"socket,id=qmp0,path={qmp_sock},server=on,wait=off",
+                "--monitor", "chardev=qmp0", "--nbd-server", nbd_server,
+                "--pidfile", str(pidfile)]
+    proc = subprocess.Popen(argv, env=PEER_ENV)
+    client: QMPClient | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (qmp_sock.exists() and pidfile.exists()):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{kind} daemon did not start")
+            time.sleep(0.02)
+        client = QMPClient(str(qmp_sock), timeout=120)
+        yield Daemon(kind, proc.pid, client, nbd_sock)
+    finally:
+        if client is not None:
+            with suppress(Exception):
+                client.execute("quit")
+            client.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def add_qcow2(qmp: QMPClient, name: str, path: Path, backing: str | None = None) -> None:
+    options: dict[str, Any] = {"driver": "qcow2", "node-name": name,
+                               "file": {"driver": "file", "filename": str(path)}}
+    if backing is not None:
+        options["backing"] = backing
+    qmp.execute("blockdev-add", options)
+
+
+def export(qmp: QMPClient, name: str, node: str, writable: bool) -> None:
+    qmp.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node,
+                                     "name": name, "writable": writable})
+
+
+def start_fleecing(d: Daemon, target: Path) -> float:
+    """Add ``pit0`` over ``target``, start the backup and export ``snap``; the seconds from
+    ``blockdev-backup`` until the snapshot's first bytes were read over NBD."""
+    add_qcow2(d.qmp, "pit0", target, backing="src")
+    start = time.perf_counter()
+    d.qmp.execute("blockdev-backup", {"device": "src", "target": "pit0", "sync": "none",
+                                      "job-id": "fleece"})
+    export(d.qmp, "snap", "pit0", writable=False)
+    with NBDClient.connect_unix(str(d.nbd), "snap") as client:
+        client.pread(0, 4096)
+    return time.perf_counter() - start
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> dict[str, float]:
+    """The 1 GiB scenario on one daemon; its figures."""
+    source, target = work / f"{kind}-src.qcow2", work / f"{kind}-pit0.qcow2"
+    shutil.copyfile(base, source)
+    with suppress(FileNotFoundError):
+        target.unlink()
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(source), "-F", "qcow2",
+         str(target)])
+    half = size // 2
+    figures: dict[str, float] = {}
+    with daemon(kind, work) as d:
+        add_qcow2(d.qmp, "src", source)
+        export(d.qmp, "live", "src", writable=True)
+        figures["copy_live"] = nbdcopy_rate(d.nbd, "live", size)
+        w = fio(d.nbd, "live", "write", "64k", 8, 0, half)
+        figures["seq_write"] = w["bw_bytes"] / MiB
+        w = fio(d.nbd, "live", "randwrite", "4k", 16, half, size - half, seconds)
+        figures["rand_write"] = w["iops"]
+        figures["first_byte"] = start_fleecing(d, target) * 1000
+        w = fio(d.nbd, "live", "write", "64k", 8, 0, half)
+        figures["seq_write_fleece"] = w["bw_bytes"] / MiB
+        figures["copy_snapshot"] = nbdcopy_rate(d.nbd, "snap", size)
+        r = fio(d.nbd, "snap", "randread", "4k", 16, 0, size, seconds)
+        figures["rand_read_snapshot"] = r["iops"]
+        w = fio(d.nbd, "live", "randwrite", "4k", 16, half, size - half, seconds)
+        figures["rand_write_fleece"] = w["iops"]
+        figures["rss"] = vm_hwm_mib(d.pid)
+    source.unlink()
+    target.unlink()
+    return figures
+
+
+def rss_1t(kind: str, work: Path) -> float:
+    """Peak RSS (MiB) of a daemon fleecing and exporting a sparse 1 TiB qcow2 source while a
+    few MiB are read from the snapshot and written by the guest across the disk."""
+    source, target = work / f"{kind}-1t.qcow2", work / f"{kind}-1t-pit0.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "1T"])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(source), "-F", "qcow2",
+         str(target)])
+    try:
+        with daemon(kind, work) as d:
+            add_qcow2(d.qmp, "src", source)
+            export(d.qmp, "live", "src", writable=True)
+            start_fleecing(d, target)
+            spots = [i * (1 << 40) // 16 for i in range(16)]
+            with NBDClient.connect_unix(str(d.nbd), "live") as live, \
+                    NBDClient.connect_unix(str(d.nbd), "snap") as snap:
+                data = os.urandom(256 * 1024)
+                for spot in spots:
+                    snap.pread(spot, len(data))
+                    live.pwrite(spot, data)
+                    snap.pread(spot, len(data))
+                live.flush()
+            return vm_hwm_mib(d.pid)
+    finally:
+        source.unlink()
+        target.unlink()
+
+
+def rss_1t_figures(kind: str, work: Path) -> dict[str, float]:
+    return {"rss_1t": rss_1t(kind, work)}
+
+
+# -- reporting -------------------------------------------------------------------------------
+def best(figure: Figure, values: list[float]) -> float:
+    if figure.key.startswith("rss"):
+        return max(values)  # memory: the worst run counts
+    return max(values) if figure.higher_is_better else min(values)
+
+
+def ratio(figure: Figure, ours: float, theirs: float) -> float:
+    """fleece / QEMU, oriented so that above 1 means fleece is better."""
+    if figure.higher_is_better:
+        return ours / theirs if theirs else float("inf")
+    return theirs / ours if ours else float("inf")
+
+
+def table(results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for figure in FIGURES:
+        row: dict[str, Any] = {"figure": figure.key, "label": figure.label, "unit": figure.unit}
+        for kind in DAEMONS:
+            row[kind] = results.get(kind, {}).get(figure.key)
+        if row["fleece"] is not None and row["qemu"] is not None:
+            row["ratio"] = ratio(figure, row["fleece"], row["qemu"])
+            if figure.target is not None:
+                row["target"] = figure.target
+                row["held"] = row["ratio"] >= figure.target
+        if figure.key == "rss_1t" and row["fleece"] is not None:
+            row["target"] = f"< {RSS_LIMIT_MIB:.0f} MiB"
+            row["held"] = row["fleece"] < RSS_LIMIT_MIB
+        rows.append(row)
+    ours = results.get("fleece", {})
+    if "seq_write" in ours and "seq_write_fleece" in ours:
+        value = ours["seq_write_fleece"] / ours["seq_write"]
+        rows.append({"figure": "fleece_fleecing_over_plain",
+                     "label": "fleece: fleecing / no fleecing", "unit": "ratio",
+                     "fleece": value, "qemu": None, "target": 0.5, "held": value >= 0.5})
+    if "seq_write" in results.get("qemu", {}):
+        q = results["qemu"]
+        rows[-1]["qemu"] = q["seq_write_fleece"] / q["seq_write"]
+    return rows
+
+
+def show(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'figure':<34}{'unit':>6}{'fleece':>11}{'qemu':>11}{'ratio':>7}"
+          f"{'target':>12}{'held':>6}")
+    for row in rows:
+        digits = 2 if row["unit"] == "ratio" else (1 if row["unit"] in ("ms", "MiB") else 0)
+        target = row.get("target")
+        target_text = f">= {target}" if isinstance(target, float) else show(target)
+        print(f"{row['label']:<34}{row['unit']:>6}{show(row['fleece'], digits):>11}"
+              f"{show(row['qemu'], digits):>11}{show(row.get('ratio'), 2):>7}"
+              f"{target_text:>12}{show(row.get('held')):>6}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """A bar chart of the ratios (fleece / QEMU, higher is better) with their targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.get("ratio") is not None]
+    labels = [r["label"] for r in shown]
+    ratios = [r["ratio"] for r in shown]
+    colours = ["#999" if "held" not in r else "#2a7" if r["held"] else "#d44" for r in shown]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.5))
+    y = list(range(len(shown)))
+    ax.barh(y, ratios, color=colours)
+    for i, r in enumerate(shown):
+        ax.text(r["ratio"] + 0.02, i, f"{r['ratio']:.2f}", va="center", fontsize=8)
+        target = r.get("target")
+        if isinstance(target, float):
+            ax.plot([target, target], [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("fleece / qemu-storage-daemon (higher is better; black bar: target)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1G"),
+                        help="the source disk's size (default 1G)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per daemon (best counts)")
+    parser.add_argument("--fio-seconds", type=int, default=3,
+                        help="length of each time-based fio run")
+    parser.add_argument("--only", choices=DAEMONS, help="run one daemon only")
+    parser.add_argument("--no-rss-1t", action="store_true", help="skip the 1 TiB RSS check")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the ratios here")
+    parser.add_argument("--workdir", type=Path, help="where images go (default: a temp dir)")
+    args = parser.parse_args()
+    for tool in ("nbdcopy", "fio", "qemu-storage-daemon", "qemu-img"):
+        if shutil.which(tool, path=PEER_ENV["PATH"]) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 1
+    kinds = (args.only,) if args.only else DAEMONS
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fleece-compare-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        base = work / "base.qcow2"
+        make_random_qcow2(base, args.size, work)
+        steps: list[tuple[str, Callable[[], dict[str, float]]]] = []
+        for _ in range(args.repeat):  # interleaved, so drift hits both alike
+            for kind in kinds:
+                steps.append((kind, partial(scenario, kind, work, base, args.size,
+                                            args.fio_seconds)))
+        if not args.no_rss_1t:
+            for kind in kinds:
+                steps.append((kind, partial(rss_1t_figures, kind, work)))
+        for kind, step in steps:
+            for key, value in step().items():
+                samples[kind].setdefault(key, []).append(value)
+            print(f"[{time.monotonic() - started:6.1f} s] {kind} done", file=sys.stderr)
+    results = {kind: {key: best(next(f for f in FIGURES if f.key == key), values)
+                      for key, values in figures.items()}
+               for kind, figures in samples.items()}
+    rows = table(results)
+    if args.json:
+        print(json.dumps({"size": args.size, "repeat": args.repeat,
+                          "fio_seconds": args.fio_seconds, "results": results, "rows": rows},
+                         indent=2))
+    else:
+        print_table(rows)
+    if args.plot is not None:
+        plot(rows, args.plot, f"fleece vs qemu-storage-daemon, {args.size // MiB} MiB qcow2, "
+                              f"best of {args.repeat}, {os.cpu_count()} cores")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
