@@ -9,25 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fleece._impl import extensions_disabled
+from fleece._impl import load_twin
 
 if TYPE_CHECKING:
     from fleece._pure.bitmap import ClusterBitmap as ClusterBitmap
 
     IMPLEMENTATION: str
 else:
-    if extensions_disabled():
-        from fleece._pure.bitmap import ClusterBitmap
-
-        IMPLEMENTATION = "pure"
-    else:
-        try:
-            from fleece._fast.bitmap import ClusterBitmap
-
-            IMPLEMENTATION = "fast"
-        except ImportError:  # the extension did not build; tests/unit/test_build.py catches it
-            from fleece._pure.bitmap import ClusterBitmap
-
-            IMPLEMENTATION = "pure"
+    _twin, IMPLEMENTATION = load_twin("bitmap")
+    ClusterBitmap = _twin.ClusterBitmap
 
 __all__ = ["IMPLEMENTATION", "ClusterBitmap"]

@@ -5,6 +5,7 @@ Both implementations take the bitmap of the same implementation as :mod:`fleece.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from fleece.bitmap import IMPLEMENTATION
@@ -12,9 +13,10 @@ from fleece.bitmap import IMPLEMENTATION
 if TYPE_CHECKING:
     from fleece._pure.cbw import RangeLockTable as RangeLockTable
     from fleece._pure.cbw import plan_runs as plan_runs
-elif IMPLEMENTATION == "fast":
-    from fleece._fast.cbw import RangeLockTable, plan_runs
 else:
-    from fleece._pure.cbw import RangeLockTable, plan_runs
+    # The same twin as the bitmap's: the compiled planner takes compiled bitmaps only.
+    _twin = importlib.import_module(f"fleece._{IMPLEMENTATION}.cbw")
+    RangeLockTable = _twin.RangeLockTable
+    plan_runs = _twin.plan_runs
 
 __all__ = ["RangeLockTable", "plan_runs"]

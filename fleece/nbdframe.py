@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fleece._impl import extensions_disabled
+from fleece._impl import load_twin
 from fleece._pure.nbdframe import BadMagic, RequestTuple
 
 if TYPE_CHECKING:
@@ -26,46 +26,15 @@ if TYPE_CHECKING:
 
     IMPLEMENTATION: str
 else:
-    if extensions_disabled():
-        from fleece._pure.nbdframe import (
-            block_status_chunk,
-            data_chunk_header,
-            error_chunk,
-            error_offset_chunk,
-            hole_chunk,
-            parse_requests,
-            simple_reply,
-            structured_header,
-        )
-
-        IMPLEMENTATION = "pure"
-    else:
-        try:
-            from fleece._fast.nbdframe import (
-                block_status_chunk,
-                data_chunk_header,
-                error_chunk,
-                error_offset_chunk,
-                hole_chunk,
-                parse_requests,
-                simple_reply,
-                structured_header,
-            )
-
-            IMPLEMENTATION = "fast"
-        except ImportError:  # the extension did not build; tests/unit/test_nbdframe.py catches it
-            from fleece._pure.nbdframe import (
-                block_status_chunk,
-                data_chunk_header,
-                error_chunk,
-                error_offset_chunk,
-                hole_chunk,
-                parse_requests,
-                simple_reply,
-                structured_header,
-            )
-
-            IMPLEMENTATION = "pure"
+    _twin, IMPLEMENTATION = load_twin("nbdframe")
+    block_status_chunk = _twin.block_status_chunk
+    data_chunk_header = _twin.data_chunk_header
+    error_chunk = _twin.error_chunk
+    error_offset_chunk = _twin.error_offset_chunk
+    hole_chunk = _twin.hole_chunk
+    parse_requests = _twin.parse_requests
+    simple_reply = _twin.simple_reply
+    structured_header = _twin.structured_header
 
 __all__ = [
     "IMPLEMENTATION",

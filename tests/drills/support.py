@@ -9,15 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-from fleece.events import Event
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -50,43 +47,6 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-class EventLog:
-    """Collects storage events (from job threads) and waits for them with a timeout."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def data(self, name: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [dict(e.get("data") or {}) for e in self.events if e["event"] == name]
-
-    def names(self) -> list[str]:
-        with self._cond:
-            return [str(e["event"]) for e in self.events]
-
-    def wait(self, name: str, timeout: float = WAIT, **match: Any) -> dict[str, Any]:
-        """The first ``name`` event whose data has the ``match`` items; fails after timeout."""
-
-        def found() -> dict[str, Any] | None:
-            for data in self.data(name):
-                if all(data.get(k.replace("_", "-")) == v for k, v in match.items()):
-                    return data
-            return None
-
-        with self._cond:
-            self._cond.wait_for(lambda: found() is not None, timeout)
-        result = found()
-        if result is None:
-            pytest.fail(f"no {name} {match} within {timeout} s; events: {self.names()}")
-        return result
 
 
 def pattern(size: int, seed: int = 0) -> bytes:

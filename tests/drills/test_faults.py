@@ -33,7 +33,8 @@ from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient
 from fleece.nbd.constants import REQUEST_MAGIC, Cmd
 from fleece.storage import Storage
-from tests.drills.support import EventLog, KiB, MiB, pattern
+from tests.drills.support import KiB, MiB, pattern
+from tests.events import EventLog
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,7 +23,8 @@ from fleece.block.qcow2 import create
 from fleece.nbd.client import NBDClient
 from fleece.nbd.constants import Cmd
 from fleece.storage import Storage
-from tests.drills.support import EventLog, KiB, MiB, pattern, scale
+from tests.drills.support import KiB, MiB, pattern, scale
+from tests.events import EventLog
 
 SIZE = 32 * MiB
 CONNECTIONS = 64

@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 
 from fleece.block.qcow2 import create
-from fleece.events import Event
 from fleece.storage import Storage
+from tests.events import EventLog
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -104,31 +104,6 @@ def first_difference(got: bytes, want: bytes) -> str:
         if a != b:
             return f"first difference at {at:#x}: got {a:#04x}, want {b:#04x}"
     return "equal"
-
-
-class EventLog:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def wait(self, name: str, timeout: float = WAIT) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            for event in self.events:
-                if event["event"] == name:
-                    return dict(event.get("data") or {})
-            return None
-
-        with self._cond:
-            self._cond.wait_for(lambda: found() is not None, timeout)
-            result = found()
-        if result is None:
-            pytest.fail(f"no {name} within {timeout} s: {[e['event'] for e in self.events]}")
-        return result
 
 
 def open_storage(image: str, **extra: Any) -> tuple[Storage, EventLog]:

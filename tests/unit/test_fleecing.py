@@ -73,9 +73,9 @@ from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
 from fleece.block.qcow2 import create
 from fleece.errors import DeviceNotFound, GenericError
-from fleece.events import Event
 from fleece.jobs.backup import BackupJob
 from fleece.storage import Storage
+from tests.events import EventLog
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -87,42 +87,6 @@ WAIT = 8.0
 #: iotest 222: (pattern, offset) written before the snapshot, and the guest writes after it
 PATTERNS_BEFORE = ((0x5D, 0), (0xD5, 1 * MiB), (0xDC, 32 * MiB), (0xCD, 0x3FF0000))
 PATTERNS_AFTER = ((0xAB, 0), (0xAD, 0xF8000), (0x1D, 0x2008000), (0xEA, 0x3FE0000))
-
-
-class EventLog:
-    """Collects events (delivered from job threads) and waits for them with a timeout."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def data(self, name: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [dict(e.get("data") or {}) for e in self.events if e["event"] == name]
-
-    def names(self) -> list[str]:
-        with self._cond:
-            return [str(e["event"]) for e in self.events]
-
-    def wait(self, name: str, timeout: float = WAIT, **match: Any) -> dict[str, Any]:
-        """The first ``name`` event whose data has the ``match`` items; fails after timeout."""
-        def found() -> dict[str, Any] | None:
-            for data in self.data(name):
-                if all(data.get(k.replace("_", "-")) == v for k, v in match.items()):
-                    return data
-            return None
-
-        with self._cond:
-            self._cond.wait_for(lambda: found() is not None, timeout)
-        result = found()
-        if result is None:
-            pytest.fail(f"no {name} {match} within {timeout} s; events: {self.names()}")
-        return result
 
 
 def open_storage(image: str, node: str = "disk0", device: str | None = "virtio0",

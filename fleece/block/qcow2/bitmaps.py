@@ -31,6 +31,7 @@ from fleece.block.qcow2.format import (
     EXT_BITMAPS,
     EXT_END,
     Header,
+    extensions_except,
     pack_extension,
     pack_header,
 )
@@ -122,19 +123,7 @@ def header_with_bitmaps(h: Header, first: bytes, ext: bytes | None) -> bytes:
     """The header cluster's new prefix: the same extensions and backing name, with the bitmaps
     extension replaced by ``ext`` (removed when None). Raises ``ValueError`` when it does not
     fit in the first cluster."""
-    end = len(first)
-    if h.backing_file_offset and h.backing_file_offset < end:
-        end = h.backing_file_offset
-    kept: list[bytes] = []
-    pos = h.header_length
-    while pos + 8 <= end:
-        kind, length = struct.unpack_from(">II", first, pos)
-        pos += 8
-        if kind == EXT_END or length > end - pos:
-            break
-        if kind != EXT_BITMAPS:
-            kept.append(pack_extension(kind, first[pos : pos + length]))
-        pos += length + (-length % 8)
+    kept = extensions_except(h, first, EXT_BITMAPS)
     if ext is not None:
         kept.append(pack_extension(EXT_BITMAPS, ext))
     name = b""

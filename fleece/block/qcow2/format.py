@@ -406,14 +406,9 @@ def check_metadata_layout(
         raise ImageError("qcow2 metadata overlap: an L2 table is also a refcount block")
 
 
-def header_area(
-    h: Header, first: bytes, backing_file: str | None, backing_format: str | None
-) -> bytes:
-    """The header cluster's new prefix naming a new backing file (and format).
-
-    Keeps every extension but the backing format, which is replaced. Raises ``ValueError`` when
-    the name is too long or the result does not fit in the first cluster.
-    """
+def extensions_except(h: Header, first: bytes, dropped: int) -> list[bytes]:
+    """The header extensions in ``first`` (the header cluster), packed again, but for those of
+    kind ``dropped``: what a rewrite of the header keeps."""
     end = len(first)
     if h.backing_file_offset and h.backing_file_offset < end:
         end = h.backing_file_offset
@@ -424,9 +419,21 @@ def header_area(
         pos += 8
         if kind == EXT_END or length > end - pos:
             break
-        if kind != EXT_BACKING_FORMAT:
+        if kind != dropped:
             kept.append(pack_extension(kind, first[pos : pos + length]))
         pos += length + (-length % 8)
+    return kept
+
+
+def header_area(
+    h: Header, first: bytes, backing_file: str | None, backing_format: str | None
+) -> bytes:
+    """The header cluster's new prefix naming a new backing file (and format).
+
+    Keeps every extension but the backing format, which is replaced. Raises ``ValueError`` when
+    the name is too long or the result does not fit in the first cluster.
+    """
+    kept = extensions_except(h, first, EXT_BACKING_FORMAT)
     name = backing_file.encode() if backing_file else b""
     if len(name) > MAX_BACKING_NAME:
         raise ValueError(f"backing file name of {len(name)} bytes (at most 1023)")
