@@ -60,6 +60,7 @@ class DirectSender:
         self._on_drained = on_drained  # called in the loop once a queue has emptied
         self._lock = threading.Lock()
         self._queue: deque[memoryview] = deque()
+        self._queued = 0  # bytes in _queue: read without the lock by the pause checks
         self._watching = False
         self.closed = False
 
@@ -72,7 +73,7 @@ class DirectSender:
             if self.closed:
                 return
             if self._queue:
-                self._queue.extend(views)
+                self._enqueue(views)
                 return
             try:
                 rest = self._send_now(views)
@@ -80,7 +81,7 @@ class DirectSender:
                 self._fail()
                 return
             if rest:
-                self._queue.extend(rest)
+                self._enqueue(rest)
                 self._loop.call_soon_threadsafe(self._watch)
 
     def sendfile(self, header: bytes, fd: int, offset: int, length: int) -> bool:
@@ -98,10 +99,10 @@ class DirectSender:
             try:
                 rest = self._send_now([memoryview(header)])
                 if rest:  # not even the header went: fall back before any data
-                    self._queue.extend(rest)
+                    self._enqueue(rest)
                     tail = bytearray(length)
                     _pread_all(fd, tail, offset)
-                    self._queue.append(memoryview(tail))
+                    self._enqueue([memoryview(tail)])
                     self._loop.call_soon_threadsafe(self._watch)
                     return True
                 sent = 0
@@ -123,7 +124,7 @@ class DirectSender:
                 except OSError:
                     self._fail()
                     raise
-                self._queue.append(memoryview(tail))
+                self._enqueue([memoryview(tail)])
                 self._loop.call_soon_threadsafe(self._watch)
             return True
 
@@ -161,6 +162,7 @@ class DirectSender:
                 self._fail()
                 return
             self._queue = deque(rest)
+            self._queued = sum(len(v) for v in rest)
             if rest:
                 return
             self._watching = False
@@ -172,19 +174,25 @@ class DirectSender:
         """The peer is gone (lock held): drop everything and tell the connection."""
         self.closed = True
         self._queue.clear()
+        self._queued = 0
         self._loop.call_soon_threadsafe(self._on_error)
+
+    def _enqueue(self, views: list[memoryview]) -> None:
+        """Queue ``views`` behind what is queued (lock held)."""
+        self._queue.extend(views)
+        self._queued += sum(len(v) for v in views)
 
     @property
     def pending(self) -> int:
-        """Bytes waiting for the socket."""
-        with self._lock:
-            return sum(len(v) for v in self._queue)
+        """Bytes waiting for the socket (a snapshot: no lock, it only steers pausing)."""
+        return self._queued
 
     def close(self) -> None:
         """Stop sending and release the descriptor (loop thread)."""
         with self._lock:
             self.closed = True
             self._queue.clear()
+            self._queued = 0
             watching, self._watching = self._watching, False
         if watching:
             with contextlib.suppress(Exception):
