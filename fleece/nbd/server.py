@@ -6,8 +6,13 @@ is up; the public methods may be called from any other thread and hop onto the l
 is read straight into the protocol's buffer (and a WRITE payload straight into its own
 ``bytearray``). Each request runs in a small thread pool (``os.preadv``/``os.pwritev`` release
 the GIL), so many requests are in flight per connection and are answered as they complete, out of
-order; reading pauses while too many requests or bytes are in flight. A reply's header and data
-go to the transport as separate buffers (small replies are joined, big payloads are not).
+order; reading pauses while too many requests, or bytes of requests and unsent replies, are in
+flight. The I/O thread that produced a reply sends it (:mod:`fleece.nbd.sender`; ``sendfile``
+for raw file exports). Two shortcuts skip the thread hand-off, which costs more than a small
+request: small reads whose data is in the page cache (``RWF_NOWAIT``; otherwise the pool does
+them), and small writes that arrive while nothing else of the client is in flight (the page
+cache takes them at once; the price is that such a write, were it to wait for the disk, would
+hold up the loop for that long).
 
 Exports hold a reference on their node for as long as they exist; the caller (the command layer)
 takes and releases it, never the loop thread, because releasing the last reference may close a
@@ -78,6 +83,8 @@ SENDFILE_ABOVE = 64 * 1024
 #: reads from this size on look for holes to send as OFFSET_HOLE chunks; a smaller read is
 #: cheaper to send whole than to ask the block status about
 SPARSE_READ_MIN = 128 * 1024
+#: writes up to this size are done in the loop thread when nothing else is in flight
+INLINE_WRITE_MAX = 16 * 1024
 #: reads up to this size are tried in the loop thread first, from the page cache
 INLINE_READ_MAX = 16 * 1024
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -362,6 +369,17 @@ class Connection(asyncio.BufferedProtocol):
             if not self.paused and self.sender.pending >= MAX_IN_FLIGHT_BYTES:
                 self.paused = True  # replies the client does not read: stop taking requests
                 self.transport.pause_reading()
+            return
+        if (
+            request.command == Cmd.WRITE
+            and request.length <= INLINE_WRITE_MAX
+            and self.sender is not None
+            and self.in_flight == 0
+        ):
+            # A small write with nothing else in flight: the page cache takes it at once, and
+            # handing it to a thread would cost more than the write. Only when nothing is in
+            # flight, so it cannot overtake (or wait behind) a request of this client.
+            self.sender.send(self._execute(export, request))
             return
         cost = request.length if request.command in (Cmd.READ, Cmd.WRITE) else 0
         with self.count_lock:
