@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -92,7 +92,8 @@ def _make_sample_disk(path: Path, size: int, seed: int) -> None:
 class Guest:
     """A synthetic guest: vCPU threads writing 64 KiB blocks through the device."""
 
-    def __init__(self, device_write: object, model: Model, seed: int) -> None:
+    def __init__(self, device_write: Callable[[int, bytes], None], model: Model, seed: int
+                 ) -> None:
         self.write = device_write
         self.model = model
         self.rng = random.Random(seed)
@@ -104,7 +105,7 @@ class Guest:
 
     def write_block(self, offset: int, data: bytes) -> None:
         with self.freeze:
-            self.write(offset, data)  # type: ignore[operator]
+            self.write(offset, data)
             with self._slots:
                 self.model.writes[offset] = data
                 self.written += len(data)

@@ -18,16 +18,13 @@ in time is the moment ``drive-backup`` / ``blockdev-backup`` returns. From then 
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite, CopyReadError
 from fleece.block.dirty_bitmap import DirtyBitmap
 from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
-from fleece.jobs.job import Job
-
-if TYPE_CHECKING:
-    from fleece.storage import Storage
+from fleece.jobs.job import Job, JobHost
 
 #: how many bytes the job plans and copies between two checkpoints
 CHUNK_BYTES = 16 << 20
@@ -38,7 +35,7 @@ class BackupJob(Job):
 
     def __init__(
         self,
-        storage: Storage,
+        storage: JobHost,
         job_id: str,
         source: BlockNode,
         target: BlockNode,

@@ -146,7 +146,7 @@ class JobCommands:
         self._check_not_backup_target(source)
         self._check_not_backup_target(target)
         job = BackupJob(
-            self,  # type: ignore[arg-type]
+            self,
             job_id,
             source,
             target,
@@ -304,7 +304,7 @@ class JobCommands:
         base_bs = self.graph.get(base_node) if base_node is not None else None
         job_id, options = self._chain_options(device, job_id, speed, on_error, auto_finalize,
                                               auto_dismiss)
-        job = StreamJob(self, job_id, top, base_bs, **options)  # type: ignore[arg-type]
+        job = StreamJob(self, job_id, top, base_bs, **options)
         self._register_job(job)
         job.start()
         return {}
@@ -341,7 +341,7 @@ class JobCommands:
             raise GenericError("Base and top must not be the same")
         job_id, options = self._chain_options(device, job_id, speed, on_error, auto_finalize,
                                               auto_dismiss)
-        job = CommitJob(self, job_id, active, top_bs, base_bs, **options)  # type: ignore[arg-type]
+        job = CommitJob(self, job_id, active, top_bs, base_bs, **options)
         self._register_job(job)
         job.start()
         return {}

@@ -16,7 +16,7 @@ import errno
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fleece.block.node import BlockNode, NodeUser, UserKind
 from fleece.block.perm import Perm
@@ -24,7 +24,15 @@ from fleece.errors import GenericError
 from fleece.jobs.state import JobStatus, JobVerb, check_transition, check_verb
 
 if TYPE_CHECKING:
-    from fleece.storage import Storage
+    from fleece.events import Event
+
+
+class JobHost(Protocol):
+    """What a job needs of its owner (``Storage``): to announce events and to forget it."""
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event: ...
+
+    def forget_job(self, job: Job) -> None: ...
 
 ERROR_POLICIES = ("report", "ignore", "stop", "enospc")
 
@@ -40,7 +48,7 @@ class Job:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: JobHost,
         job_id: str,
         *,
         speed: int = 0,

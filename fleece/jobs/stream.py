@@ -14,17 +14,14 @@ nothing above it allocates, so the content the guest sees never changes while it
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from fleece.block.chain import backing_chain, drop_intermediate
 from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.errors import GenericError
-from fleece.jobs.job import Job
-
-if TYPE_CHECKING:
-    from fleece.storage import Storage
+from fleece.jobs.job import Job, JobHost
 
 CHUNK_BYTES = 4 << 20
 DEFAULT_CLUSTER = 64 * 1024
@@ -51,7 +48,7 @@ class _GuestWriteLock:
 class _ChainJob(Job):
     """What stream and commit share: a walk over the chain between two nodes."""
 
-    def __init__(self, storage: Storage, job_id: str, top: BlockNode, base: BlockNode | None,
+    def __init__(self, storage: JobHost, job_id: str, top: BlockNode, base: BlockNode | None,
                  **options: Any) -> None:
         super().__init__(storage, job_id, **options)
         chain = backing_chain(top)
@@ -70,7 +67,7 @@ class _ChainJob(Job):
 class StreamJob(_ChainJob):
     kind: ClassVar[str] = "stream"
 
-    def __init__(self, storage: Storage, job_id: str, top: BlockNode, base: BlockNode | None,
+    def __init__(self, storage: JobHost, job_id: str, top: BlockNode, base: BlockNode | None,
                  **options: Any) -> None:
         super().__init__(storage, job_id, top, base, **options)
         if top.read_only:
@@ -130,7 +127,7 @@ class StreamJob(_ChainJob):
 class CommitJob(_ChainJob):
     kind: ClassVar[str] = "commit"
 
-    def __init__(self, storage: Storage, job_id: str, active: BlockNode, top: BlockNode,
+    def __init__(self, storage: JobHost, job_id: str, active: BlockNode, top: BlockNode,
                  base: BlockNode, **options: Any) -> None:
         if top is active:
             raise GenericError("Active commit is not supported: 'top-node' must be below the "

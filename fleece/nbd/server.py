@@ -536,7 +536,9 @@ class Connection(asyncio.BufferedProtocol):
         node._check_read(offset, length)
         node._begin()  # counted in flight on the export's node, so it cannot close under us
         try:
-            fd = file_node.driver.fd  # type: ignore[attr-defined]
+            driver = file_node.driver
+            assert isinstance(driver, FileDriver)  # file_window promises it
+            fd = driver.fd
             header = self.proto.read_reply_header(cookie, offset, length)
             return sender.sendfile(header, fd, base + offset, length)
         finally:
