@@ -34,7 +34,14 @@ from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient, NegotiationError
 from fleece.nbd.constants import IHAVEOPT, Opt, Rep
 from fleece.storage import Storage
-from tests.drills.support import DaemonProcess, MiB, RawQMP, make_ca, make_cert, pattern
+from tests.drills.support import (
+    MiB,
+    RawQMP,
+    fleece_daemon,
+    make_ca,
+    make_cert,
+    pattern,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -127,7 +134,7 @@ def test_daemon_sockets_are_owner_only(tmp_path: Path) -> None:
     qmp, nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
     old = os.umask(0o000)  # a permissive umask must not leak into the socket modes
     try:
-        daemon = DaemonProcess(qmp, ["--drive", f"id=virtio0,file={image},format=qcow2",
+        daemon = fleece_daemon(qmp, ["--drive", f"id=virtio0,file={image},format=qcow2",
                                      "--nbd-server", f"addr.type=unix,addr.path={nbd}"], tmp_path)
     finally:
         os.umask(old)
@@ -241,7 +248,7 @@ def test_exports_reachable_only_by_name(tmp_path: Path) -> None:
 
 def test_huge_qmp_message_gets_an_error_and_the_daemon_stays(tmp_path: Path) -> None:
     qmp = tmp_path / "qmp.sock"
-    daemon = DaemonProcess(qmp, [], tmp_path)
+    daemon = fleece_daemon(qmp, [], tmp_path)
     try:
         daemon.wait_socket()
         monitor = RawQMP(qmp, timeout=30)

@@ -28,7 +28,7 @@ import pytest
 from fleece.block.qcow2 import create
 from fleece.nbd.client import NBDClient
 from fleece.storage import Storage
-from tests.drills.support import DaemonProcess, KiB, MiB, RawQMP, pattern, run, scale
+from tests.drills.support import KiB, MiB, RawQMP, fleece_daemon, pattern, run, scale
 
 ROUNDS = scale(5, 50)
 SIZE = 32 * MiB
@@ -89,7 +89,7 @@ def crash_round(tmp: Path, template: Path, scenario: str, seed: int) -> dict[str
     src, target = tmp / "src.qcow2", tmp / "target.qcow2"
     shutil.copyfile(template, src)
     qmp, nbd = tmp / "qmp.sock", tmp / "nbd.sock"
-    daemon = DaemonProcess(qmp, [
+    daemon = fleece_daemon(qmp, [
         "--blockdev", blockdev("disk0", src),
         "--nbd-server", f"addr.type=unix,addr.path={nbd}",
         "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
@@ -127,7 +127,7 @@ def crash_round(tmp: Path, template: Path, scenario: str, seed: int) -> dict[str
     if target.exists():
         backing = "disk0" if scenario == "fleecing" else None
         options += ["--blockdev", blockdev("pit0", target, backing)]
-    again = DaemonProcess(qmp, options, tmp)
+    again = fleece_daemon(qmp, options, tmp)
     try:
         again.wait_socket()
         monitor = RawQMP(qmp)

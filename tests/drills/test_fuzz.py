@@ -63,7 +63,7 @@ from fleece.nbd.proto import (
 from fleece.qmp.framing import BadRequest, Message, ParseError, Splitter, parse_request
 from fleece.qmp.framing import Request as QMPRequest
 from fleece.storage import Storage
-from tests.drills.support import DaemonProcess, KiB, MiB, RawQMP, scale
+from tests.drills.support import KiB, MiB, RawQMP, fleece_daemon, scale
 
 pytestmark = pytest.mark.timeout(scale(150, 3600))
 
@@ -536,7 +536,7 @@ def test_garbage_on_live_sockets(tmp_path: Path) -> None:
     image = tmp_path / "src.qcow2"
     create(str(image), 4 * MiB)
     qmp, nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
-    daemon = DaemonProcess(qmp, [
+    daemon = fleece_daemon(qmp, [
         "--drive", f"id=virtio0,file={image},format=qcow2",
         "--nbd-server", f"addr.type=unix,addr.path={nbd}",
         "--export", "type=nbd,id=e0,node-name=drive-virtio0,name=disk0",

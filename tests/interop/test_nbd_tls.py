@@ -8,7 +8,6 @@ the server (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``) and libnbd
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -19,41 +18,11 @@ import pytest
 from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient, NegotiationError
 from fleece.storage import Storage
-from tests.interop.conftest import require, run
+from tests.peers import PEER_ENV, make_ca, make_cert, require
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(20)]
 
-PEER_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
 CONTENT = bytes(range(256)) * 4096  # 1 MiB
-
-
-def certtool(directory: Path, *args: str) -> None:
-    run("certtool", *args)
-
-
-def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    key, cert, info = directory / "ca-key.pem", directory / "ca-cert.pem", directory / "ca.info"
-    info.write_text(f"cn = {name}\nca\ncert_signing_key\nexpiration_days = 30\n")
-    run("certtool", "--generate-privkey", "--outfile", str(key))
-    run("certtool", "--generate-self-signed", "--load-privkey", str(key), "--template",
-        str(info), "--outfile", str(cert))
-    return key, cert
-
-
-def make_cert(directory: Path, ca: tuple[Path, Path], role: str) -> None:
-    key, cert, info = (directory / f"{role}-key.pem", directory / f"{role}-cert.pem",
-                       directory / f"{role}.info")
-    usage = "tls_www_server" if role == "server" else "tls_www_client"
-    info.write_text(
-        f"organization = fleece tests\ncn = localhost\ndns_name = localhost\n"
-        f"ip_address = 127.0.0.1\n{usage}\nencryption_key\nsigning_key\nexpiration_days = 30\n"
-    )
-    run("certtool", "--generate-privkey", "--outfile", str(key))
-    run("certtool", "--generate-certificate", "--load-ca-certificate", str(ca[1]),
-        "--load-ca-privkey", str(ca[0]), "--load-privkey", str(key), "--template", str(info),
-        "--outfile", str(cert))
-    (directory / "ca-cert.pem").write_bytes(ca[1].read_bytes())
 
 
 @pytest.fixture(scope="module")

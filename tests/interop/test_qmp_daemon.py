@@ -61,7 +61,8 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from tests.interop.conftest import require
+from tests.daemons import DaemonProcess, RawQMP, fleece_argv
+from tests.peers import PEER_ENV, require
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(30)]
 
@@ -71,7 +72,6 @@ IMAGE_SIZE = 64 * MiB
 START_TIMEOUT = 15.0
 IO_TIMEOUT = 10.0
 EXIT_TIMEOUT = 15.0
-PEER_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
 VENV_BIN = Path(sys.executable).parent
 
 #: iotest 222: patterns written before the snapshot, the guest's writes after it, and what the
@@ -122,51 +122,6 @@ def make_source(path: Path) -> None:
     qemu_io(str(path), *(f"write -P {p} {o} {n}" for p, o, n in PATTERNS_BEFORE), fmt="qcow2")
 
 
-class DaemonProcess:
-    """A daemon subprocess (fleece or qemu-storage-daemon) with its QMP socket at ``qmp``."""
-
-    def __init__(self, argv: list[str], qmp: Path, log_dir: Path) -> None:
-        self.argv = argv
-        self.qmp = qmp
-        self.stdout = log_dir / f"daemon-{time.monotonic_ns()}.out"
-        self.stderr_path = self.stdout.with_suffix(".err")
-        with open(self.stdout, "w") as out, open(self.stderr_path, "w") as err:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                            env=PEER_ENV, cwd=log_dir)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait_socket(self, timeout: float = START_TIMEOUT) -> None:
-        """Poll for the QMP socket file; fails if the daemon exits or is too slow."""
-        deadline = time.monotonic() + timeout
-        while not self.qmp.exists():
-            if self.process.poll() is not None:
-                pytest.fail(f"daemon exited {self.process.returncode}: {self.stderr}",
-                            pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"no QMP socket after {timeout} s: {self.stderr}", pytrace=False)
-            time.sleep(0.01)
-
-    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not go (teardown)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(EXIT_TIMEOUT)
-
-
-def fleece_argv(*options: str) -> list[str]:
-    return [sys.executable, "-m", "fleece", "daemon", *options]
-
-
 def qsd_argv(qmp: Path, *options: str) -> list[str]:
     return [require("qemu-storage-daemon"), "--chardev",
             f"socket,path={qmp},server=on,wait=off,id=mon0", "--monitor", "chardev=mon0",
@@ -210,81 +165,6 @@ def drive_daemon(start: Starter, source: Path) -> DaemonProcess:
 
 
 # -- a raw QMP client ---------------------------------------------------------------------------
-class RawQMP:
-    """Bytes on a socket; messages are CRLF-terminated lines decoded with ``json.loads`` (so
-    this client does not share fleece's splitter). Replies are the next non-event message."""
-
-    def __init__(self, path: Path, timeout: float = IO_TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buffer = b""
-        self.events: list[dict[str, Any]] = []
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, message: bytes | dict[str, Any]) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode()
-        self.sock.sendall(data)
-
-    def recv(self, timeout: float = IO_TIMEOUT) -> Any:
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("the daemon closed the connection")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        assert line.endswith(b"\r"), line  # QEMU ends every message with CRLF
-        return json.loads(line)
-
-    def greeting(self) -> dict[str, Any]:
-        message: dict[str, Any] = self.recv()
-        return message
-
-    def negotiate(self) -> None:
-        assert "QMP" in self.greeting()
-        assert self.command("qmp_capabilities") == {"return": {}}
-
-    def reply(self, timeout: float = IO_TIMEOUT) -> dict[str, Any]:
-        while True:
-            message = self.recv(timeout)
-            assert isinstance(message, dict), message
-            if "event" in message:
-                self.events.append(message)
-                continue
-            return message
-
-    def command(self, name: str, arguments: dict[str, Any] | None = None,
-                **extra: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"execute": name, **extra}
-        if arguments is not None:
-            message["arguments"] = arguments
-        self.send(message)
-        return self.reply()
-
-    def ok(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        reply = self.command(name, arguments)
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def wait_event(self, name: str, timeout: float = IO_TIMEOUT,
-                   match: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for index, event in enumerate(self.events):
-                if event["event"] == name and (match is None or match(event)):
-                    del self.events[: index + 1]
-                    return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {name} within {timeout} s; got {self.events}")
-            message = self.recv(remaining)
-            assert isinstance(message, dict) and "event" in message, message
-            self.events.append(message)
-
-
 @pytest.fixture
 def connect() -> Iterator[Callable[[Path], RawQMP]]:
     clients: list[RawQMP] = []
