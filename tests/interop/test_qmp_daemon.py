@@ -959,12 +959,16 @@ def test_qemu_qmp_legacy_cmd_cmd_raw_pull_event(drive_daemon: DaemonProcess,
         assert_timestamp(event)
         qmp.cmd("block-job-cancel", device="virtio0")
         seen = [event["event"]]
+        statuses: list[str] = []
         deadline = time.monotonic() + IO_TIMEOUT
-        while "BLOCK_JOB_CANCELLED" not in seen and time.monotonic() < deadline:
+        # the job's last event is its move to 'null': after it, no event is on its way
+        while "null" not in statuses and time.monotonic() < deadline:
             pulled = qmp.pull_event(wait=max(0.01, deadline - time.monotonic()))
             assert pulled is not None
             seen.append(pulled["event"])
-        assert "BLOCK_JOB_CANCELLED" in seen
+            if pulled["event"] == "JOB_STATUS_CHANGE":
+                statuses.append(pulled["data"]["status"])
+        assert "BLOCK_JOB_CANCELLED" in seen and "null" in statuses
         qmp.clear_events()
         assert qmp.get_events(wait=False) == []
     finally:
