@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fleece.block.dirty_bitmap import (
     CHECK_ALLOW_RO,
@@ -29,11 +29,7 @@ from fleece.block.dirty_bitmap import (
 )
 from fleece.block.node import BlockNode
 from fleece.commands import command
-from fleece.errors import GenericError, QMPError
-
-if TYPE_CHECKING:
-    from fleece.block.device import Device
-    from fleece.block.graph import BlockGraph
+from fleece.errors import DeviceNotFound, GenericError, QMPError
 
 BITMAP_MODES = ("on-success", "never", "always")
 
@@ -112,9 +108,6 @@ def check_backup_bitmap(
 class BitmapCommands:
     """Mixed into ``Storage``: the ``block-dirty-bitmap-*`` commands."""
 
-    graph: BlockGraph
-    devices: dict[str, Device]
-
     def find_node(self, name: str) -> BlockNode:
         raise NotImplementedError
 
@@ -123,13 +116,11 @@ class BitmapCommands:
 
     # -- lookups -------------------------------------------------------------------------------
     def _bitmap_node(self, node: str) -> BlockNode:
-        device = self.devices.get(node)
-        if device is not None:
-            return device.node
-        found = self.graph.find(node)
-        if found is None:
-            raise GenericError(f"Node '{node}' not found")
-        return found
+        """The node, by device or node name; QEMU's bitmap commands say so in their own words."""
+        try:
+            return self.find_node(node)
+        except DeviceNotFound:
+            raise GenericError(f"Node '{node}' not found") from None
 
     def lookup_bitmap(self, node: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
         """QEMU's ``block_dirty_bitmap_lookup``: ``GenericError`` for an unknown node or

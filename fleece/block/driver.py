@@ -64,9 +64,8 @@ class Options:
     ``finish()`` refuses any option nobody asked for ("Parameter 'x' is unexpected").
     """
 
-    def __init__(self, options: dict[builtins.str, Any], where: builtins.str) -> None:
+    def __init__(self, options: dict[builtins.str, Any]) -> None:
         self._options = dict(options)
-        self._where = where
 
     def has(self, key: builtins.str) -> builtins.bool:
         return key in self._options
@@ -150,8 +149,6 @@ class Driver:
     """
 
     name: ClassVar[str] = ""
-    #: the node's ``file`` child is where its bytes live (formats and filters)
-    has_file: ClassVar[bool] = False
     #: writes past the end grow the node (a posix file under a growing qcow2 image)
     growable: bool = False
 

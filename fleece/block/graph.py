@@ -19,10 +19,6 @@ from fleece.block.node import BlockNode, ChildLink
 from fleece.block.perm import ChildRole
 from fleece.errors import DeviceNotFound, GenericError
 
-#: options every driver accepts; the graph handles them
-_COMMON = ("node-name", "driver", "read-only", "auto-read-only", "discard", "cache",
-           "detect-zeroes", "force-share")
-
 # QEMU's rule: a letter, then letters, digits, '-', '.' and '_'; 31 characters at most
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 
@@ -77,7 +73,7 @@ class BlockGraph:
         """
         if not isinstance(options, dict):
             raise GenericError("Invalid parameter type for 'options', expected: object")
-        opts = Options(options, "blockdev")
+        opts = Options(options)
         driver_name = opts.str("driver", required=True)
         assert driver_name is not None
         driver_cls = driver_class(driver_name)

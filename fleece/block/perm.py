@@ -37,8 +37,6 @@ class Perm(enum.IntFlag):
 #: No permission at all (the monitor's reference, a parent that only keeps a node alive)
 NO_PERM = Perm(0)
 
-#: A user that only reads, and lets anyone do anything (an export, a backing link).
-READ_SHARE_ALL = (Perm.CONSISTENT_READ, Perm.all())
 
 
 class ChildRole(enum.IntFlag):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fleece.block.node import BlockNode, NodeUser, UserKind
@@ -268,12 +267,6 @@ class Job:
                 lambda: self.status in (JobStatus.CONCLUDED, JobStatus.NULL), timeout
             )
 
-    def wait_for_status(
-        self, statuses: tuple[JobStatus, ...], timeout: float | None = None
-    ) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.status in statuses, timeout)
-
     # -- called from run() -------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Where pause and cancel take effect. Raises :class:`JobCancelled`."""
@@ -412,5 +405,3 @@ class _SetupGuard:
         if kind is not None:
             self.job.release_nodes()
 
-
-JobFactory = Callable[..., Job]

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 from fleece.block.chain import backing_chain, drop_intermediate
+from fleece.block.driver import BlockStatus
 from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
 from fleece.block.rangelock import ClusterRangeLocks
@@ -111,7 +112,7 @@ class StreamJob(_ChainJob):
                     copied += found.length
         return copied
 
-    def _in_base(self, status: Any) -> bool:
+    def _in_base(self, status: BlockStatus) -> bool:
         """Whether ``status`` (from ``block_status_above`` of the top's backing) lies in base or
         below: depth counts from the backing, so the layers above base are 1..len(between)."""
         return bool(status.depth > len(self.between))

@@ -76,12 +76,11 @@ class SetStateRule:
 def _rule_options(rule: Any, kind: str) -> Options:
     if not isinstance(rule, dict):
         raise GenericError(f"Invalid parameter type for '{kind}', expected: object")
-    return Options(rule, kind)
+    return Options(rule)
 
 
 class BlkdebugDriver(Driver):
     name: ClassVar[str] = "blkdebug"
-    has_file: ClassVar[bool] = True
 
     image: BlockNode
 

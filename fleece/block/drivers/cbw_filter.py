@@ -28,7 +28,6 @@ MIN_CLUSTER = 64 * 1024
 
 class CopyBeforeWriteDriver(Driver):
     name: ClassVar[str] = "copy-before-write"
-    has_file: ClassVar[bool] = True
 
     file: BlockNode
     target: BlockNode
@@ -88,10 +87,9 @@ class CopyBeforeWriteDriver(Driver):
             first = offset // cluster
             end = min(len(keep), -(-(offset + length) // cluster))
             keep.set_range(first, end - first)
-        # What is outside the snapshot never needs a copy.
-        outside = keep.copy()
+        # What is outside the snapshot never needs a copy: done is the complement of keep.
         self.cbw.done.set_range(0, len(keep))
-        for first, count, inside in outside.runs():
+        for first, count, inside in keep.runs():
             if inside:
                 self.cbw.done.clear_range(first, count)
 

@@ -154,7 +154,6 @@ class Qcow2Driver(Driver):
     """A qcow2 image on its ``file`` child, with an optional ``backing`` child."""
 
     name: ClassVar[str] = "qcow2"
-    has_file: ClassVar[bool] = True
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)

@@ -12,7 +12,6 @@ from fleece.errors import GenericError
 
 class RawDriver(Driver):
     name: ClassVar[str] = "raw"
-    has_file: ClassVar[bool] = True
 
     file: BlockNode
     offset = 0

@@ -22,7 +22,6 @@ from fleece.errors import GenericError
 
 class SnapshotAccessDriver(Driver):
     name: ClassVar[str] = "snapshot-access"
-    has_file: ClassVar[bool] = True
 
     file: BlockNode
     cbw: CopyBeforeWrite
