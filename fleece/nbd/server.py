@@ -196,6 +196,9 @@ class Connection(asyncio.BufferedProtocol):
         self.registered = False
         self.tls_pending = False
         self.deferred: list[Event] = []
+        #: requests parsed after reading paused (the rest of the bytes already received): they
+        #: wait here, uncounted and unstarted, until the connection is below its limits again
+        self.backlog: list[Request] = []
         #: replies go straight to the socket from the I/O threads (plain sockets, once the
         #: client chose an export); None: through the asyncio transport
         self.sender: DirectSender | None = None
@@ -325,6 +328,11 @@ class Connection(asyncio.BufferedProtocol):
         elif isinstance(event, Disconnect):
             if event.error:
                 log.info("NBD client dropped: %s", event.reason)
+            if not event.error:
+                # NBD_CMD_DISC: the requests sent before it are still answered
+                backlog, self.backlog = self.backlog, []
+                for request in backlog:
+                    self._submit(request, held=True)
             self.closing = True
             with self.count_lock:
                 idle = self.in_flight == 0
@@ -357,9 +365,14 @@ class Connection(asyncio.BufferedProtocol):
             self._handle(event)
 
     # -- requests ----------------------------------------------------------------------------
-    def _submit(self, request: Request) -> None:
+    def _submit(self, request: Request, held: bool = False) -> None:
+        """Start ``request``, or keep it in the backlog while the connection is paused
+        (``held``: start it all the same, the client said goodbye after it)."""
         export = self.export
         assert export is not None and self.transport is not None
+        if self.paused and not held:
+            self.backlog.append(request)
+            return
         if (
             request.command == Cmd.READ
             and request.length <= INLINE_READ_MAX
@@ -456,7 +469,11 @@ class Connection(asyncio.BufferedProtocol):
                 self._close_when_sent()
             return
         if resume:
-            transport.resume_reading()
+            backlog, self.backlog = self.backlog, []
+            for request in backlog:  # in order; any of them may pause the connection again
+                self._submit(request)
+            if not self.paused:
+                transport.resume_reading()
 
     def _read_inline(self, export: Export, request: Request) -> bool:
         """Answer a small read here in the loop thread when its data is in the page cache:
