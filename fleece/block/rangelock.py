@@ -27,6 +27,15 @@ class ClusterRangeLocks:
     def locked(self, first: int, end: int, exclusive: bool) -> Iterator[None]:
         """Hold ``[first, end)``, waiting until no conflicting lock is held (nor, for a shared
         request, a waiting exclusive one over the same clusters)."""
+        token = self.acquire(first, end, exclusive)
+        try:
+            yield
+        finally:
+            self.release(token)
+
+    def acquire(self, first: int, end: int, exclusive: bool) -> int:
+        """Take the hold :meth:`locked` takes and return its token for :meth:`release`. A hold
+        is not tied to a thread: another thread may release it (a write-behind copy does)."""
         with self.mutex:
             if exclusive:
                 token = self._table.try_acquire(first, end, True)
@@ -47,12 +56,13 @@ class ClusterRangeLocks:
                     self.mutex.wait()
                     if not self._waiting.conflicts(first, end, True):
                         token = self._table.try_acquire(first, end, False)
-        try:
-            yield
-        finally:
-            with self.mutex:
-                self._table.release(token)
-                self.mutex.notify_all()
+        return token
+
+    def release(self, token: int) -> None:
+        """Let go of a hold taken by :meth:`acquire` or :meth:`try_shared`."""
+        with self.mutex:
+            self._table.release(token)
+            self.mutex.notify_all()
 
     def try_shared(self, first: int, end: int) -> AbstractContextManager[None] | None:
         """A shared hold on ``[first, end)`` if one can be had without waiting (no conflicting
@@ -62,11 +72,6 @@ class ClusterRangeLocks:
                 return None
             token = self._table.try_acquire(first, end, False)
         return _Held(self, token) if token else None
-
-    def _release(self, token: int) -> None:
-        with self.mutex:
-            self._table.release(token)
-            self.mutex.notify_all()
 
     def __len__(self) -> int:
         with self.mutex:
@@ -81,4 +86,4 @@ class _Held(AbstractContextManager[None]):
         self._token = token
 
     def __exit__(self, *exc: object) -> None:
-        self._locks._release(self._token)
+        self._locks.release(self._token)
