@@ -19,6 +19,7 @@ from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
+    from fleece.block.direct import DirectWrite
     from fleece.block.node import BlockNode
 
 
@@ -177,6 +178,11 @@ class Driver:
 
     def pwritev(self, offset: int, data: memoryview) -> None:
         raise OSError(errno.EROFS, f"{self.name} does not support writes")
+
+    def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
+        """Reserve the range for a direct write (:meth:`BlockNode.begin_direct_write`); None
+        when this driver cannot, which is the default."""
+        return None
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Make the range read as zeroes; ``may_unmap`` allows a hole instead of written zeroes."""

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, suppre
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fleece.block.direct import DirectWrite
 from fleece.block.driver import BlockStatus, Driver, Status
 from fleece.block.perm import NO_PERM, ChildRole, Perm
 from fleece.errors import GenericError
@@ -395,6 +396,26 @@ class BlockNode:
             stack.close()
             raise
         return stack
+
+    def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
+        """Reserve ``length`` bytes at ``offset`` for a write whose data the caller puts into
+        the host file itself (see :class:`~fleece.block.direct.DirectWrite`). None when this
+        node cannot take one: its writes are intercepted, or its driver cannot place the range
+        in one contiguous run of a host file without copy-on-write."""
+        self._check_write(offset, length)
+        if not length or self.interceptors:
+            return None
+        self._begin_write()
+        try:
+            direct = self.driver.begin_direct_write(offset, length)
+        except BaseException:
+            self._end()
+            raise
+        if direct is None:
+            self._end()
+            return None
+        direct.finishers.append(lambda _written: self._end())
+        return direct
 
     def pwrite(
         self, offset: int, data: bytes | bytearray | memoryview, *, unchanged: bool = False

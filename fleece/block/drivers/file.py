@@ -18,6 +18,7 @@ import struct
 from typing import ClassVar
 
 from fleece.block import nowait
+from fleece.block.direct import DirectWrite
 from fleece.block.driver import BlockStatus, Driver, Options, Status
 from fleece.block.perm import Perm
 from fleece.errors import GenericError
@@ -173,6 +174,11 @@ class FileDriver(Driver):
             done += os.pwritev(self.fd, [data[done:]], offset + done)
         if offset + done > self._size:
             self._size = -1  # grown: ask the kernel (another thread may have grown it more)
+
+    def begin_direct_write(self, offset: int, length: int) -> DirectWrite:
+        def written(_ok: bool) -> None:
+            self._size = -1  # it may have grown the file
+        return DirectWrite(self.fd, offset, length, [written])
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         # Never truncate here: another thread may be extending the file at the same time. A

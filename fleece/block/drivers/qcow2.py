@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from fleece.block.direct import DirectWrite
 from fleece.block.dirty_bitmap import DirtyBitmap, bitmaps_on, node_bitmaps
 from fleece.block.driver import BlockStatus, Driver, Options, Status
 from fleece.block.node import BlockNode
@@ -84,6 +85,8 @@ _ZEROES = bytes(1 << 21)
 _MAX_CHAIN = 64
 _DEFAULT_L2_CACHE = 32 * 1024 * 1024
 _SMALL_SLICE = 16  # up to this many clusters, a Python loop beats numpy
+#: host clusters allocated at once for direct writes: one refcount update per this many bytes
+_DIRECT_RESERVE_BYTES = 16 << 20
 _MAX_BEYOND_EOF = 1 << 30  # an in-place write further past the end of the file is corruption
 
 _opening = threading.local()  # the image files being opened in this thread (backing loops)
@@ -182,6 +185,7 @@ class Qcow2Driver(Driver):
             options.bool(key, False)
         self._pass_discard_request = options.bool("pass-discard-request", True)
         self._pass_discard_other = options.bool("pass-discard-other", False)
+        self._reserve = (0, 0)  # host clusters [next, end) allocated for direct writes, unused
         for key in _INT_OPTIONS:
             options.int(key, minimum=0)
         l2_cache = options.int("l2-cache-size", minimum=0)
@@ -328,6 +332,8 @@ class Qcow2Driver(Driver):
 
     def reopen(self, read_only: bool) -> None:
         if read_only:
+            with self._lock, contextlib.suppress(OSError):  # else the clusters leak
+                self._release_reserve()
             with contextlib.suppress(OSError, ValueError):
                 self.store_bitmaps()
             for bitmap in bitmaps_on(self.node):
@@ -376,6 +382,8 @@ class Qcow2Driver(Driver):
 
     def close(self) -> None:
         if not self.node.read_only:
+            with self._lock, contextlib.suppress(OSError):  # else the clusters leak
+                self._release_reserve()
             with contextlib.suppress(OSError, ValueError):  # they stay "in use": inconsistent
                 self.store_bitmaps()
         self._l2_cache.clear()
@@ -661,6 +669,72 @@ class Qcow2Driver(Driver):
         finally:
             self._done(ticket)
 
+    def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
+        """Allocate contiguous new clusters for a write over whole clusters this image does not
+        hold yet (unallocated, or zero without a host cluster), and map them when the data is
+        written (see :class:`~fleece.block.direct.DirectWrite`); the refcounts are written
+        now, the L2 entries only then, so a crash in between leaks clusters at worst. None for
+        any other range (partial clusters, clusters held here, ranges spanning L2 tables): the
+        normal write path handles those."""
+        self._check_writable()
+        assert self._file is not None
+        cb, cs = self._cb, self._cs
+        end = offset + length
+        if offset & (cs - 1) or (end & (cs - 1) and end != self._size):
+            return None
+        first, count = offset >> cb, ((end - 1) >> cb) + 1 - (offset >> cb)
+        l1_index = first >> self._l2_bits
+        if (first + count - 1) >> self._l2_bits != l1_index:
+            return None
+        i0 = first & self._l2_mask
+        with self._lock:
+            table, l2_offset = self._l2_for_write(l1_index)
+            if np.count_nonzero(table[i0 : i0 + count] >> 1):  # any bit but OFLAG_ZERO (bit 0)
+                return None
+            base = self._direct_clusters(count)
+            try:
+                direct = self._file.begin_direct_write(base << cb, length)
+            except BaseException:
+                self._free(list(range(base, base + count)), [], False)
+                raise
+            if direct is None:
+                self._free(list(range(base, base + count)), [], False)
+                return None
+
+        def map_clusters(written: bool) -> None:
+            with self._lock:
+                if not written:
+                    self._free(list(range(base, base + count)), [], False)
+                    return
+                current = self._l2_table(l1_index)  # the cached table may have been evicted
+                assert current is not None
+                entries = [((base + j) << cb) | OFLAG_COPIED for j in range(count)]
+                self._write_entries(l2_offset, current, i0, entries)
+
+        direct.finishers.append(map_clusters)
+        return direct
+
+    def _direct_clusters(self, count: int) -> int:
+        """``count`` contiguous new host clusters for a direct write (lock held), cut from a
+        reservation allocated in bulk: direct writes come in streams (copy-before-write), and
+        one refcount update per reservation is far cheaper than one per write. What is left of
+        it is freed on close; a crash leaks it, which ``qemu-img check -r leaks`` repairs."""
+        nxt, end = self._reserve
+        if end - nxt < count:
+            self._release_reserve()
+            chunk = max(count, _DIRECT_RESERVE_BYTES >> self._cb)
+            nxt = self._refs.alloc(chunk)
+            end = nxt + chunk
+        self._reserve = (nxt + count, end)
+        return nxt
+
+    def _release_reserve(self) -> None:
+        """Free the unused rest of the direct-write reservation (lock held)."""
+        nxt, end = self._reserve
+        self._reserve = (0, 0)
+        if nxt < end:
+            self._free(list(range(nxt, end)), [], False)
+
     def _check_writable(self) -> None:
         if self.node.read_only or self._file is None:
             raise OSError(errno.EROFS, f"qcow2 node '{self.node.name}' is read-only")
@@ -708,9 +782,8 @@ class Qcow2Driver(Driver):
 
     def _write_entries(self, l2_offset: int, table: U64, first: int, values: list[int]) -> None:
         """Set ``table[first:first + len(values)]`` in memory and on disk."""
-        table[first : first + len(values)] = np.array(values, dtype=np.uint64)
-        raw = table[first : first + len(values)].astype(">u8").tobytes()
-        self._io.write(l2_offset + 8 * first, raw)
+        table[first : first + len(values)] = values
+        self._io.write(l2_offset + 8 * first, struct.pack(f">{len(values)}Q", *values))
 
     def _old_cluster(self, entry: int, cluster: int, buf: bytearray) -> None:
         """Fill ``buf`` (zeroed, one cluster) with what guest cluster ``cluster`` reads as."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from fleece.block.direct import DirectWrite
 from fleece.block.driver import BlockStatus, Driver, Options
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole
@@ -43,6 +44,9 @@ class RawDriver(Driver):
 
     def pwritev(self, offset: int, data: memoryview) -> None:
         self.file.pwrite(self.offset + offset, data)
+
+    def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
+        return self.file.begin_direct_write(self.offset + offset, length)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self.file.pwrite_zeroes(self.offset + offset, length, may_unmap)

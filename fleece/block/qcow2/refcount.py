@@ -312,7 +312,7 @@ class Refcounts:
         """``start`` if the ``count`` clusters there are free: the common case of an image
         that grows at its end, answered without scanning the whole refcount block."""
         index, lo = divmod(start, self.entries)
-        if lo + count > self.entries or count > 64:
+        if lo + count > self.entries or (count > 64 and self.order < 3):
             return None
         blk = self.block(index)
         if blk is not None:

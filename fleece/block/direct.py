@@ -1,0 +1,44 @@
+"""Direct writes: a range of a node reserved for data its caller puts into a host file itself.
+
+Copy-before-write uses them to hand the fleecing target's data write to a native thread
+(:mod:`fleece.filewriter`): the node layers do their bookkeeping (a qcow2 image allocates its
+clusters) when the write is reserved, in the caller's thread, and the data goes straight from
+the buffer into one contiguous run of the host file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class DirectWrite:
+    """A reserved write: its ``length`` bytes belong at offset ``host`` of file descriptor
+    ``fd``.
+
+    The caller writes them there (from any thread), then calls :meth:`finish` exactly once,
+    saying whether the data was written. Until then the range is the caller's alone: nothing
+    else may write it, and readers must wait (a qcow2 image maps its new clusters only in
+    ``finish``, after their data is in place, as its crash safety asks). The node counts the
+    write in flight, so it cannot close under it.
+    """
+
+    fd: int
+    host: int
+    length: int
+    #: the layers' completions, innermost (the file) first
+    finishers: list[Callable[[bool], None]] = field(default_factory=list)
+
+    def finish(self, written: bool) -> None:
+        """Complete the write (``written``) or give it up: every layer runs its completion,
+        even after one raised; the first error is raised at the end."""
+        error: BaseException | None = None
+        for finisher in self.finishers:
+            try:
+                finisher(written)
+            except BaseException as exc:  # the outer layers must still let go
+                error = error or exc
+        self.finishers.clear()
+        if error is not None:
+            raise error
