@@ -9,10 +9,12 @@ allocates a cluster of the source).
 
 - ``without-fleecing``: no job; the writes go straight to the source.
 - ``with-fleecing``: a ``drive-backup sync=none`` to a fresh qcow2 target (``pit0``, its backing
-  the source) is running. Every round starts a new backup in its ``setup`` (outside the timed
-  function), so every cluster the round writes is not yet copied: each write first copies the
-  old 64 KiB into the target (one read and one write) and then writes. This is the worst case,
-  the first touch of every cluster.
+  the source) is running, with its defaults (copy-ahead 2 MiB, write-behind 4 MiB). Every
+  round starts a new backup in its ``setup`` (outside the timed function), so every cluster
+  the round writes is not yet copied. This is the worst case, the first touch of every
+  cluster: the first write of each 2 MiB reads the old 2 MiB, reserves new target clusters and
+  hands their write to the write-behind thread, then writes; the other 31 find their clusters
+  copied.
 
 How to read it: ``ratio = mean(without-fleecing) / mean(with-fleecing)`` is the fraction of its
 normal write throughput the guest keeps while a snapshot is fresh. Target: ``ratio >= 0.5``

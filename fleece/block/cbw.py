@@ -13,6 +13,15 @@ shared by the hook and the job, whose bits only ever go from 0 to 1):
 * A job copy takes the exclusive lock too, and copies only clusters still not done: no cluster
   is copied twice.
 
+*Write-behind* (``write_behind`` bytes, the backup job's default) takes the target write off
+the guest's path without giving up the invariant: the guest's copy reads the old data into
+memory, marks the clusters done and goes on, while a native thread writes the target; readers
+of those clusters wait until it has (:mod:`fleece.block.write_behind` says how). What changes is
+a failure: a target write that fails after the guest write went on can no longer fail that
+guest write, so it breaks the snapshot (reads fail with ``EACCES``) and the owner hears of it
+through ``on_late_failure``. With ``write_behind=0``, or a target that cannot take direct writes,
+every copy lands before its guest write proceeds, and a failed copy fails the guest write.
+
 Planning (which runs of a request still need copying) and the lock table are Cython
 (:mod:`fleece.cbw_plan`); waiting for a conflicting lock is a ``threading.Condition`` here.
 """
@@ -21,13 +30,16 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 
 from fleece.bitmap import ClusterBitmap
 from fleece.block import nowait
+from fleece.block.direct import DirectWrite
 from fleece.block.node import BlockNode
 from fleece.block.rangelock import ClusterRangeLocks
+from fleece.block.write_behind import Landing, WriteBehind
 from fleece.cbw_plan import plan_runs
 
 
@@ -42,16 +54,22 @@ class CopyWriteError(OSError):
 #: the largest single copy I/O: whole runs of clusters are copied in pieces of this size
 MAX_COPY_BYTES = 4 << 20
 #: how far ahead a sequential writer's copies reach: one large copy instead of many small ones
-COPY_AHEAD_BYTES = 1 << 20
+COPY_AHEAD_BYTES = 2 << 20
+#: how much old data a backup job's hook may hold in memory while its target write is pending
+WRITE_BEHIND_BYTES = 4 << 20
 
 
 class CopyBeforeWrite:
     """The copy-before-write state between one source and one target.
 
     Install it with :meth:`attach` (a write interceptor on the source, a read guard on the
-    target) and remove it with :meth:`detach`. ``copy_error`` decides what a failed copy in the
+    target) and remove it with :meth:`detach`. ``on_error`` decides what a failed copy in the
     guest's write path does: by default the error propagates and fails the guest write, so the
     snapshot is never silently wrong.
+
+    ``write_behind`` (bytes; 0, the default here, turns it off) lets the guest's copies finish
+    their target write after the guest write went on, holding at most that much old data in
+    memory (see the module's docstring for what it changes on failure).
 
     ``copy_ahead`` (bytes; 0 turns it off) lets a write that continues the previous one copy
     that far ahead in one I/O: sequential guest writes then pay for one large copy instead of
@@ -66,6 +84,7 @@ class CopyBeforeWrite:
         *,
         done: ClusterBitmap | None = None,
         copy_ahead: int = COPY_AHEAD_BYTES,
+        write_behind: int = 0,
         on_error: str = "break-guest-write",
         timeout: float = 0.0,
         size_limit: int = 0,
@@ -92,6 +111,13 @@ class CopyBeforeWrite:
         self.ahead = max(1, copy_ahead // cluster_size)
         self._last_end = -1  # where the previous intercepted write ended
         self._buffers = threading.local()
+        #: the target writes finishing after the guest went on (None: copies are synchronous);
+        #: a timeout needs the copy's outcome before the guest write, so none with one
+        self._behind = (WriteBehind(write_behind, self._landed, self._landing_failed)
+                        if write_behind > 0 and not timeout else None)
+        #: called with the error when a write-behind target write fails under break-guest-write:
+        #: the guest write it should have failed went on, so the snapshot broke instead
+        self.on_late_failure: list[Callable[[OSError], None]] = []
         self.locks = ClusterRangeLocks()
         self._attached = False
         #: "break-guest-write": a failed copy fails the guest write, the snapshot stays valid;
@@ -118,7 +144,10 @@ class CopyBeforeWrite:
             self._attached = True
 
     def detach(self) -> None:
-        """Stop intercepting (the job ended). In-flight requests finish under their locks."""
+        """Stop intercepting (the job ended). In-flight requests finish under their locks, and
+        pending write-behind copies land in the target before this returns."""
+        if self._behind is not None:
+            self._behind.close()  # later copies (by requests in flight) are synchronous
         if self._attached:
             self._attached = False
             self.source.interceptors.remove(self)
@@ -137,10 +166,24 @@ class CopyBeforeWrite:
     def all_done(self, first: int, end: int) -> bool:
         return self.done.count(first, end) == end - first
 
+    @property
+    def copies_pending(self) -> bool:
+        """True while some write-behind copy may not be in the target yet."""
+        return self._behind is not None and self._behind.pending()
+
+    def _settled(self, first: int, end: int) -> bool:
+        """All of ``[first, end)`` is done and in the target: a snapshot read needs no lock.
+
+        The order matters: a copy counts itself pending before it marks its clusters done, so
+        a reader that sees them done and nothing pending knows their target write finished.
+        """
+        return self.all_done(first, end) and not self.copies_pending
 
     # -- the write path ----------------------------------------------------------------------
     def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
         """Before a write to the source: copy what it would destroy. Raises ``OSError``."""
+        if self._behind is not None:
+            self._behind.reap()  # what landed since the last write
         first, end = self.clusters(offset, length)
         sequential = offset == self._last_end
         self._last_end = offset + length
@@ -152,6 +195,8 @@ class CopyBeforeWrite:
                 end = min(self.nclusters, max(end, first + self.ahead))
             if self.on_error == "break-snapshot":
                 self._copy_or_break(first, end)
+            elif self._behind is not None:
+                self._copy_behind(first, end)
             else:
                 self.copy_clusters(first, end)
         return nullcontext()
@@ -161,7 +206,10 @@ class CopyBeforeWrite:
         ``timeout``) breaks the snapshot instead."""
         if not self.timeout:
             try:
-                self.copy_clusters(first, end)
+                if self._behind is not None:
+                    self._copy_behind(first, end)
+                else:
+                    self.copy_clusters(first, end)
             except OSError as exc:
                 self.break_snapshot(f"copy-before-write failed: {exc}")
             return
@@ -196,6 +244,24 @@ class CopyBeforeWrite:
         return copied
 
     def _copy_run(self, first: int, count: int) -> int:
+        offset, length = self._run_bytes(first, count)
+        buf = self._buffer(length)
+        self._read_old(offset, buf)
+        self._write_old(first, count, offset, buf)
+        return length
+
+    def _write_old(self, first: int, count: int, offset: int, data: memoryview) -> None:
+        """Write a run's old data into the target, then count it copied."""
+        try:
+            self.target.pwrite(offset, data)
+        except OSError as exc:
+            raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+        self._mark_copied(first, count, len(data))
+        for callback in self.on_copy:
+            callback(len(data))
+
+    def _run_bytes(self, first: int, count: int) -> tuple[int, int]:
+        """The byte range of a run of clusters; ``ENOSPC`` past the target's size limit."""
         offset = first * self.cluster_size
         length = min(count * self.cluster_size, self.size - offset)
         if self.size_limit and self.copied_bytes + length > self.size_limit:
@@ -203,22 +269,68 @@ class CopyBeforeWrite:
                 errno.ENOSPC,
                 f"the fleecing target would exceed its size limit of {self.size_limit} bytes",
             )
-        buf = self._buffer(length)
+        return offset, length
+
+    def _read_old(self, offset: int, buf: memoryview) -> None:
         try:
             self.source.pread_into(offset, buf)
         except OSError as exc:
             raise CopyReadError(exc.errno, f"copy-before-write read failed: {exc}") from exc
+
+    # -- write-behind ------------------------------------------------------------------------
+    def _copy_behind(self, first: int, end: int) -> None:
+        """The guest's copy with write-behind: under the exclusive lock, read the old data of
+        the clusters not done yet, reserve their target range, mark them done and hand the
+        write to the writer thread. Raises (marking nothing) if the data cannot be read or
+        the range reserved; a target that cannot take a direct write is written here."""
+        behind = self._behind
+        assert behind is not None
+        with self.locks.locked(first, end, exclusive=True):
+            for run_first, count in plan_runs(self.done, first, end, self._max_run):
+                offset, length = self._run_bytes(run_first, count)
+                buf = behind.buffer(length)
+                if buf is None:  # detached meanwhile
+                    self._copy_run(run_first, count)
+                    continue
+                submitted = False
+                try:
+                    view = memoryview(buf)[:length]
+                    self._read_old(offset, view)
+                    direct = self._reserve_target(offset, length)
+                    if direct is not None:
+                        submitted = behind.submit(
+                            Landing(run_first, count, buf, length, direct),
+                            partial(self._mark_copied, run_first, count, length),
+                        )
+                        if not submitted:
+                            direct.finish(False)
+                    if not submitted:
+                        self._write_old(run_first, count, offset, view)
+                finally:
+                    if not submitted:
+                        behind.give_back(buf, length)
+
+    def _reserve_target(self, offset: int, length: int) -> DirectWrite | None:
         try:
-            self.target.pwrite(offset, buf)
+            return self.target.begin_direct_write(offset, length)
         except OSError as exc:
             raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+
+    def _mark_copied(self, first: int, count: int, length: int) -> None:
         with self.locks.mutex:  # the bitmap's word updates are not atomic; neither are the counters
             self.done.set_range(first, count)
             self.copied_clusters += count
             self.copied_bytes += length
+
+    def _landed(self, landing: Landing) -> None:
         for callback in self.on_copy:
-            callback(length)
-        return length
+            callback(landing.length)
+
+    def _landing_failed(self, landing: Landing, exc: OSError) -> None:
+        self.break_snapshot(f"copy-before-write failed after the guest write went on: {exc}")
+        if self.on_error == "break-guest-write":
+            for callback in self.on_late_failure:
+                callback(exc)
 
     def _buffer(self, length: int) -> memoryview:
         """A per-thread buffer reused for copies (copies never nest within a thread)."""
@@ -227,6 +339,11 @@ class CopyBeforeWrite:
             buf = bytearray(length)  # grown on demand: a big buffer per thread costs RSS
             self._buffers.buf = buf
         return memoryview(buf)[:length]
+
+    def drain(self) -> None:
+        """Wait until every write-behind copy so far has landed in the target."""
+        if self._behind is not None:
+            self._behind.await_range(0, self.nclusters)
 
     def skip_zeroes(self, first: int, end: int, *, target_reads_zero: bool) -> int:
         """Declare done the clusters of ``[first, end)`` not done yet that read as zeroes in
@@ -282,7 +399,7 @@ class CopyBeforeWrite:
         if self.access.count(first, end) != end - first:
             raise OSError(errno.EACCES, "the range is not part of the snapshot (discarded or "
                           "outside its bitmap)")
-        guard = nullcontext() if self.all_done(first, end) else self._shared(first, end)
+        guard = nullcontext() if self._settled(first, end) else self._snapshot_hold(first, end)
         with guard:
             stop = offset + len(buf)
             for run_first, count, done in self.done.runs(first, end):
@@ -303,6 +420,8 @@ class CopyBeforeWrite:
         if first >= end:
             return
         with self.locks.locked(first, end, exclusive=True):
+            if self._behind is not None:
+                self._behind.await_range(first, end)  # a late copy must not undo the discard
             with self.locks.mutex:
                 self.access.clear_range(first, end - first)
                 self.done.set_range(first, end - first)
@@ -311,10 +430,26 @@ class CopyBeforeWrite:
 
     # -- the snapshot read path --------------------------------------------------------------
     def read_guard(self, offset: int, length: int) -> AbstractContextManager[None]:
+        """Hold a read of the target (the snapshot, in the backing scheme) against the guest
+        writes it would read through to. ``EACCES`` once the snapshot broke: reading through
+        would return what the guest wrote since."""
         first, end = self.clusters(offset, length)
-        if first >= end or self.all_done(first, end):
-            return nullcontext()
-        return self._shared(first, end)
+        settled = first >= end or self._settled(first, end)
+        # After _settled: a copy that failed breaks the snapshot before it stops being pending.
+        if self.broken is not None:
+            raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
+        return nullcontext() if settled else self._snapshot_hold(first, end)
+
+    @contextmanager
+    def _snapshot_hold(self, first: int, end: int) -> Iterator[None]:
+        """What a snapshot read of clusters ``[first, end)`` holds: a shared lock against
+        guest writes, and no write-behind copy of them pending (the target has their data)."""
+        with self._shared(first, end):
+            if self._behind is not None and self._behind.pending():
+                self._behind.await_range(first, end)
+                if self.broken is not None:  # one of them failed: the target lacks the data
+                    raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
+            yield
 
     def _shared(self, first: int, end: int) -> AbstractContextManager[None]:
         """A shared hold on clusters ``[first, end)`` for a snapshot read. A read that must not

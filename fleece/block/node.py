@@ -431,8 +431,12 @@ class BlockNode:
             return
         self._begin_write()
         try:
-            if unchanged or not self.interceptors:
+            interceptors = () if unchanged else self.interceptors
+            if not interceptors:
                 self.driver.pwritev(offset, view)
+            elif len(interceptors) == 1:  # the usual case (one backup): no ExitStack
+                with interceptors[0].intercept(self, offset, len(view)):
+                    self.driver.pwritev(offset, view)
             else:
                 with self._intercepted(offset, len(view)):
                     self.driver.pwritev(offset, view)
@@ -477,6 +481,9 @@ class BlockNode:
         if not length:
             return BlockStatus(offset, 0, Status(0))
         with self._request():
+            if self.read_interceptors:  # status is a read of metadata: the same guard holds
+                with self._intercepted(offset, length, self.read_interceptors):
+                    return self.driver.block_status(offset, length)
             return self.driver.block_status(offset, length)
 
     def block_status_above(

@@ -20,7 +20,7 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any, ClassVar
 
-from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite, CopyReadError
+from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite, CopyReadError, CopyWriteError
 from fleece.block.dirty_bitmap import DirtyBitmap
 from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
@@ -44,6 +44,7 @@ class BackupJob(Job):
         cluster_size: int,
         target_is_fresh: bool,
         copy_ahead: int = COPY_AHEAD_BYTES,
+        write_behind: int = 0,
         sync_bitmap: DirtyBitmap | None = None,
         bitmap_mode: str = "on-success",
         target_size_limit: int = 0,
@@ -61,8 +62,11 @@ class BackupJob(Job):
             self.use_node(source, Perm.CONSISTENT_READ, Perm.all())
             self.use_node(target, Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
             self.cbw = CopyBeforeWrite(source, target, cluster_size, copy_ahead=copy_ahead,
-                                       size_limit=target_size_limit, on_error=on_cbw_error)
+                                       write_behind=write_behind, size_limit=target_size_limit,
+                                       on_error=on_cbw_error)
             self.cbw.on_copy.append(self.progress)
+            self.cbw.on_late_failure.append(self._hook_broke)
+            self._hook_failure: OSError | None = None
             target.extra_info["fleecing"] = self.fleecing_info
             self.len = source.size
             if sync_bitmap is not None:
@@ -125,10 +129,24 @@ class BackupJob(Job):
     def copied_clusters(self) -> int:
         return self.cbw.copied_clusters
 
+    def _hook_broke(self, exc: OSError) -> None:
+        """A write-behind copy failed after its guest write went on: the snapshot broke. The
+        job learns of it as a target write error, in its own thread (see :meth:`run`)."""
+        self._hook_failure = exc
+        self.wake()
+
+    def _check_hook(self) -> None:
+        """Apply ``on-target-error`` to a hook failure: ``report`` fails the job (the target
+        misses data); ``ignore`` and ``stop`` go on with the snapshot broken, as it says."""
+        exc, self._hook_failure = self._hook_failure, None
+        if exc is not None:
+            self.handle_error(CopyWriteError(exc.errno, str(exc)), "write")
+
     def run(self) -> None:
         if self.sync == "none":
             while True:  # the hook does the work until someone cancels
                 self.checkpoint()
+                self._check_hook()
                 self.sleep(3600)
         cluster = self.cbw.cluster_size
         first = 0
@@ -136,9 +154,12 @@ class BackupJob(Job):
             chunk = self.chunk_bytes(CHUNK_BYTES, cluster) // cluster
             end = min(self.cbw.nclusters, first + chunk)
             self.checkpoint()
+            self._check_hook()
             copied = self._copy_chunk(first, end)
             self.throttle(copied)
             first = end
+        self.cbw.drain()  # the hook's last copies are part of the backup
+        self._check_hook()
 
     def _copy_chunk(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero."""

@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from fleece.bitmaps.commands import check_backup_bitmap
-from fleece.block.cbw import COPY_AHEAD_BYTES
+from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
 from fleece.commands import command
@@ -153,7 +153,8 @@ class JobCommands:
             sync=sync,
             cluster_size=_cluster_size(target),
             target_is_fresh=fresh,
-            copy_ahead=_copy_ahead(options.get("x-perf")),
+            copy_ahead=_perf_bytes(options.get("x-perf"), "copy-ahead", COPY_AHEAD_BYTES),
+            write_behind=_perf_bytes(options.get("x-perf"), "write-behind", WRITE_BEHIND_BYTES),
             target_size_limit=_size_limit(options.get("target-size-limit")),
             on_cbw_error=options.get("on-cbw-error") or "break-guest-write",
             sync_bitmap=checked.bitmap,
@@ -431,14 +432,15 @@ def _size_limit(value: Any) -> int:
     return int(value)
 
 
-def _copy_ahead(perf: Any) -> int:
-    """``x-perf.copy-ahead`` (bytes, 0 to copy exactly the clusters the guest overwrites);
-    fleece's own member of QEMU's experimental ``x-perf`` options, whose others it ignores."""
+def _perf_bytes(perf: Any, member: str, default: int) -> int:
+    """A byte count among fleece's own members of QEMU's experimental ``x-perf`` options (whose
+    others it ignores): ``copy-ahead`` (0: copy exactly the clusters the guest overwrites) and
+    ``write-behind`` (0: every copy lands in the target before its guest write goes on)."""
     if perf is None:
-        return COPY_AHEAD_BYTES
-    value = perf.get("copy-ahead", COPY_AHEAD_BYTES)
+        return default
+    value = perf.get(member, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GenericError("Parameter 'x-perf.copy-ahead' expects a non-negative integer")
+        raise GenericError(f"Parameter 'x-perf.{member}' expects a non-negative integer")
     return value
 
 

@@ -79,6 +79,7 @@ class Job:
         self._cond = threading.Condition()
         self._pause_count = 0
         self._cancelled = False
+        self._woken = False  # wake() was called: sleep() returns early once
         self._ended = False  # finalize or abort has begun: only one of them ever runs
         self._thread: threading.Thread | None = None
         self._throttle_start = time.monotonic()
@@ -314,9 +315,18 @@ class Job:
             )
 
     def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` or until cancelled / paused."""
+        """Wait ``seconds`` or until cancelled, paused or woken."""
         with self._cond:
-            self._cond.wait_for(lambda: self._cancelled or self._pause_count > 0, seconds)
+            self._cond.wait_for(
+                lambda: self._cancelled or self._pause_count > 0 or self._woken, seconds
+            )
+            self._woken = False
+
+    def wake(self) -> None:
+        """End the job thread's current (or next) :meth:`sleep` early: something needs it."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def handle_error(self, exc: OSError, operation: str) -> str:
         """Apply the error policy for a failed ``read`` (source) or ``write`` (target).

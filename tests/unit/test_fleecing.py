@@ -17,21 +17,20 @@ images are qcow2 made by :func:`fleece.block.qcow2.create` and read back with fl
   a node a job uses (``is busy: block device is in use by block job: backup``), a running
   backup's target used as another backup's source or target, a source and target of different
   sizes; and one source feeding two fleecing jobs at once, each keeping its own point in time.
-  A copy that cannot be written to the target fails the guest write and keeps the source.
-  Known data-loss bug (strict xfail): a drive-backup whose target file is an image in use (the
-  source's own file, or a running job's target) truncates and then deletes that file.
+  A copy that cannot be written to the target fails the guest write and keeps the source. A
+  drive-backup whose target file is an image in use (the source's own file, or a running job's
+  target) is refused and leaves that file intact.
 - **Concurrency property** (Hypothesis, 10 examples): writer threads write, zero and discard
   (the source is opened with ``discard=unmap``, so discards do drop data and go through
   copy-before-write) random aligned and unaligned ranges through the device while reader
   threads read the whole snapshot again and again (in requests of 64 KiB to 3 MiB, aligned or
   not, as NBD clients do); every read equals the point-in-time content; every cluster the
   writes touched was copied, each copied cluster exactly once (``cbw.copied_clusters`` equals
-  the clusters marked done). That the copies are *exactly* the distinct 64 KiB clusters
-  overwritten is a strict xfail of its own: a sequential guest stream makes copy-before-write
-  copy 1 MiB ahead, into clusters the guest never touched.
-  Known liveness bug (strict xfail, deterministic): snapshot reads that keep overlapping one
-  cluster starve a guest write to it forever (new shared range locks overtake a waiting
-  exclusive one).
+  the clusters marked done). The copies are not *exactly* the distinct clusters overwritten:
+  a sequential guest stream makes copy-before-write copy ahead (``COPY_AHEAD_BYTES``), into
+  clusters the guest never touched; with ``x-perf.copy-ahead: 0`` they are exactly those.
+  Snapshot reads that keep overlapping one cluster do not starve a guest write to it (a
+  waiting exclusive range lock goes before new shared ones).
 - **sync=full** under concurrent guest writes: after ``BLOCK_JOB_COMPLETED`` (no error) the
   target (reopened in a fresh Storage) holds the point-in-time content and every cluster was
   copied exactly once. **sync=top** copies only the top layer's clusters (content through the
@@ -67,7 +66,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleece.block.cbw import CopyBeforeWrite
+from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite
 from fleece.block.device import Device
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
@@ -632,7 +631,7 @@ def test_snapshot_reads_are_point_in_time_under_concurrent_guest_io(
             done = {c for c in range(PROP_CLUSTERS) if cbw.done.get(c)}
             assert touched <= done  # every cluster the guest touched was copied first
             assert cbw.copied_clusters == len(done)  # each once, none marked without a copy
-            # (exactly the touched clusters, with no copy-ahead: see the strict xfail below)
+            # (exactly the touched clusters only without copy-ahead: see the next test)
         finally:
             storage.close()
 
@@ -651,17 +650,17 @@ def test_fleecing_copies_exactly_the_clusters_the_guest_overwrites(fleecing: Fle
 
 
 def test_copy_ahead_copies_a_sequential_stream_in_one_piece(fleecing: Fleecing) -> None:
-    """The default copy-ahead: the second write of a sequential stream copies 1 MiB at once;
-    a random write copies only its own cluster; the snapshot stays exact either way."""
+    """The default copy-ahead: the second write of a sequential stream copies COPY_AHEAD_BYTES
+    at once; a random write copies only its own cluster; the snapshot stays exact either way."""
     fleecing.snapshot()
     cbw = backup_job(fleecing.storage, "virtio0").cbw
     fleecing.device.pwrite(40 * CLUSTER, b"\x02" * CLUSTER)  # not sequential: its cluster only
     assert cbw.copied_clusters == 1
     fleecing.device.pwrite(41 * CLUSTER, b"\x02" * CLUSTER)  # continues it: copies ahead
-    assert cbw.copied_clusters == 1 + (1 << 20) // CLUSTER
-    for cluster in range(42, 40 + (1 << 20) // CLUSTER + 1):
+    assert cbw.copied_clusters == 1 + COPY_AHEAD_BYTES // CLUSTER
+    for cluster in range(42, 40 + COPY_AHEAD_BYTES // CLUSTER + 1):
         fleecing.device.pwrite(cluster * CLUSTER, b"\x02" * CLUSTER)  # nothing more to copy
-    assert cbw.copied_clusters == 1 + (1 << 20) // CLUSTER
+    assert cbw.copied_clusters == 1 + COPY_AHEAD_BYTES // CLUSTER
     fleecing.check_snapshot()
 
 

@@ -82,8 +82,8 @@ def test_cbw_read_guard_does_not_wait_inside_nowait(tmp_path: object) -> None:
 
         cbw = CopyBeforeWrite(storage.find_node("src"), storage.find_node("tgt"), 65536)
         with cbw.locks.locked(0, 1, exclusive=True):
-            with nowait.nowait(), pytest.raises(nowait.WouldBlock):
-                cbw.read_guard(0, 4096)
+            with nowait.nowait(), pytest.raises(nowait.WouldBlock), cbw.read_guard(0, 4096):
+                pass
             with nowait.nowait(), cbw.read_guard(65536, 4096):
                 pass
         with nowait.nowait(), cbw.read_guard(0, 4096):
