@@ -431,7 +431,8 @@ class BlockNode:
             return
         self._begin_write()
         try:
-            interceptors = () if unchanged else self.interceptors
+            # A copy: a job may remove its interceptor from the list meanwhile.
+            interceptors = () if unchanged else tuple(self.interceptors)
             if not interceptors:
                 self.driver.pwritev(offset, view)
             elif len(interceptors) == 1:  # the usual case (one backup): no ExitStack
