@@ -8,8 +8,10 @@ the buffer into one contiguous run of the host file.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(eq=False)
@@ -42,3 +44,33 @@ class DirectWrite:
         self.finishers.clear()
         if error is not None:
             raise error
+
+
+class Reaper(Protocol):
+    """Who owns direct writes and finishes them once their data is written."""
+
+    def reap(self) -> None:
+        """Finish the direct writes whose data is written (never waits for one)."""
+
+
+#: owners of direct writes in flight; a node waiting for its requests asks them to finish the
+#: ones already written, since their data write is done but nobody may come by to finish them
+_reapers: weakref.WeakSet[Reaper] = weakref.WeakSet()
+
+
+def register_reaper(reaper: Reaper) -> None:
+    _reapers.add(reaper)
+
+
+def unregister_reaper(reaper: Reaper) -> None:
+    _reapers.discard(reaper)
+
+
+def reapers_exist() -> bool:
+    return bool(_reapers)
+
+
+def reap_all() -> None:
+    """Let every owner finish what is written (see :meth:`fleece.block.node.BlockNode.drain`)."""
+    for reaper in list(_reapers):
+        reaper.reap()

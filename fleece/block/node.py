@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, suppre
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fleece.block import direct
 from fleece.block.direct import DirectWrite
 from fleece.block.driver import BlockStatus, Driver, Status
 from fleece.block.perm import NO_PERM, ChildRole, Perm
@@ -27,6 +28,10 @@ from fleece.errors import GenericError
 
 if TYPE_CHECKING:
     from fleece.block.graph import BlockGraph
+
+
+#: seconds between two asks to finish direct writes while a drain waits for them
+_REAP_INTERVAL = 0.02
 
 
 class UserKind(enum.Enum):
@@ -268,13 +273,19 @@ class BlockNode:
 
     # -- lifetime ----------------------------------------------------------------------------
     def drain(self) -> None:
-        """Wait until no request is in flight on this node."""
-        with self._idle:
-            self._draining += 1
-            try:
-                self._idle.wait_for(lambda: self._in_flight == 0)
-            finally:
-                self._draining -= 1
+        """Wait until no request is in flight on this node. Direct writes count as in flight
+        until their owner finishes them, which it does when it next passes by: while some
+        exist, the wait wakes now and then to ask the owners to finish what is written."""
+        while True:
+            with self._idle:
+                self._draining += 1
+                try:
+                    if self._idle.wait_for(lambda: self._in_flight == 0,
+                                           _REAP_INTERVAL if direct.reapers_exist() else None):
+                        return
+                finally:
+                    self._draining -= 1
+            direct.reap_all()  # outside the node's lock: finishing ends requests on this node
 
     def close(self) -> None:
         """Close the driver and let go of the children. Called by the last ``remove_user``."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleece._pure.filewriter import write_all
-from fleece.block import nowait
+from fleece.block import direct, nowait
 from fleece.block.direct import DirectWrite
 from fleece.filewriter import FileWriter
 
@@ -132,6 +132,7 @@ class WriteBehind:
                 return False
             if self._writer is None:
                 self._writer = FileWriter()
+                direct.register_reaper(self)  # a drain of the target may need us to reap
             self._landings.append(landing)  # before the clusters count as done
             self._unsubmitted -= 1
             mark_done()
@@ -180,6 +181,7 @@ class WriteBehind:
                 self._reap_locked()
             writer.close()
             self._writer = None
+            direct.unregister_reaper(self)
             _POOL.give(self._spare)
             self._spare = []
 

@@ -14,6 +14,9 @@ stays pending for as long as a test wants. What is tested, on iotest 222's rig:
   returning the guest's new data; under ``on-target-error=report`` the job sends
   ``BLOCK_JOB_ERROR`` and ends with the error; under ``ignore`` it keeps running, broken.
 - **Cancel lands what is pending**: the target image holds the copied old data afterwards.
+- **Nothing waits for a reap that may never come**: a drain of the target finishes the
+  landings already written; a landing stays pending until its clusters are mapped (a reader in
+  between waits instead of reading the guest's new data through the backing link).
 - ``x-perf.write-behind: 0`` copies before the guest write (the target maps the cluster by the
   time the guest write returns); a bad value is a GenericError naming the member.
 
@@ -141,6 +144,20 @@ def test_a_landing_stays_pending_until_its_clusters_are_mapped(
     reader.join(5)
     reaper.join(5)
     assert got == [b"\x5d" * CLUSTER]
+    rig.check_snapshot()
+
+
+def test_a_drain_of_the_target_finishes_written_landings(rig: Fleecing, gate: Gate) -> None:
+    """A landing counts as in flight on the target until it is reaped, and a drain (a reopen
+    of the target's file does one) must not wait for a guest write that may never come."""
+    rig.snapshot(**{"x-perf": {"copy-ahead": 0}})
+    pit0 = rig.storage.graph.get("pit0")
+    rig.device.pwrite(0, b"\xab" * CLUSTER)
+    gate.set()
+    drainer, done = in_thread(pit0.drain)
+    drainer.join(5)
+    assert done == [None], "the drain waited for a reap nobody was going to do"
+    assert not backup_job(rig.storage, "virtio0").cbw.copies_pending
     rig.check_snapshot()
 
 
