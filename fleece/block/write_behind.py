@@ -10,12 +10,14 @@ point-in-time invariant still holds, because of how :mod:`fleece.block.cbw` uses
 * a reader of clusters with a landing pending waits for it (:meth:`WriteBehind.await_range`)
   while holding them against new copies, then reads the target;
 * the target range is reserved as a :class:`~fleece.block.direct.DirectWrite`: nobody else
-  writes it, and a qcow2 target maps it only when the data is there.
+  writes it, and a qcow2 target maps it only when the data is there;
+* a landing stops being pending only once it is finished (its clusters mapped, or the snapshot
+  broken), so the lock-free path of a reader never meets a half-finished one.
 
 Landings are *reaped* (their write finished in the target's metadata, their buffer freed, the
-owner told) by whichever thread next needs them or passes by: the guest's next copy, a reader
-waiting for one, or :meth:`WriteBehind.close`. At most ``budget`` bytes of old data wait in
-memory; a copy over the budget first waits for the oldest landing.
+owner told) by whichever thread next needs them or passes by: the guest's next write, a reader
+waiting for one, a drain of the target, or :meth:`WriteBehind.close`. At most ``budget`` bytes
+of old data wait in memory; a copy over the budget first waits for the oldest landing.
 """
 
 from __future__ import annotations
