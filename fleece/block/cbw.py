@@ -445,11 +445,16 @@ class CopyBeforeWrite:
         """What a snapshot read of clusters ``[first, end)`` holds: a shared lock against
         guest writes, and no write-behind copy of them pending (the target has their data)."""
         with self._shared(first, end):
-            if self._behind is not None and self._behind.pending():
-                self._behind.await_range(first, end)
-                if self.broken is not None:  # one of them failed: the target lacks the data
+            if self._behind is not None:
+                if self._behind.pending():
+                    self._behind.await_range(first, end)
+                # Checked even with nothing pending: the copy of these clusters may have
+                # failed (and stopped being pending) since the caller last looked.
+                if self.broken is not None:
                     raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
             yield
+            if self.broken is not None:  # broke while we read: the source may have moved on
+                raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
 
     def _shared(self, first: int, end: int) -> AbstractContextManager[None]:
         """A shared hold on clusters ``[first, end)`` for a snapshot read. A read that must not

@@ -12,7 +12,8 @@ stays pending for as long as a test wants. What is tested, on iotest 222's rig:
 - **A late failure breaks the snapshot**: when the target write fails (twice: it is retried
   once) after the guest write went on, reads of the snapshot fail with ``EACCES`` instead of
   returning the guest's new data; under ``on-target-error=report`` the job sends
-  ``BLOCK_JOB_ERROR`` and ends with the error; under ``ignore`` it keeps running, broken.
+  ``BLOCK_JOB_ERROR`` and ends with the error; under ``ignore`` it keeps running, broken. A
+  read already reading through to the source when the snapshot breaks fails too.
 - **Cancel lands what is pending**: the target image holds the copied old data afterwards.
 - **Nothing waits for a reap that may never come**: a drain of the target finishes the
   landings already written; a landing stays pending until its clusters are mapped (a reader in
@@ -220,6 +221,34 @@ def test_under_ignore_the_job_goes_on_with_the_snapshot_broken(
     assert info["fleecing"]["broken"] is True
     assert "Bad file descriptor" in info["fleecing"]["broken-reason"]
     assert "virtio0" in rig.storage.jobs
+
+
+def test_a_read_in_flight_when_the_snapshot_breaks_fails(
+    rig: Fleecing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot read of clusters not copied yet reads through to the source; if the snapshot
+    breaks while it does, the guest may already have written there, so the read must fail."""
+    rig.snapshot(**{"x-perf": {"copy-ahead": 0}})
+    cbw = backup_job(rig.storage, "virtio0").cbw
+    pit0 = rig.storage.graph.get("pit0")
+    reading, go_on = threading.Event(), threading.Event()
+    original = Qcow2Driver.preadv
+
+    def slow_preadv(self: Qcow2Driver, offset: int, buf: memoryview) -> None:
+        if self.node is pit0:
+            reading.set()
+            go_on.wait(5)
+        original(self, offset, buf)
+
+    monkeypatch.setattr(Qcow2Driver, "preadv", slow_preadv)
+    reader, got = in_thread(lambda: pit0.pread(0, CLUSTER))
+    assert reading.wait(5)
+    cbw.break_snapshot("broken by the test")
+    go_on.set()
+    reader.join(5)
+    assert len(got) == 1 and isinstance(got[0], OSError)
+    assert got[0].errno == errno.EACCES
+    assert "broken by the test" in str(got[0])
 
 
 def test_cancel_lands_the_pending_copies(rig: Fleecing, gate: Gate) -> None:
