@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import subprocess
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import pytest
 
 from fleece.block.qcow2 import create
 from fleece.storage import Storage
+from tests import peers
 from tests.events import EventLog
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
@@ -48,21 +48,8 @@ PATTERNS_BEFORE = ((0x5D, 0), (0xD5, 1 * MiB), (0xDC, 32 * MiB), (0xCD, 0x3FF000
 PATTERNS_AFTER = ((0xAB, 0), (0xAD, 0xF8000), (0x1D, 0x2008000), (0xEA, 0x3FE0000))
 
 
-def tool(name: str) -> str:
-    """The path of a QEMU tool; fails the test (never skips) when it is missing."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if path is None:
-        pytest.fail(f"{name} is not installed (apt-get install qemu-utils)", pytrace=False)
-    return path
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=60)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}",
-                    pytrace=False)
-    return proc
+#: qemu-img and qemu-io, failing the test (never skipping) when missing or when they fail
+run = partial(peers.run, timeout=60)
 
 
 def qemu_check(path: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,24 +27,11 @@ from fleece.block.node import BlockNode, NodeUser, UserKind
 from fleece.block.perm import Perm
 from fleece.block.qcow2 import create
 from fleece.errors import ImageError
+from tests.peers import run
 
 pytestmark = pytest.mark.interop
 
 RW = (Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
-
-
-def tool(name: str) -> str:
-    """The path of a QEMU tool; fails the test (never skips) when it is missing."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if path is None:
-        pytest.fail(f"{name} is not installed (apt-get install qemu-utils)", pytrace=False)
-    return path
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool(args[0]), *args[1:]], capture_output=True, text=True, check=check, timeout=120
-    )
 
 
 def qemu_io(path: Path, *commands: str, fmt: str = "qcow2") -> None:
