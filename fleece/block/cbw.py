@@ -195,21 +195,23 @@ class CopyBeforeWrite:
                 end = min(self.nclusters, max(end, first + self.ahead))
             if self.on_error == "break-snapshot":
                 self._copy_or_break(first, end)
-            elif self._behind is not None:
-                self._copy_behind(first, end)
             else:
-                self.copy_clusters(first, end)
+                self._guest_copy(first, end)
         return nullcontext()
+
+    def _guest_copy(self, first: int, end: int) -> None:
+        """The copy a guest write waits for: write-behind when it is on, else synchronous."""
+        if self._behind is not None:
+            self._copy_behind(first, end)
+        else:
+            self.copy_clusters(first, end)
 
     def _copy_or_break(self, first: int, end: int) -> None:
         """break-snapshot: the guest write always goes on; a copy that fails (or outlasts
         ``timeout``) breaks the snapshot instead."""
         if not self.timeout:
             try:
-                if self._behind is not None:
-                    self._copy_behind(first, end)
-                else:
-                    self.copy_clusters(first, end)
+                self._guest_copy(first, end)
             except OSError as exc:
                 self.break_snapshot(f"copy-before-write failed: {exc}")
             return

@@ -692,19 +692,20 @@ class Qcow2Driver(Driver):
             if np.count_nonzero(table[i0 : i0 + count] >> 1):  # any bit but OFLAG_ZERO (bit 0)
                 return None
             base = self._direct_clusters(count)
+            clusters = list(range(base, base + count))
             try:
                 direct = self._file.begin_direct_write(base << cb, length)
             except BaseException:
-                self._free(list(range(base, base + count)), [], False)
+                self._free(clusters, [], False)
                 raise
             if direct is None:
-                self._free(list(range(base, base + count)), [], False)
+                self._free(clusters, [], False)
                 return None
 
         def map_clusters(written: bool) -> None:
             with self._lock:
                 if not written:
-                    self._free(list(range(base, base + count)), [], False)
+                    self._free(clusters, [], False)
                     return
                 current = self._l2_table(l1_index)  # the cached table may have been evicted
                 assert current is not None
