@@ -32,6 +32,7 @@ from fleece.block.qcow2.format import (
     EXT_END,
     Header,
     extensions_except,
+    header_extensions,
     pack_extension,
     pack_header,
 )
@@ -103,19 +104,12 @@ class LoadedBitmap:
 
 
 def find_extension(h: Header, first: bytes, kind: int) -> bytes | None:
-    """The data of header extension ``kind`` in the header cluster ``first``, or None."""
-    end = len(first)
-    if h.backing_file_offset and h.backing_file_offset < end:
-        end = h.backing_file_offset
-    pos = h.header_length
-    while pos + 8 <= end:
-        ext, length = struct.unpack_from(">II", first, pos)
-        pos += 8
-        if ext == EXT_END or length > end - pos:
-            return None
-        if ext == kind:
-            return first[pos : pos + length]
-        pos += length + (-length % 8)
+    """The data of header extension ``kind`` in the header cluster ``first``, or None (also
+    when a malformed extension comes first)."""
+    with suppress(ImageError):
+        for ext, data in header_extensions(h, first):
+            if ext == kind:
+                return data
     return None
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -219,8 +220,11 @@ def parse_header(read: Callable[[int, int], bytes], file_size: int) -> Header:
     return h
 
 
-def _parse_extensions(h: Header, first: bytes) -> None:
-    """Read the header extensions between the header and the backing name (or cluster end)."""
+def header_extensions(h: Header, first: bytes) -> Iterator[tuple[int, bytes]]:
+    """The ``(kind, data)`` of each header extension in the header cluster ``first``, in order,
+    up to the end marker, the backing name or the cluster's end (no end marker before that
+    limit: QEMU accepts it, the area is simply full). ``ImageError`` for an extension that runs
+    past the limit."""
     end = len(first)
     if h.backing_file_offset and h.backing_file_offset < end:
         end = h.backing_file_offset
@@ -235,7 +239,14 @@ def _parse_extensions(h: Header, first: bytes) -> None:
                 f"Invalid qcow2 header extension 0x{kind:08x}: length {length} runs past the "
                 "end of the header area"
             )
-        data = first[pos : pos + length]
+        yield kind, first[pos : pos + length]
+        pos += length + (-length % 8)
+
+
+def _parse_extensions(h: Header, first: bytes) -> None:
+    """Read the header extensions between the header and the backing name (or cluster end)."""
+    for kind, data in header_extensions(h, first):
+        length = len(data)
         h.extensions.append(kind)
         if kind == EXT_BACKING_FORMAT:
             if length > 15:
@@ -246,8 +257,6 @@ def _parse_extensions(h: Header, first: bytes) -> None:
                 ftype, bit = data[at], data[at + 1]
                 name = data[at + 2 : at + 48].split(b"\0", 1)[0].decode("ascii", "replace")
                 h.feature_names[(ftype, bit)] = name
-        pos += length + (-length % 8)
-    # No end marker before the limit: QEMU accepts that (the area is simply full).
 
 
 def _check_features(h: Header) -> None:
@@ -408,20 +417,12 @@ def check_metadata_layout(
 
 def extensions_except(h: Header, first: bytes, dropped: int) -> list[bytes]:
     """The header extensions in ``first`` (the header cluster), packed again, but for those of
-    kind ``dropped``: what a rewrite of the header keeps."""
-    end = len(first)
-    if h.backing_file_offset and h.backing_file_offset < end:
-        end = h.backing_file_offset
+    kind ``dropped``: what a rewrite of the header keeps (up to a malformed one, if any)."""
     kept: list[bytes] = []
-    pos = h.header_length
-    while pos + 8 <= end:
-        kind, length = struct.unpack_from(">II", first, pos)
-        pos += 8
-        if kind == EXT_END or length > end - pos:
-            break
-        if kind != dropped:
-            kept.append(pack_extension(kind, first[pos : pos + length]))
-        pos += length + (-length % 8)
+    with suppress(ImageError):
+        for kind, data in header_extensions(h, first):
+            if kind != dropped:
+                kept.append(pack_extension(kind, data))
     return kept
 
 
