@@ -18,7 +18,7 @@ from fleece.commands import command
 from fleece.errors import GenericError, QMPError
 from fleece.events import Event
 from fleece.nbd.constants import MAX_NAME_LENGTH
-from fleece.nbd.server import Export, NBDServer
+from fleece.nbd.server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
 from fleece.nbd.tls import TLSCredsX509, load_x509
 
 _SERVER_USER = "nbd-server"
@@ -56,24 +56,32 @@ class ExportCommands:
     # -- the server ----------------------------------------------------------------------------
     @command(
         "nbd-server-start",
-        {"addr": "object", "*tls-creds": "str", "*tls-authz": "str", "*max-connections": "int"},
+        {"addr": "object", "*tls-creds": "str", "*tls-authz": "str", "*max-connections": "int",
+         "*handshake-max-seconds": "int"},
     )
     def nbd_server_start(
         self,
         addr: dict[str, Any],
         tls_creds: str | None = None,
         tls_authz: str | None = None,
-        max_connections: int = 0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_max_seconds: int = int(HANDSHAKE_TIMEOUT),
     ) -> dict[str, Any]:
         """Start the NBD server listening on ``addr`` (QEMU's ``SocketAddressLegacy``).
 
+        ``max-connections`` (default 100; 0 = no limit) counts clients still in their
+        handshake too; ``handshake-max-seconds`` (default 10, as QEMU 7.2; 0 = no limit) closes
+        a client that has not chosen an export by then.
         ``GenericError`` when a server is running, the address cannot be bound, the TLS object
-        is unknown, or ``tls-authz`` is given (fleece has no authorization objects).
+        is unknown, a limit is negative, or ``tls-authz`` is given (fleece has no authorization
+        objects).
         """
         if self.nbd_server is not None:
             raise GenericError("NBD server already running")
         if max_connections < 0:
             raise GenericError("max-connections must not be negative")
+        if handshake_max_seconds < 0:
+            raise GenericError("handshake-max-seconds must not be negative")
         creds = None
         if tls_creds is not None:
             creds = self.tls_objects.get(tls_creds)
@@ -84,7 +92,8 @@ class ExportCommands:
                 raise GenericError("tls-authz is not supported without tls-creds")
             raise GenericError(f"Cannot find authorization object '{tls_authz}'")
         server = NBDServer(
-            tls=None if creds is None else creds.context, max_connections=max_connections
+            tls=None if creds is None else creds.context, max_connections=max_connections,
+            handshake_timeout=float(handshake_max_seconds),
         )
         try:
             server.listen(addr)

@@ -7,8 +7,18 @@ events those bytes complete; :meth:`ServerConnection.receive_data` does the same
 elsewhere (tests). Request headers are parsed many at a time by :mod:`fleece.nbdframe`; a WRITE
 payload is read straight into its own ``bytearray`` and the request is only reported once the
 whole payload is in, so a client that vanishes mid-payload never gets a partial write applied.
-Negotiation replies and the error replies to invalid requests are queued and drained by
-:meth:`ServerConnection.data_to_send`; replies to requests that the server executed are built by
+
+Memory follows what the client sent, never what it announced: the receive buffer starts at
+``RECV_BUFFER_INITIAL`` and doubles (up to ``RECV_BUFFER``) only when a read filled it or an
+option needs the room; a WRITE payload grows as its bytes arrive (at most twice what arrived);
+a WRITE that is refused (read-only export, out of range) is answered at once and its payload
+discarded as it arrives, never stored. Negotiation replies and the error replies to invalid
+requests are queued and drained by :meth:`ServerConnection.data_to_send`; once more than
+``OUTPUT_LIMIT`` bytes of them are queued, :meth:`ServerConnection.buffer_updated` stops
+interpreting input (:attr:`ServerConnection.output_blocked`) until the caller drained them and
+calls :meth:`ServerConnection.resume`, so a client that sends without reading cannot make the
+server queue more than that, whatever it asks. Replies to requests that the server executed are
+built by
 the ``*_reply`` methods, which are safe to call from any thread (they read nothing that changes
 during transmission) and return buffers to send without joining header and data.
 
@@ -48,8 +58,17 @@ from fleece.nbd.constants import (
     TransmissionFlag,
 )
 
-#: size of the receive buffer for headers and options (an option's data is at most 64 KiB)
+#: the most the receive buffer grows to (an option's data is at most 64 KiB)
 RECV_BUFFER = 256 * 1024
+#: what the receive buffer starts with: enough for a handshake and a burst of request headers
+RECV_BUFFER_INITIAL = 4 * 1024
+#: a WRITE payload's buffer grows by at least this much (and at most doubles) as bytes arrive
+PAYLOAD_STEP = 64 * 1024
+#: interpreting input stops while this many bytes of negotiation or error replies are queued
+OUTPUT_LIMIT = 64 * 1024
+#: request headers parsed per batch (the output limit is checked between batches)
+REQUEST_BATCH = 1024
+_REQUEST_SIZE = 28
 
 _OPT_HEADER = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
@@ -203,32 +222,57 @@ class ServerConnection:
             struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE
                         | HandshakeFlag.NO_ZEROES)
         )
-        self._buf = bytearray(RECV_BUFFER)
+        self._buf = bytearray(RECV_BUFFER_INITIAL)
         self._start = 0
         self._end = 0
+        #: the receive buffer doubles at the next get_buffer (the last read filled it)
+        self._grow = False
+        #: bytes the item being received needs in the buffer (an option: header and data)
+        self._need = 0
         self._payload: bytearray | None = None
         self._filled = 0
         self._write: tuple[int, int, int, int] | None = None  # flags, cookie, offset, length
-        self._write_error: tuple[NBDErr, str] | None = None
+        #: payload bytes of a refused WRITE still to be discarded
+        self._skip = 0
+        #: interpreting stops while the queued output is above OUTPUT_LIMIT (see buffer_updated)
+        self._limit_output = True
+        self._blocked = False
 
     # -- bytes in ------------------------------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next bytes from the client go; report them with :meth:`buffer_updated`."""
-        if self._payload is not None:
-            return memoryview(self._payload)[self._filled:]
+        """Where the next bytes from the client go (never empty); report them with
+        :meth:`buffer_updated`."""
+        payload = self._payload
+        if payload is not None:
+            assert self._write is not None
+            filled, length = self._filled, self._write[3]
+            if filled == len(payload):  # grow with what arrives: at most double, never past
+                payload.extend(bytes(min(length - filled, max(PAYLOAD_STEP, filled))))
+            return memoryview(payload)[filled:]
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._buf) or (self._start and len(self._buf) - self._end < 4096):
             pending = self._end - self._start
             self._buf[:pending] = self._buf[self._start:self._end]
             self._start, self._end = 0, pending
+        size = len(self._buf)
+        want = min(size * 2, RECV_BUFFER) if self._grow else size
+        want = max(want, self._start + self._need)  # an option is at most 64 KiB + 16
+        if want == size == self._end:  # never offer an empty buffer
+            want = size + RECV_BUFFER_INITIAL
+        if want > size:
+            self._buf.extend(bytes(want - size))
+        self._grow = False
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
-        """``nbytes`` arrived in the buffer from :meth:`get_buffer`; the events they complete."""
+        """``nbytes`` arrived in the buffer from :meth:`get_buffer`; the events they complete.
+        Stops early while more than ``OUTPUT_LIMIT`` bytes of replies are queued
+        (:attr:`output_blocked`): drain them, then call :meth:`resume`."""
         if self._payload is not None:
             self._filled += nbytes
-            if self._filled < len(self._payload):
+            assert self._write is not None
+            if self._filled < self._write[3]:
                 return []
             events: list[Event] = []
             self._finish_write(events)
@@ -236,24 +280,56 @@ class ServerConnection:
                 events += self._process()
             return events
         self._end += nbytes
+        if self._end == len(self._buf) and len(self._buf) < RECV_BUFFER:
+            self._grow = True  # the client sends faster than we read: read more at a time
+        return self._process()
+
+    @property
+    def output_blocked(self) -> bool:
+        """True when input waits because too many replies are queued: drain
+        :meth:`data_to_send`, then call :meth:`resume`."""
+        return self._blocked
+
+    def resume(self) -> list[Event]:
+        """Go on interpreting the input held back by :attr:`output_blocked`; its events."""
+        if not self._blocked:
+            return []
         return self._process()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed ``data`` (any amount); returns the events it completes, in order."""
+        """Feed ``data`` (any amount); returns the events it completes, in order. Unlike
+        :meth:`buffer_updated` it never stops for queued output (the caller holds all the input
+        already)."""
         view = memoryview(data).cast("B")
         events: list[Event] = []
-        while view:
-            if self.phase is Phase.CLOSED:
-                break
-            if self.phase is Phase.TLS_HANDSHAKE:
-                events.append(self._close("data arrived before the TLS handshake"))
-                break
-            target = self.get_buffer(len(view))
-            count = min(len(target), len(view))
-            target[:count] = view[:count]
-            view = view[count:]
-            events += self.buffer_updated(count)
+        self._limit_output = False
+        try:
+            if self._blocked:
+                events += self._process()
+            while view:
+                if self.phase is Phase.CLOSED:
+                    break
+                if self.phase is Phase.TLS_HANDSHAKE:
+                    events.append(self._close("data arrived before the TLS handshake"))
+                    break
+                with self.get_buffer(len(view)) as target:  # released: the buffer may grow
+                    count = min(len(target), len(view))
+                    target[:count] = view[:count]
+                view = view[count:]
+                events += self.buffer_updated(count)
+        finally:
+            self._limit_output = True
         return events
+
+    def release(self) -> None:
+        """The connection is gone: drop every buffer now (input, payload, queued output)."""
+        self.phase = Phase.CLOSED
+        self._buf = bytearray(RECV_BUFFER_INITIAL)
+        self._start = self._end = self._need = self._skip = 0
+        self._payload = None
+        self._write = None
+        self._blocked = False
+        self._out = bytearray()
 
     def data_to_send(self) -> bytes:
         """The queued negotiation replies and error replies (empty when there are none)."""
@@ -276,14 +352,31 @@ class ServerConnection:
     # -- the phases ----------------------------------------------------------------------------
     def _close(self, reason: str, error: bool = True) -> Disconnect:
         self.phase = Phase.CLOSED
-        self._start = self._end = 0
+        self._start = self._end = self._need = self._skip = 0
         self._payload = None
+        self._write = None
+        self._blocked = False
         return Disconnect(reason, error)
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
+        self._blocked = False
         while True:
             phase = self.phase
+            if self._skip:  # the payload of a refused WRITE: dropped as it arrives
+                dropped = min(self._skip, self._end - self._start)
+                self._start += dropped
+                self._skip -= dropped
+                if self._skip:
+                    return events
+            if (
+                self._limit_output
+                and len(self._out) >= OUTPUT_LIMIT
+                and phase in (Phase.OPTIONS, Phase.TRANSMISSION)
+                and self._start < self._end
+            ):
+                self._blocked = True
+                return events
             if phase is Phase.TRANSMISSION:
                 if not self._requests(events):
                     return events
@@ -326,7 +419,9 @@ class ServerConnection:
             events.append(self._close(f"option {opt} of {length} bytes is too long"))
             return False
         if avail < 16 + length:
+            self._need = 16 + length  # the buffer grows to hold the whole option
             return False
+        self._need = 0
         data = bytes(self._buf[self._start + 16:self._start + 16 + length])
         self._start += 16 + length
         try:
@@ -493,8 +588,9 @@ class ServerConnection:
         self._out += self.error_reply(cookie, error, message)
 
     def _requests(self, events: list[Event]) -> bool:
+        end = min(self._end, self._start + REQUEST_BATCH * _REQUEST_SIZE)
         try:
-            requests, consumed = nbdframe.parse_requests(self._buf, self._start, self._end)
+            requests, consumed = nbdframe.parse_requests(self._buf, self._start, end)
         except nbdframe.BadMagic as exc:
             events.append(self._close(str(exc)))
             return False
@@ -553,11 +649,16 @@ class ServerConnection:
         if length > MAX_PAYLOAD:
             events.append(self._close(f"write of {length} bytes exceeds {MAX_PAYLOAD}"))
             return False
-        self._write = (flags, cookie, offset, length)
-        self._write_error = self._check(flags, Cmd.WRITE, offset, length)
-        payload = bytearray(length)
         have = min(length, self._end - self._start)
-        payload[:have] = self._buf[self._start:self._start + have]
+        problem = self._check(flags, Cmd.WRITE, offset, length)
+        if problem is not None:
+            # Refused at once; its payload is read and dropped, never stored.
+            self._error_now(cookie, *problem)
+            self._start += have
+            self._skip = length - have
+            return not self._skip
+        self._write = (flags, cookie, offset, length)
+        payload = bytearray(self._buf[self._start:self._start + have])
         self._start += have
         self._payload, self._filled = payload, have
         if have < length:
@@ -568,12 +669,9 @@ class ServerConnection:
     def _finish_write(self, events: list[Event]) -> None:
         assert self._write is not None and self._payload is not None
         flags, cookie, offset, length = self._write
-        payload, problem = self._payload, self._write_error
-        self._payload, self._write, self._write_error = None, None, None
-        if problem is not None:
-            self._error_now(cookie, *problem)
-        else:
-            events.append(Request(cookie, Cmd.WRITE, CmdFlag(flags), offset, length, payload))
+        payload = self._payload
+        self._payload, self._write = None, None
+        events.append(Request(cookie, Cmd.WRITE, CmdFlag(flags), offset, length, payload))
 
     # -- replies (thread-safe: they read only what transmission never changes) -----------------
     def ok_reply(self, cookie: int) -> bytes:

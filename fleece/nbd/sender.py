@@ -7,7 +7,9 @@ separate buffers, the GIL released during the copy into the kernel). When the so
 the unsent rest waits in a queue that the loop drains as the socket becomes writable, and every
 later reply queues behind it, so two replies never interleave on the wire. A worker never blocks
 on a slow client: a client that stops reading only grows its own queue, which the connection's
-in-flight limits bound.
+budget bounds (it reads ``pending`` and hears of every drain through ``on_progress``; ``sent``
+tells its drain timeout whether the client still reads). ``close`` drops the queue and the
+callbacks at once, so a departed client's replies are freed without waiting for the collector.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def _pread_all(fd: int, buf: bytearray, offset: int) -> None:
 class DirectSender:
     """Sends whole replies on ``fd`` (a connected, non-blocking stream socket) from any thread.
 
-    ``on_error`` is called (in the loop) when the peer is gone, after which sends are dropped.
+    ``on_error`` is called (in the loop) when the peer is gone, after which sends are dropped;
+    ``on_progress`` (in the loop) each time the socket took queued bytes.
+    Raises ``OSError`` when the descriptor cannot be duplicated (out of descriptors).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
                  on_error: Callable[[], None],
-                 on_drained: Callable[[], None] | None = None) -> None:
+                 on_progress: Callable[[], None] | None = None) -> None:
         self._loop = loop
         # A descriptor of our own: the transport keeps its own for reading, and the loop's
         # selector watches ours for writability only while something is queued.
@@ -56,11 +60,15 @@ class DirectSender:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._fd = self._sock.fileno()
-        self._on_error = on_error
-        self._on_drained = on_drained  # called in the loop once a queue has emptied
+        #: the descriptor this sender owns (the server keeps a reserve below its limit)
+        self.fileno = self._fd
+        self._on_error: Callable[[], None] | None = on_error
+        self._on_progress = on_progress
         self._lock = threading.Lock()
         self._queue: deque[memoryview] = deque()
         self._queued = 0  # bytes in _queue: read without the lock by the pause checks
+        #: bytes the socket took, in all (read without the lock by the drain timeout)
+        self.sent = 0
         self._watching = False
         self.closed = False
 
@@ -114,6 +122,7 @@ class DirectSender:
                     if n == 0:  # the file is shorter than promised
                         raise OSError(errno.EIO, "short read from the image file")
                     sent += n
+                    self.sent += n
             except (BrokenPipeError, ConnectionError):
                 self._fail()
                 return True
@@ -135,6 +144,7 @@ class DirectSender:
                 sent = self._sock.sendmsg(views[:_IOV_BATCH])
             except (BlockingIOError, InterruptedError):
                 return views
+            self.sent += sent
             while sent:
                 head = views[0]
                 if sent >= len(head):
@@ -163,19 +173,22 @@ class DirectSender:
                 return
             self._queue = deque(rest)
             self._queued = sum(len(v) for v in rest)
-            if rest:
-                return
-            self._watching = False
-        self._loop.remove_writer(self._fd)
-        if self._on_drained is not None:
-            self._on_drained()
+            if not rest:
+                self._watching = False
+                self._loop.remove_writer(self._fd)
+            progress = self._on_progress
+        if progress is not None:
+            progress()
 
     def _fail(self) -> None:
         """The peer is gone (lock held): drop everything and tell the connection."""
         self.closed = True
         self._queue.clear()
         self._queued = 0
-        self._loop.call_soon_threadsafe(self._on_error)
+        on_error = self._on_error
+        if on_error is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: so is the server
+                self._loop.call_soon_threadsafe(on_error)
 
     def _enqueue(self, views: list[memoryview]) -> None:
         """Queue ``views`` behind what is queued (lock held)."""
@@ -193,6 +206,7 @@ class DirectSender:
             self.closed = True
             self._queue.clear()
             self._queued = 0
+            self._on_error = self._on_progress = None  # no cycle back to the connection
             watching, self._watching = self._watching, False
         if watching:
             with contextlib.suppress(Exception):

@@ -31,6 +31,11 @@ from fleece.nbd.constants import (
     nbd_error,
 )
 from fleece.nbd.proto import (
+    OUTPUT_LIMIT,
+    PAYLOAD_STEP,
+    RECV_BUFFER,
+    RECV_BUFFER_INITIAL,
+    REQUEST_BATCH,
     Disconnect,
     ExportInfo,
     ExportSelected,
@@ -296,14 +301,128 @@ def test_write_payload_is_reported_only_when_complete() -> None:
     go(conn, "rw")
     payload = os.urandom(100_000)
     assert conn.receive_data(request(Cmd.WRITE, 0, len(payload)) + payload[:1000]) == []
-    buf = conn.get_buffer()
-    assert len(buf) == len(payload) - 1000  # the rest goes straight into the payload
-    buf[:50_000] = payload[1000:51_000]
-    assert conn.buffer_updated(50_000) == []
-    events = conn.receive_data(payload[51_000:] + request(Cmd.FLUSH, cookie=9))
+    with conn.get_buffer() as buf:  # the rest goes straight into the payload, as it arrives
+        assert 0 < len(buf) <= len(payload) - 1000
+        got = len(buf)
+        buf[:] = payload[1000:1000 + got]
+    assert conn.buffer_updated(got) == []
+    events = conn.receive_data(payload[1000 + got:] + request(Cmd.FLUSH, cookie=9))
     assert [type(e) for e in events] == [Request, Request]
     first = events[0]
     assert isinstance(first, Request) and first.payload == bytearray(payload)
+
+
+def test_write_payload_memory_follows_what_arrived() -> None:
+    """A WRITE header announcing 1 MiB costs nothing up front: the payload's buffer is at most
+    twice what arrived (and one step), never the announced length until it all arrived."""
+    conn = connect()
+    go(conn, "rw")
+    assert conn.receive_data(request(Cmd.WRITE, 0, SIZE)) == []
+    assert conn._payload is not None and len(conn._payload) == 0
+    arrived = 0
+    for _ in range(4):
+        with conn.get_buffer() as buf:
+            assert len(conn._payload) <= 2 * arrived + PAYLOAD_STEP
+            buf[:] = b"\xab" * len(buf)
+            count = len(buf)
+        arrived += count
+        assert conn.buffer_updated(count) == []
+    assert arrived < SIZE and len(conn._payload) == arrived
+    events = conn.receive_data(b"\xab" * (SIZE - arrived))
+    assert len(events) == 1 and isinstance(events[0], Request)
+    assert events[0].payload == bytearray(b"\xab" * SIZE)
+
+
+def test_refused_write_is_answered_at_once_and_its_payload_dropped() -> None:
+    """A WRITE on a read-only export gets EPERM before its payload arrives; the payload is
+    read and discarded (nothing is buffered for it), and the requests after it parse."""
+    conn = connect()
+    go(conn, "ro", structured=False)
+    assert conn.receive_data(request(Cmd.WRITE, 0, 1 << 20, cookie=5)) == []
+    error, cookie = simple_error(conn.data_to_send())
+    assert (error, cookie) == (NBDErr.EPERM, 5)
+    assert conn._payload is None
+    for _ in range(16):
+        assert conn.receive_data(os.urandom(64 * 1024)) == []
+        assert conn._payload is None and len(conn._buf) <= RECV_BUFFER
+    assert conn.receive_data(request(Cmd.READ, 0, 512, cookie=6)) == [
+        Request(6, Cmd.READ, CmdFlag(0), 0, 512)
+    ]
+
+
+def test_receive_buffer_starts_small_and_grows_on_demand() -> None:
+    conn = ServerConnection(Directory(RO, RW))
+    assert len(conn._buf) == RECV_BUFFER_INITIAL
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", 3))
+    # An option bigger than the buffer: the buffer grows to hold it (through buffer_updated).
+    data = name_data("ro") + b"x" * 20_000
+    wire = option(Opt.INFO, data)
+    events = []
+    while wire:
+        with conn.get_buffer() as buf:
+            count = min(len(buf), len(wire))
+            buf[:count] = wire[:count]
+        wire = wire[count:]
+        events += conn.buffer_updated(count)
+    assert events == [] and RECV_BUFFER_INITIAL < len(conn._buf) <= RECV_BUFFER
+    assert replies(conn.data_to_send())[-1][1] == Rep.ERR_INVALID
+    # A client that fills every read: the buffer doubles up to RECV_BUFFER, never past it.
+    go(conn, "ro")
+    headers = request(Cmd.READ, 0, 512) * (RECV_BUFFER // 28 * 2)
+    sizes = []
+    while headers:
+        with conn.get_buffer() as buf:
+            count = min(len(buf), len(headers))
+            buf[:count] = headers[:count]
+            sizes.append(len(buf))
+        headers = headers[count:]
+        conn.buffer_updated(count)
+    assert max(len(conn._buf), *sizes) <= RECV_BUFFER and len(conn._buf) > RECV_BUFFER_INITIAL
+
+
+def test_queued_replies_hold_back_input_until_drained() -> None:
+    """Options or invalid requests sent without reading the replies: interpreting stops once
+    OUTPUT_LIMIT bytes of replies are queued, and goes on after they were drained."""
+    many = Directory(*[ExportInfo(f"e{i}", "d" * 1000, SIZE, True) for i in range(50)])
+    conn = ServerConnection(many)
+    conn.data_to_send()
+    wire = struct.pack(">I", 3) + option(Opt.LIST) * 200
+    with conn.get_buffer() as buf:
+        buf[:len(wire)] = wire
+    assert conn.buffer_updated(len(wire)) == []
+    assert conn.output_blocked
+    out = bytearray()
+    rounds = 0
+    while True:
+        chunk = conn.data_to_send()
+        assert len(chunk) <= OUTPUT_LIMIT + 50 * 1100  # past the limit: one option's replies
+        out += chunk
+        if not conn.output_blocked:
+            break
+        assert conn.resume() == []
+        rounds += 1
+    assert rounds >= 10
+    got = replies(bytes(out))
+    assert sum(1 for _, rep, _ in got if rep == Rep.ACK) == 200
+    assert sum(1 for _, rep, _ in got if rep == Rep.SERVER) == 200 * 50
+    # Invalid requests in transmission: the same bound on their error replies.
+    conn = connect()
+    go(conn, "ro")
+    wire = request(Cmd.READ, SIZE, 512) * 5000
+    events: list[object] = []
+    sent = 0
+    while sent < len(wire) or conn.output_blocked:
+        if conn.output_blocked:
+            assert len(conn.data_to_send()) <= OUTPUT_LIMIT + REQUEST_BATCH * 200
+            events += conn.resume()
+            continue
+        with conn.get_buffer() as buf:
+            count = min(len(buf), len(wire) - sent)
+            buf[:count] = wire[sent:sent + count]
+        sent += count
+        events += conn.buffer_updated(count)
+    assert events == [] and len(conn.data_to_send()) <= OUTPUT_LIMIT + REQUEST_BATCH * 200
 
 
 def test_errors_for_invalid_requests_keep_the_connection() -> None:
