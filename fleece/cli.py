@@ -37,12 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "a device named NAME (repeatable)")
     daemon.add_argument("--nbd-server", action="append", default=[], metavar="OPTIONS",
                         help="addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,"
-                             "addr.port=N[,tls-creds=ID][,max-connections=N]")
+                             "addr.port=N[,tls-creds=ID][,max-connections=N (default 100; 0: "
+                             "none)][,handshake-max-seconds=S (default 10; 0: none)]")
     daemon.add_argument("--export", action="append", default=[], metavar="OPTIONS",
                         help="type=nbd,id=ID,node-name=N[,name=NAME][,writable=on] (repeatable)")
     daemon.add_argument("--object", action="append", default=[], metavar="OPTIONS",
                         help="tls-creds-x509,id=ID,dir=D,endpoint=server[,verify-peer=on]")
     daemon.add_argument("--pidfile", default=None, help="write the daemon's pid here")
+    daemon.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="log lines at this level and above go to stderr (default warning: "
+                             "the NBD audit lines are warnings)")
+    daemon.add_argument("-T", "--trace", action="append", default=[],
+                        metavar="[enable=]PATTERN[,events=FILE][,file=FILE]",
+                        help="debug lines of the subsystems PATTERN matches: nbd_*, qmp_*, "
+                             "block_*, jobs_*, * (QEMU's spelling; repeatable)")
+    daemon.add_argument("-d", dest="log_items", action="append", default=[],
+                        metavar="ITEM[,ITEM...]",
+                        help="QEMU's log items: guest_errors (the NBD audit lines whatever the "
+                             "level), trace:PATTERN (as -T)")
+    daemon.add_argument("-D", "--logfile", default=None, help="log to this file, not stderr")
 
     demo = sub.add_parser("demo", help="run the main job on a built-in sample disk")
     demo.add_argument("--size", type=_size, default=parse_size("1G"),
@@ -61,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_daemon(DaemonConfig(
             qmp=args.qmp, blockdev=args.blockdev, drive=args.drive, nbd_server=args.nbd_server,
             export=args.export, object=args.object, pidfile=args.pidfile,
+            log_level=args.log_level, trace=args.trace, log_items=args.log_items,
+            logfile=args.logfile,
         ))
     if args.command == "demo":
         from fleece.demo import run_demo

@@ -7,12 +7,22 @@ accepts commands. An option that fails stops the start-up, releases what was set
 with status 1 and a message naming the option. ``quit``, SIGTERM and SIGINT shut down the same
 way: running jobs are cancelled (their events go out), ``SHUTDOWN`` is sent, every image is
 flushed and closed, and the process exits with status 0.
+
+Logging goes through :mod:`logging` to stderr (or ``-D FILE``) at ``--log-level`` (default
+``warning``): the NBD server's audit lines (a refused or rejected client, a failed peer
+verification, a protocol violation that closes a connection, with the peer) are warnings, so
+they are on by default. QEMU's spellings are accepted where they fit: ``-T``/``--trace
+[enable=]PATTERN[,events=FILE][,file=FILE]`` and ``-d trace:PATTERN`` turn on debug lines of
+the subsystems whose name the pattern matches (``nbd_*``, ``qmp_*``, ``block_*``, ``jobs_*``,
+``*``), ``-d guest_errors`` makes sure the NBD audit lines are shown whatever the level.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
+import logging
 import os
 import signal
 import sys
@@ -43,6 +53,99 @@ class DaemonConfig:
     export: list[str] = field(default_factory=list)
     object: list[str] = field(default_factory=list)
     pidfile: str | None = None
+    log_level: str = "warning"
+    #: ``-T``/``--trace`` options and ``-d`` item lists, as given
+    trace: list[str] = field(default_factory=list)
+    log_items: list[str] = field(default_factory=list)
+    logfile: str | None = None
+
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+#: the subsystems a trace pattern can name (QEMU's trace events are named ``subsystem_*``)
+TRACE_SUBSYSTEMS = {"nbd": "fleece.nbd", "qmp": "fleece.qmp", "monitor": "fleece.qmp",
+                    "block": "fleece.block", "jobs": "fleece.jobs", "job": "fleece.jobs"}
+LOG_ITEMS = {
+    "guest_errors": "the NBD audit lines (refused, rejected and misbehaving clients)",
+    "trace:PATTERN": "debug lines of the subsystems PATTERN matches (as -T)",
+}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _trace_patterns(value: str) -> tuple[list[str], str | None]:
+    """``[enable=]PATTERN[,events=FILE][,file=FILE]``: the patterns and the log file."""
+    patterns: list[str] = []
+    logfile = None
+    for part in value.split(","):
+        key, sep, rest = part.partition("=")
+        if not sep:
+            patterns.append(part)
+        elif key == "enable":
+            patterns.append(rest)
+        elif key == "events":
+            try:
+                with open(rest) as f:
+                    patterns += [line.strip() for line in f
+                                 if line.strip() and not line.startswith("#")]
+            except OSError as exc:
+                raise OptionError("--trace", value, f"cannot read {rest}: {exc.strerror}") from exc
+        elif key == "file":
+            logfile = rest
+        else:
+            raise OptionError("--trace", value, f"unknown option '{key}'")
+    return patterns, logfile
+
+
+def _traced_loggers(option: str, pattern: str) -> list[str]:
+    names = sorted({logger for name, logger in TRACE_SUBSYSTEMS.items()
+                    if fnmatch.fnmatchcase(f"{name}_event", pattern)
+                    or fnmatch.fnmatchcase(name, pattern)})
+    if not names:
+        known = ", ".join(f"{name}_*" for name in TRACE_SUBSYSTEMS)
+        raise OptionError(option, pattern, f"matches no subsystem ({known}, or *)")
+    return names
+
+
+def configure_logging(config: DaemonConfig) -> None:
+    """Set up :mod:`logging` from ``--log-level``, ``-T`` and ``-d``; :class:`OptionError`
+    for an unknown level, item or pattern."""
+    level = LOG_LEVELS.get(config.log_level.lower())
+    if level is None:
+        raise OptionError("--log-level", config.log_level,
+                          f"expected one of {', '.join(LOG_LEVELS)}")
+    debug: list[str] = []
+    logfile = config.logfile
+    for value in config.trace:
+        patterns, file = _trace_patterns(value)
+        logfile = file or logfile
+        for pattern in patterns:
+            debug += _traced_loggers("--trace", pattern)
+    audit = False
+    for value in config.log_items:
+        for item in value.split(","):
+            if item == "guest_errors":
+                audit = True
+            elif item.startswith("trace:"):
+                debug += _traced_loggers("-d", item[len("trace:"):])
+            else:
+                raise OptionError("-d", value, "unknown log item '" + item + "' (known: "
+                                  + ", ".join(LOG_ITEMS) + ")")
+    handler: logging.Handler
+    if logfile:
+        try:
+            handler = logging.FileHandler(logfile)
+        except OSError as exc:
+            raise OptionError("-D", logfile, exc.strerror or str(exc)) from exc
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if audit and level > logging.WARNING:
+        logging.getLogger("fleece.nbd").setLevel(logging.WARNING)
+    for name in debug:
+        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def _parse(option: str, value: str, implied: str | None = None) -> dict[str, Any]:
@@ -98,7 +201,7 @@ def apply_options(storage: Storage, config: DaemonConfig) -> None:
     for value in config.nbd_server:
         args = _parse("--nbd-server", value)
         args["addr"] = _socket_address("--nbd-server", value, args.get("addr"))
-        _coerce_ints(args, ("max-connections",))
+        _coerce_ints(args, ("max-connections", "handshake-max-seconds"))
         _execute(storage, "--nbd-server", value, "nbd-server-start", args)
     for value in config.export:
         args = _parse("--export", value)
@@ -255,6 +358,11 @@ class DaemonThread:
 
 
 async def _main(config: DaemonConfig) -> int:
+    try:
+        configure_logging(config)
+    except OptionError as exc:
+        print(f"fleece daemon: {exc}", file=sys.stderr)
+        return 1
     daemon = Daemon(config)
     try:
         await daemon.start()
