@@ -56,18 +56,22 @@ class _Pending:
     error: int = 0
     message: str = ""
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    holes: list[tuple[int, int]] = field(default_factory=list)
     done: bool = False
 
 
 @dataclass(frozen=True)
 class Reply:
     """The outcome of one request: ``error`` 0 on success, the data of a read, and the block
-    status extents ``(length, flags)`` per meta context name."""
+    status extents ``(length, flags)`` per meta context name. ``holes`` lists the ``(offset,
+    length)`` of the ``OFFSET_HOLE`` chunks of a structured read (their bytes read as zeroes in
+    ``data``)."""
 
     error: int
     message: str
     data: bytes | None
     extents: dict[str, list[tuple[int, int]]]
+    holes: tuple[tuple[int, int], ...] = ()
 
 
 class NBDClient:
@@ -237,6 +241,7 @@ class NBDClient:
             pending.message,
             None if pending.data is None or pending.error else bytes(pending.data),
             {names.get(k, str(k)): v for k, v in pending.extents.items()},
+            tuple(pending.holes),
         )
 
     def _read_reply(self) -> None:
@@ -260,7 +265,7 @@ class NBDClient:
             start = offset - pending.offset
             pending.data[start:start + len(body) - 8] = body[8:]
         elif kind == ReplyType.OFFSET_HOLE:
-            pass  # the buffer is zeroed already
+            pending.holes.append(struct.unpack(">QI", body[:12]))  # the buffer is zeroed already
         elif kind == ReplyType.BLOCK_STATUS:
             (context,) = struct.unpack(">I", body[:4])
             pending.extents[context] = [
