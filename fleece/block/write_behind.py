@@ -6,7 +6,9 @@ target (dear: new clusters, new pages). Write-behind leaves the second half to a
 point-in-time invariant still holds, because of how :mod:`fleece.block.cbw` uses this class:
 
 * the copy registers its :class:`Landing` *before* it marks the clusters done, so a reader that
-  sees them done and no landing pending knows their data is in the target;
+  sees them done and no landing pending knows their data is in the target; it registers it
+  only once the writer thread has accepted the data, so nothing counts as done that the writer
+  refused (the copy is then made synchronously);
 * a reader of clusters with a landing pending waits for it (:meth:`WriteBehind.await_range`)
   while holding them against new copies, then reads the target;
 * the target range is reserved as a :class:`~fleece.block.direct.DirectWrite`: nobody else
@@ -16,8 +18,13 @@ point-in-time invariant still holds, because of how :mod:`fleece.block.cbw` uses
 
 Landings are *reaped* (their write finished in the target's metadata, their buffer freed, the
 owner told) by whichever thread next needs them or passes by: the guest's next write, a reader
-waiting for one, a drain of the target, or :meth:`WriteBehind.close`. At most ``budget`` bytes
-of old data wait in memory; a copy over the budget first waits for the oldest landing.
+waiting for one, a drain of the target, or :meth:`WriteBehind.close`.
+
+Both limits hold from the first buffer handed out, before any landing exists: at most ``depth``
+buffers (the writer's ring) are out between :meth:`WriteBehind.buffer` and their landing's reap,
+so a submit always finds a slot; at most ``budget`` bytes of old data wait in memory (a single
+copy over the budget goes alone). A copy without room waits for the oldest landing, or for a
+buffer handed out to be submitted or given back; :meth:`WriteBehind.close` wakes it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from fleece._pure.filewriter import write_all
 from fleece.block import direct, nowait
 from fleece.block.direct import DirectWrite
 from fleece.filewriter import FileWriter
+
+#: writes the writer thread's ring holds (:class:`~fleece.filewriter.FileWriter`'s default)
+DEPTH = 64
 
 
 class _BufferPool:
@@ -73,22 +83,33 @@ class Landing:
 
 
 class WriteBehind:
-    """The landings of one copy-before-write and the native thread writing them."""
+    """The landings of one copy-before-write and the native thread writing them.
+
+    Room is counted from the first buffer on: every buffer handed out and not given back
+    takes a slot of the writer's ring until its landing is reaped, so at most ``depth`` are out
+    at once and a submit always finds its slot; their bytes count against ``budget`` until
+    then too (a single copy bigger than the budget goes when nothing else is held).
+    """
 
     def __init__(
         self,
         budget: int,
         on_landed: Callable[[Landing], None],
         on_failed: Callable[[Landing, OSError], None],
+        depth: int = DEPTH,
     ) -> None:
         if budget <= 0:
             raise ValueError(f"a write-behind budget must be positive, got {budget}")
+        if depth <= 0:
+            raise ValueError(f"a write-behind depth must be positive, got {depth}")
         self.budget = budget
+        self.depth = depth
         self._on_landed = on_landed
         self._on_failed = on_failed
         self._lock = threading.Lock()
-        self._writer: FileWriter | None = None  # started by the first landing
-        self._landings: deque[Landing] = deque()  # in ticket order
+        self._room = threading.Condition(self._lock)  # a buffer given back or submitted, closed
+        self._writer: FileWriter | None = None  # started by the first buffer
+        self._landings: deque[Landing] = deque()  # in ticket order; each accepted by the writer
         self._held = 0  # bytes of buffers handed out and not reaped
         self._unsubmitted = 0  # buffers handed out whose landing is not submitted yet
         self._spare: list[bytearray] = []
@@ -100,17 +121,33 @@ class WriteBehind:
 
     # -- the copy's side ---------------------------------------------------------------------
     def buffer(self, length: int) -> bytearray | None:
-        """A buffer of at least ``length`` bytes for old data, once the budget has room (the
-        oldest landings are waited for meanwhile); None once closed (copy synchronously)."""
+        """A buffer of at least ``length`` bytes for old data, once the writer's ring and the
+        budget have room for it (the oldest landing is waited for, or a buffer handed out
+        meanwhile to be submitted or given back); None once closed, or when the writer thread
+        cannot start (copy synchronously).
+        The caller must :meth:`submit` it or :meth:`give_back` it before asking for another."""
         with self._lock:
-            if self._closed:
-                return None
-            writer = self._writer
-            while writer is not None and self._landings and (
-                self._held + length > self.budget
-                or writer.outstanding() + self._unsubmitted >= writer.depth
-            ):
-                writer.wait(self._landings[0].ticket)
+            while True:
+                if self._closed:
+                    return None
+                writer = self._writer
+                if writer is None:
+                    try:
+                        writer = self._writer = FileWriter(self.depth)
+                    except (OSError, RuntimeError):  # no thread to be had: copy synchronously
+                        return None
+                    direct.register_reaper(self)  # a drain of the target may need us to reap
+                if self._has_room(writer, length):
+                    break
+                if not self._landings:  # only buffers not submitted yet: wait for their holders
+                    self._room.wait()
+                    continue
+                oldest = self._landings[0].ticket
+                self._lock.release()
+                try:
+                    writer.wait(oldest)  # without the lock: others submit, reap, give back
+                finally:
+                    self._lock.acquire()
                 self._reap_locked()
             self._held += length
             self._unsubmitted += 1
@@ -119,27 +156,50 @@ class WriteBehind:
             buf = bytearray(length)
         return buf
 
+    def _has_room(self, writer: FileWriter, length: int) -> bool:
+        """Whether one more buffer of ``length`` bytes fits in the ring and the budget."""
+        slots = len(self._landings) + self._unsubmitted  # every landing holds a ring slot
+        if slots >= min(self.depth, writer.depth):
+            return False
+        return self._held == 0 or self._held + length <= self.budget
+
     def give_back(self, buf: bytearray, length: int) -> None:
         """Return a buffer from :meth:`buffer` that no landing took."""
         with self._lock:
+            if any(landing.buf is buf for landing in self._landings):
+                return  # a landing took it after all (see :meth:`submit`); it frees it
             self._held -= length
             self._unsubmitted -= 1
-            self._spare.append(buf)
+            if self._closed:
+                _POOL.give([buf])
+            else:
+                self._spare.append(buf)
+            self._room.notify_all()
 
     def submit(self, landing: Landing, mark_done: Callable[[], None]) -> bool:
-        """Register ``landing``, call ``mark_done`` (which marks its clusters done), and hand
-        its data to the writer thread. False, with nothing done, once closed."""
+        """Hand ``landing`` (on a buffer from :meth:`buffer`) to the writer thread, register
+        it, then call ``mark_done`` (which marks its clusters done, and must not fail).
+
+        False, with nothing registered nor marked, once closed or when the writer refuses the
+        data: the caller still owns the buffer and ``landing.direct``, and copies
+        synchronously. True: the landing owns both; it finishes ``landing.direct`` when reaped.
+        """
         with self._lock:
-            if self._closed:
+            writer = self._writer
+            if self._closed or writer is None:
                 return False
-            if self._writer is None:
-                self._writer = FileWriter()
-                direct.register_reaper(self)  # a drain of the target may need us to reap
+            view = memoryview(landing.buf)[: landing.length]
+            try:
+                # Its slot was counted when the buffer was handed out: this cannot find the
+                # ring full; whatever else it refuses leaves no trace.
+                landing.ticket = writer.submit(landing.direct.fd, landing.direct.host, view)
+            except Exception:
+                view.release()
+                return False
             self._landings.append(landing)  # before the clusters count as done
             self._unsubmitted -= 1
+            self._room.notify_all()
             mark_done()
-            view = memoryview(landing.buf)[: landing.length]
-            landing.ticket = self._writer.submit(landing.direct.fd, landing.direct.host, view)
             return True
 
     # -- everyone's side ---------------------------------------------------------------------
@@ -172,33 +232,48 @@ class WriteBehind:
             writer.wait(ticket)
 
     def close(self) -> None:
-        """Land everything pending and stop the writer thread; later buffers are refused."""
+        """Land everything pending and stop the writer thread; later buffers are refused (and
+        copies waiting for room get None)."""
         with self._lock:
             self._closed = True
+            self._room.notify_all()
             writer = self._writer
             if writer is None:
                 return
-            while self._landings:
-                writer.wait(self._landings[-1].ticket)
-                self._reap_locked()
-            writer.close()
-            self._writer = None
-            direct.unregister_reaper(self)
-            _POOL.give(self._spare)
-            self._spare = []
+            try:
+                while self._landings:
+                    writer.wait(self._landings[-1].ticket)
+                    self._reap_locked()
+            finally:
+                writer.close()
+                self._writer = None
+                direct.unregister_reaper(self)
+                _POOL.give(self._spare)
+                self._spare = []
 
     def _reap_locked(self) -> None:
+        """Finish every landing the writer is done with, even after one of them raised (the
+        first error is raised at the end)."""
         if self._writer is None:
             return
-        for ticket, error in self._writer.reap():
+        outcomes = self._writer.reap()
+        if not outcomes:
+            return
+        first_error: BaseException | None = None
+        for ticket, error in outcomes:
             landing = self._landings[0]
             assert landing.ticket == ticket, (landing.ticket, ticket)
             try:
                 self._land(landing, error)
+            except BaseException as exc:  # the owner's callback; the others still land
+                first_error = first_error or exc
             finally:
                 # Only now: a reader that finds nothing pending reads the target without a
                 # lock, so the landing must be mapped (or the snapshot broken) before it goes.
                 self._landings.popleft()
+        self._room.notify_all()
+        if first_error is not None:
+            raise first_error
 
     def _land(self, landing: Landing, error: int) -> None:
         """Complete one landing whose write finished with ``error`` (0: it succeeded)."""
@@ -207,8 +282,8 @@ class WriteBehind:
             error = write_all(landing.direct.fd, landing.direct.host, view)
         try:
             landing.direct.finish(not error)
-        except OSError as exc:  # the target's metadata could not map the data
-            error = error or exc.errno or errno.EIO
+        except Exception as exc:  # the target's metadata could not map the data
+            error = error or getattr(exc, "errno", None) or errno.EIO
         finally:
             view.release()
             self._held -= landing.length
