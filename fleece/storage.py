@@ -146,9 +146,10 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
                 "removable": False,
                 "locked": False,
                 "io-status": "ok",
-                "inserted": add_bitmap_info(device.node.info(), device.node),
+                "inserted": add_bitmap_info(node.info(), node),
             }
             for device in self.devices.values()
+            for node in [device.node.skip_implicit_filters()]
         ]
 
     # -- devices -----------------------------------------------------------------------------

@@ -1,21 +1,25 @@
 """QMP ``transaction``: several actions as one, all or nothing, at one point in time.
 
-Every disk a backup action reads is quiesced first (new guest writes wait, writes in flight
-finish), then the actions run in order through the ordinary commands, then the disks go on: so
-the snapshots of several disks are of one instant. When an action fails, the actions before it
-are undone in reverse order (jobs cancelled and gone, bitmaps restored) and the error of the
-failing action is the transaction's.
+Every disk a backup action reads is drained first (new requests of the guest and of exports
+wait, those in flight finish), then the actions run in order through the ordinary commands, then
+the disks go on: so the snapshots of several disks are of one instant. The backup jobs are
+created inside and started together once every action succeeded, as QEMU does. When an action
+fails, the actions before it are undone in reverse order (jobs discarded before they ran,
+bitmaps restored) and the error of the failing action is the transaction's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+from fleece.block.graph import BlockGraph
 from fleece.block.node import BlockNode
 from fleece.commands import command
 from fleece.errors import GenericError, QMPError
+from fleece.jobs.job import Job
+from fleece.jobs.state import JobStatus
 from fleece.qmp.schema import check_arguments
 
 #: actions a transaction takes, and the command each runs
@@ -56,6 +60,14 @@ class TransactionCommands:
     def find_node(self, name: str) -> BlockNode:
         raise NotImplementedError
 
+    graph: BlockGraph
+    jobs: dict[str, Job]
+
+    if TYPE_CHECKING:  # JobCommands, mixed in after this class, provides it
+        @contextmanager
+        def jobs_started_after(self) -> Iterator[list[Job]]:
+            yield []
+
     def undo_for(self, action: str, data: dict[str, Any]) -> Undo | None:
         """How to take back ``action`` once it ran (prepared before it runs), or None when
         nothing needs undoing. Command groups extend this (dirty bitmaps do)."""
@@ -65,13 +77,11 @@ class TransactionCommands:
         return None
 
     def _undo_backup(self, job_id: str) -> None:
-        jobs: dict[str, Any] = getattr(self, "jobs", {})
-        job = jobs.get(job_id)
+        job = self.jobs.get(job_id)
         if job is None:
             return
-        job.cancel(force=True)
-        job.join(30)
-        if job.status.value == "concluded":
+        job.discard()  # created inside this transaction, never started
+        if job.status is JobStatus.CONCLUDED:
             job.dismiss()
 
     @command("transaction", {"actions": "array", "*properties": "object"})
@@ -96,9 +106,7 @@ class TransactionCommands:
             planned.append((kind, data))
         sources = self._backup_sources(planned)
         undo: list[Undo] = []
-        with ExitStack() as quiet:
-            for node in sources:
-                quiet.enter_context(node.quiesce())
+        with self.jobs_started_after() as created, self.graph.drained(sources):
             try:
                 for kind, data in planned:
                     if kind == "abort":
@@ -118,10 +126,12 @@ class TransactionCommands:
                 for step in reversed(undo):
                     step()
                 raise
+        for job in created:  # after the drained section: a job's first read must not wait
+            job.launch()
         return {}
 
     def _backup_sources(self, planned: list[tuple[str, dict[str, Any]]]) -> list[BlockNode]:
-        """The distinct disks the backup actions read, to quiesce together."""
+        """The distinct disks the backup actions read, to drain together."""
         nodes: list[BlockNode] = []
         for kind, data in planned:
             device = data.get("device")

@@ -116,9 +116,10 @@ class BitmapCommands:
 
     # -- lookups -------------------------------------------------------------------------------
     def _bitmap_node(self, node: str) -> BlockNode:
-        """The node, by device or node name; QEMU's bitmap commands say so in their own words."""
+        """The node, by device or node name (below the filters a backup put above a device);
+        QEMU's bitmap commands say so in their own words."""
         try:
-            return self.find_node(node)
+            return self.find_node(node).skip_implicit_filters()
         except DeviceNotFound:
             raise GenericError(f"Node '{node}' not found") from None
 
@@ -143,7 +144,7 @@ class BitmapCommands:
         if not name:
             raise GenericError("Bitmap name cannot be empty")
         try:
-            bs = self.find_node(node)
+            bs = self.find_node(node).skip_implicit_filters()
         except QMPError as exc:
             raise GenericError(str(exc)) from exc
         if granularity is None:

@@ -3,6 +3,11 @@
 The point-in-time invariant, as this module keeps it (``done`` is one bitmap of clusters,
 shared by the hook and the job, whose bits only ever go from 0 to 1):
 
+The state belongs to a ``copy-before-write`` filter node (:mod:`fleece.block.drivers.cbw_filter`)
+above the source: every write to the source passes through that node, whose write path calls
+:meth:`CopyBeforeWrite.before_write`. A backup job inserts such a node and copies through the
+same state, so job and filter share one ``done`` bitmap.
+
 * A write to the source over clusters C takes an *exclusive* lock on C, copies every cluster of
   C not yet done from the source to the target, marks them done, lets go of the lock, and only
   then writes. Once a cluster is done nobody reads it from the source for the snapshot again,
@@ -28,6 +33,7 @@ Planning (which runs of a request still need copying) and the lock table are Cyt
 
 from __future__ import annotations
 
+import enum
 import errno
 import threading
 from collections.abc import Callable, Iterator
@@ -41,6 +47,15 @@ from fleece.block.node import BlockNode
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.block.write_behind import Landing, WriteBehind
 from fleece.cbw_plan import plan_runs
+
+
+class CbwErrorPolicy(enum.Enum):
+    """What a failed copy in the guest's write path does (QEMU's ``on-cbw-error``)."""
+
+    #: the guest write fails, the snapshot stays valid
+    BREAK_GUEST_WRITE = "break-guest-write"
+    #: the guest write goes on and the snapshot breaks (its reads fail with EACCES)
+    BREAK_SNAPSHOT = "break-snapshot"
 
 
 class CopyReadError(OSError):
@@ -62,10 +77,11 @@ WRITE_BEHIND_BYTES = 4 << 20
 class CopyBeforeWrite:
     """The copy-before-write state between one source and one target.
 
-    Install it with :meth:`attach` (a write interceptor on the source, a read guard on the
-    target) and remove it with :meth:`detach`. ``on_error`` decides what a failed copy in the
-    guest's write path does: by default the error propagates and fails the guest write, so the
-    snapshot is never silently wrong.
+    The filter node that owns it calls :meth:`before_write` before every write to the source,
+    guards the target's reads with :meth:`guard_target` when the target reads through to the
+    source, and calls :meth:`detach` when it closes. ``on_error`` decides what a failed copy in
+    the guest's write path does: by default the error propagates and fails the guest write, so
+    the snapshot is never silently wrong.
 
     ``write_behind`` (bytes; 0, the default here, turns it off) lets the guest's copies finish
     their target write after the guest write went on, holding at most that much old data in
@@ -85,10 +101,9 @@ class CopyBeforeWrite:
         done: ClusterBitmap | None = None,
         copy_ahead: int = COPY_AHEAD_BYTES,
         write_behind: int = 0,
-        on_error: str = "break-guest-write",
+        on_error: CbwErrorPolicy = CbwErrorPolicy.BREAK_GUEST_WRITE,
         timeout: float = 0.0,
         size_limit: int = 0,
-        guard_target: bool = True,
     ) -> None:
         if cluster_size <= 0 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster size must be a power of two, got {cluster_size}")
@@ -119,9 +134,10 @@ class CopyBeforeWrite:
         #: the guest write it should have failed went on, so the snapshot broke instead
         self.on_late_failure: list[Callable[[OSError], None]] = []
         self.locks = ClusterRangeLocks()
-        self._attached = False
-        #: "break-guest-write": a failed copy fails the guest write, the snapshot stays valid;
-        #: "break-snapshot": the guest write goes on and the snapshot breaks (reads: EACCES)
+        #: ``depth`` > 0 in a thread inside a snapshot hold: a nested read (the target under
+        #: snapshot-access) must not queue for the same shared lock behind a waiting writer
+        self._holding = threading.local()
+        self._guard: SnapshotGuard | None = None  # on the target, while it reads through
         self.on_error = on_error
         #: seconds a copy may take before it counts as failed (0: no limit; break-snapshot only)
         self.timeout = timeout
@@ -132,29 +148,24 @@ class CopyBeforeWrite:
         #: clusters the snapshot still holds (a discard through snapshot-access drops them)
         self.access = ClusterBitmap(self.nclusters)
         self.access.set_range(0, self.nclusters)
-        self._guard_target = guard_target
 
     # -- installation ------------------------------------------------------------------------
-    def attach(self) -> None:
-        """Start intercepting writes to the source and guarding reads of the target."""
-        if not self._attached:
-            self.source.interceptors.append(self)
-            if self._guard_target:
-                self.target.read_interceptors.append(_ReadGuard(self))
-            self._attached = True
+    def guard_target(self) -> None:
+        """Guard reads (and block status) of the target, which reads through to the source
+        (the backing scheme). Call it with the target drained."""
+        if self._guard is None:
+            self._guard = SnapshotGuard(self)
+            self.target.read_guard = self._guard
 
     def detach(self) -> None:
-        """Stop intercepting (the job ended). In-flight requests finish under their locks, and
-        pending write-behind copies land in the target before this returns."""
+        """The filter is closing (drained): pending write-behind copies land in the target, and
+        the target's guard goes (its reads now read through to the live source)."""
         if self._behind is not None:
-            self._behind.close()  # later copies (by requests in flight) are synchronous
-        if self._attached:
-            self._attached = False
-            self.source.interceptors.remove(self)
-            self.target.read_interceptors[:] = [
-                g for g in self.target.read_interceptors
-                if not (isinstance(g, _ReadGuard) and g.cbw is self)
-            ]
+            self._behind.close()
+        if self._guard is not None:
+            if self.target.read_guard is self._guard:
+                self.target.read_guard = None
+            self._guard = None
 
     # -- clusters and locks ------------------------------------------------------------------
     def clusters(self, offset: int, length: int) -> tuple[int, int]:
@@ -180,7 +191,7 @@ class CopyBeforeWrite:
         return self.all_done(first, end) and not self.copies_pending
 
     # -- the write path ----------------------------------------------------------------------
-    def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
+    def before_write(self, offset: int, length: int) -> None:
         """Before a write to the source: copy what it would destroy. Raises ``OSError``."""
         if self._behind is not None:
             self._behind.reap()  # what landed since the last write
@@ -193,11 +204,10 @@ class CopyBeforeWrite:
                 # large I/O, rather than one cluster per write. Only clusters not done yet are
                 # copied, and an extra copy is still point-in-time data, so this is safe.
                 end = min(self.nclusters, max(end, first + self.ahead))
-            if self.on_error == "break-snapshot":
+            if self.on_error is CbwErrorPolicy.BREAK_SNAPSHOT:
                 self._copy_or_break(first, end)
             else:
                 self._guest_copy(first, end)
-        return nullcontext()
 
     def _guest_copy(self, first: int, end: int) -> None:
         """The copy a guest write waits for: write-behind when it is on, else synchronous."""
@@ -330,7 +340,7 @@ class CopyBeforeWrite:
 
     def _landing_failed(self, landing: Landing, exc: OSError) -> None:
         self.break_snapshot(f"copy-before-write failed after the guest write went on: {exc}")
-        if self.on_error == "break-guest-write":
+        if self.on_error is CbwErrorPolicy.BREAK_GUEST_WRITE:
             for callback in self.on_late_failure:
                 callback(exc)
 
@@ -436,7 +446,8 @@ class CopyBeforeWrite:
         writes it would read through to. ``EACCES`` once the snapshot broke: reading through
         would return what the guest wrote since."""
         first, end = self.clusters(offset, length)
-        settled = first >= end or self._settled(first, end)
+        settled = (first >= end or getattr(self._holding, "depth", 0) > 0
+                   or self._settled(first, end))
         # After _settled: a copy that failed breaks the snapshot before it stops being pending.
         if self.broken is not None:
             raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
@@ -446,7 +457,7 @@ class CopyBeforeWrite:
     def _snapshot_hold(self, first: int, end: int) -> Iterator[None]:
         """What a snapshot read of clusters ``[first, end)`` holds: a shared lock against
         guest writes, and no write-behind copy of them pending (the target has their data)."""
-        with self._shared(first, end):
+        with self._shared(first, end), self._held():
             if self._behind is not None:
                 if self._behind.pending():
                     self._behind.await_range(first, end)
@@ -457,6 +468,15 @@ class CopyBeforeWrite:
             yield
             if self.broken is not None:  # broke while we read: the source may have moved on
                 raise OSError(errno.EACCES, f"the snapshot is broken: {self.broken}")
+
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        holding = self._holding
+        holding.depth = getattr(holding, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            holding.depth -= 1
 
     def _shared(self, first: int, end: int) -> AbstractContextManager[None]:
         """A shared hold on clusters ``[first, end)`` for a snapshot read. A read that must not
@@ -470,11 +490,12 @@ class CopyBeforeWrite:
         return self.locks.locked(first, end, exclusive=False)
 
 
-class _ReadGuard:
-    """The read interceptor a :class:`CopyBeforeWrite` puts on its target."""
+class SnapshotGuard:
+    """The read guard a :class:`CopyBeforeWrite` puts on a target that reads through to the
+    source (``node.read_guard``): reads and block status walks of the target hold it."""
 
     def __init__(self, cbw: CopyBeforeWrite) -> None:
         self.cbw = cbw
 
-    def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
+    def hold(self, offset: int, length: int) -> AbstractContextManager[None]:
         return self.cbw.read_guard(offset, length)

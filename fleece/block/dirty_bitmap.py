@@ -6,26 +6,27 @@ Design note
   :class:`fleece.bitmap.ClusterBitmap`). Every write, write-zeroes or discard that *reaches* the
   node marks the bitmaps that record; a write the node skips (``pwrite(unchanged=True)``, a
   discard ignored without ``discard=unmap``) marks nothing.
-* Marking happens *after* the request, even a failed one (the bytes may have changed anyway):
-  the :class:`NodeBitmaps` of a node is one of its write interceptors and marks on the way out.
+* Marking happens *after* the request, even a failed one (the bytes may have changed anyway),
+  while the request still counts in flight: the node's write path marks its
+  :class:`NodeBitmaps` on the way out, so a drained section sees every write marked.
 * A backup job *freezes* a bitmap: it gets a *successor* that records from then on while the
   frozen bitmap keeps the job's input unchanged (QEMU's successor/abdicate/reclaim). A frozen
   or exported bitmap is *busy*: commands that would change or use it are refused.
-* The bitmaps of a node live in a registry keyed weakly by the node, so the block layer itself
-  needs no field for them; :func:`node_bitmaps` finds them.
+* The bitmaps of a node belong to it (``node.bitmaps``); :func:`find_bitmap` and friends are
+  the lookups the commands use.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleece.bitmap import ClusterBitmap
-from fleece.block.node import BlockNode
 from fleece.errors import GenericError
+
+if TYPE_CHECKING:
+    from fleece.block.node import BlockNode
 
 #: QEMU's bounds: granularity is a power of two from 512 bytes to 2 GiB (a QAPI uint32)
 MIN_GRANULARITY = 512
@@ -259,41 +260,13 @@ def check_granularity(granularity: int) -> None:
         raise GenericError("Parameter 'granularity' expects uint32_t")
 
 
-class _Marker:
-    """The context a write runs in: marks the node's recording bitmaps once it is done."""
-
-    __slots__ = ("bitmaps", "length", "offset")
-
-    def __init__(self, bitmaps: NodeBitmaps, offset: int, length: int) -> None:
-        self.bitmaps = bitmaps
-        self.offset = offset
-        self.length = length
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # Marked even when the write failed: some of its bytes may have landed.
-        for bitmap in self.bitmaps.list():
-            bitmap.record(self.offset, self.length)
-
-
 class NodeBitmaps:
-    """The named dirty bitmaps of one node; installed as a write interceptor on it while it
-    has any."""
+    """The named dirty bitmaps of one node (``node.bitmaps``)."""
 
     def __init__(self) -> None:
         self._bitmaps: dict[str, DirtyBitmap] = {}
         self._snapshot: tuple[DirtyBitmap, ...] = ()
         self._lock = threading.Lock()
-
-    def intercept(self, node: BlockNode, offset: int, length: int) -> _Marker:
-        return _Marker(self, offset, length)
 
     def list(self) -> tuple[DirtyBitmap, ...]:
         """The bitmaps, oldest first (a tuple replaced on change: safe to iterate anywhere)."""
@@ -308,8 +281,6 @@ class NodeBitmaps:
                 raise GenericError(f"Bitmap already exists: {bitmap.name}")
             self._bitmaps[bitmap.name] = bitmap
             self._snapshot = tuple(self._bitmaps.values())
-            if self not in node.interceptors:
-                node.interceptors.append(self)
 
     def remove(self, node: BlockNode, bitmap: DirtyBitmap) -> None:
         with self._lock:
@@ -317,34 +288,22 @@ class NodeBitmaps:
                 return
             del self._bitmaps[bitmap.name]
             self._snapshot = tuple(self._bitmaps.values())
-            if not self._bitmaps and self in node.interceptors:
-                node.interceptors.remove(self)
-
-
-_registry: weakref.WeakKeyDictionary[BlockNode, NodeBitmaps] = weakref.WeakKeyDictionary()
-_registry_lock = threading.Lock()
 
 
 def node_bitmaps(node: BlockNode) -> NodeBitmaps:
-    """The bitmaps of ``node`` (an empty set the first time)."""
-    with _registry_lock:
-        found = _registry.get(node)
-        if found is None:
-            found = NodeBitmaps()
-            _registry[node] = found
-        return found
+    """The bitmaps of ``node``."""
+    return node.bitmaps
 
 
 def bitmaps_on(node: BlockNode) -> tuple[DirtyBitmap, ...]:
-    """The bitmaps of ``node``, oldest first, without creating a registry entry."""
-    with _registry_lock:
-        found = _registry.get(node)
-    return () if found is None else found.list()
+    """The bitmaps of ``node``, oldest first."""
+    return node.bitmaps.list()
 
 
 def find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
-    found = _registry.get(node)
-    return None if found is None else found.get(name)
+    """The bitmap ``name`` of ``node``, or of the node below the filters a backup inserted
+    above it (they hold no bitmaps of their own)."""
+    return node.skip_implicit_filters().bitmaps.get(name)
 
 
 def default_granularity(node: BlockNode) -> int:
@@ -370,12 +329,13 @@ def add_bitmap_info(info: dict[str, Any], node: BlockNode) -> dict[str, Any]:
 
 # -- bitmaps published by NBD exports ---------------------------------------------------------
 _published: dict[int, tuple[object, BlockNode, tuple[DirtyBitmap, ...]]] = {}
+_published_lock = threading.Lock()
 
 
 def publish(owner: object, node: BlockNode, bitmaps: list[DirtyBitmap]) -> None:
     """``owner`` (an export of ``node``) offers ``bitmaps`` as ``qemu:dirty-bitmap:NAME``:
     they become busy until :func:`unpublish`."""
-    with _registry_lock:
+    with _published_lock:
         for bitmap in bitmaps:
             bitmap.busy = True
         _published[id(owner)] = (owner, node, tuple(bitmaps))
@@ -383,7 +343,7 @@ def publish(owner: object, node: BlockNode, bitmaps: list[DirtyBitmap]) -> None:
 
 def unpublish(owner: object) -> None:
     """``owner`` no longer offers its bitmaps: they are no longer busy."""
-    with _registry_lock:
+    with _published_lock:
         entry = _published.pop(id(owner), None)
         if entry is not None:
             for bitmap in entry[2]:
@@ -393,7 +353,7 @@ def unpublish(owner: object) -> None:
 def published(node: BlockNode, name: str) -> DirtyBitmap | None:
     """The bitmap an export of ``node`` offers under ``name`` (the export may since serve
     from a filter inserted above the node it was made on: looked up down through filters)."""
-    with _registry_lock:
+    with _published_lock:
         entries = list(_published.values())
     seen: set[int] = set()
     walk: BlockNode | None = node

@@ -19,6 +19,7 @@ from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
+    from fleece.block.cbw import CopyBeforeWrite
     from fleece.block.direct import DirectWrite
     from fleece.block.node import BlockNode
 
@@ -223,6 +224,20 @@ class Driver:
 
     def close(self) -> None:
         """Release what ``open`` took. Called once, after the last request finished."""
+
+    # -- capabilities ------------------------------------------------------------------------
+    def filtered_child(self) -> BlockNode | None:
+        """The child a filter passes requests to (QEMU's ``is_filter``); None for formats and
+        protocols, which is the default."""
+        return None
+
+    def copy_before_write(self) -> CopyBeforeWrite | None:
+        """The copy-before-write state a filter keeps (its snapshot), or None."""
+        return None
+
+    def stop_writing_child(self) -> None:
+        """A filter being removed stops needing write permission on its filtered child, so
+        the users going back to that child can take it. Only filters that write override it."""
 
     # -- introspection -----------------------------------------------------------------------
     def filename(self) -> str:

@@ -9,15 +9,20 @@ shares with its other users.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fleece.block.driver import Options
 from fleece.block.drivers import driver_class
-from fleece.block.node import BlockNode, ChildLink
+from fleece.block.node import BlockNode, ChildLink, NodeUser
 from fleece.block.perm import ChildRole
 from fleece.errors import DeviceNotFound, GenericError
+
+log = logging.getLogger(__name__)
 
 # QEMU's rule: a letter, then letters, digits, '-', '.' and '_'; 31 characters at most
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -53,6 +58,61 @@ class BlockGraph:
             for link in parent.children.values()
             if link.node is node
         ]
+
+    # -- drained sections --------------------------------------------------------------------
+    def with_parents(self, nodes: Iterable[BlockNode]) -> list[BlockNode]:
+        """``nodes`` and every node above them, each parent before its children."""
+        order: list[BlockNode] = []
+        seen: set[int] = set()
+
+        def visit(node: BlockNode) -> None:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for parent in node.parents():
+                visit(parent)
+            order.append(node)
+
+        for node in nodes:
+            visit(node)
+        return order
+
+    @contextmanager
+    def drained(self, nodes: Iterable[BlockNode]) -> Iterator[None]:
+        """A drained section over ``nodes`` (QEMU's bdrv_drained_begin/end): their roots
+        (devices, exports) and every node above them admit no request from other threads,
+        and every request in flight there has finished. Roots drain first, then nodes from
+        the top down, so a request in flight above never waits for one below. The calling
+        thread may still do I/O; a root moved meanwhile is still let go at the end."""
+        order = self.with_parents(nodes)
+        roots = [root for node in order for root in node.roots()]
+        opened: list[Any] = []
+        try:
+            for root in roots:
+                root.drain_begin()
+                opened.append(root)
+            for node in order:
+                node.drain_begin()
+                opened.append(node)
+            log.debug("drained %s", [node.name for node in order])
+            yield
+        finally:
+            for item in reversed(opened):
+                item.drain_end()
+
+    def remove_filter(self, node: BlockNode, holder: NodeUser) -> None:
+        """Take the filter ``node`` out of the graph: drained, its roots (devices, exports) go
+        back to the node it filters, then ``holder`` lets go (closing it when that was the
+        last reference; a filter's close ends its own state, such as a snapshot's guard)."""
+        below = node.driver.filtered_child()
+        if below is None:
+            raise GenericError(f"Node '{node.name}' is not a filter")
+        children = [link.node for link in node.children.values()]
+        with self.drained([node, *children]):
+            node.driver.stop_writing_child()
+            node.move_roots_to(below)
+            holder.release()
+        log.debug("filter %r removed from above %r", node.name, below.name)
 
     def forget(self, node: BlockNode) -> None:
         with self._lock:

@@ -4,30 +4,44 @@ Lifetime: every user of a node holds a :class:`NodeUser` (the monitor after ``bl
 device, a job, a parent's child link, an NBD export). The node closes, and leaves its graph, when
 its last user lets go; closing releases its own child links, so a chain goes down from the top.
 
-Data path: the public I/O methods check the range, count the request in flight, let the write
-interceptors (copy-before-write) act before any write, and call the driver. They raise
-``OSError`` with an errno; ``EINVAL`` for a read past the end, ``ENOSPC`` for a write past it.
+Data path: the public I/O methods check the range, count the request in flight and call the
+driver; what a write does beyond that is visible in the graph (a ``copy-before-write`` filter node
+above a source copies first). The node itself keeps only what QEMU's node keeps: its dirty bitmaps
+(marked after every write), serialising requests (a stream job holds clusters against guest
+writes) and, for a fleecing target, the snapshot's read guard. They raise ``OSError`` with an
+errno; ``EINVAL`` for a read past the end, ``ENOSPC`` for a write past it.
+
+Drained sections (:meth:`drain_begin` / :meth:`drain_end`, through
+:meth:`fleece.block.graph.BlockGraph.drained`): while a node is drained, requests from threads
+other than the drainer wait at :meth:`_begin`, and the drain waits for those in flight. Graph
+changes (a filter inserted or removed, a guard set, a job's initial bitmap) happen drained.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fleece.block import direct
+from fleece.block import direct, nowait
 from fleece.block.direct import DirectWrite
+from fleece.block.dirty_bitmap import NodeBitmaps
 from fleece.block.driver import BlockStatus, Driver, Status
 from fleece.block.perm import NO_PERM, ChildRole, Perm
+from fleece.block.rangelock import ClusterRangeLocks
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
     from fleece.block.graph import BlockGraph
+    from fleece.block.root import Root
+
+log = logging.getLogger(__name__)
 
 
 #: seconds between two asks to finish direct writes while a drain waits for them
@@ -55,9 +69,9 @@ class NodeUser:
     perm: Perm = NO_PERM
     shared: Perm = field(default_factory=Perm.all)
     released: bool = False
-    #: moves this user onto another node (a filter inserted above this one); devices and
-    #: exports set it, the others stay where they are
-    mover: Callable[[BlockNode], None] | None = None
+    #: set for devices and exports: the root a graph change drains and moves onto another node
+    #: (a filter inserted above this one); the other users stay where they are
+    root: Root | None = None
 
     def release(self) -> None:
         """Drop this reference (idempotent). The node closes when it was the last."""
@@ -78,11 +92,26 @@ class ChildLink:
         return self.user.node
 
 
-class WriteInterceptor(Protocol):
-    """Acts before a request reaches a node (copy-before-write); the request happens inside it."""
+class ReadGuard(Protocol):
+    """What a snapshot's reads of a node hold (a fleecing target reads through to the live
+    source): held across a whole read, or a whole block status walk down the chain."""
 
-    def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
+    def hold(self, offset: int, length: int) -> AbstractContextManager[None]:
         ...
+
+
+@dataclass(frozen=True)
+class Serialiser:
+    """Writes to the node hold their clusters exclusively in ``locks`` while they run (QEMU's
+    serialising requests): a stream job copying data up holds the same clusters."""
+
+    locks: ClusterRangeLocks
+    cluster: int
+
+    def hold(self, offset: int, length: int) -> AbstractContextManager[None]:
+        first = offset // self.cluster
+        return self.locks.locked(first, max(first + 1, -(-(offset + length) // self.cluster)),
+                                 exclusive=True)
 
 
 class BlockNode:
@@ -99,9 +128,13 @@ class BlockNode:
         self.driver: Driver = Driver(self)  # replaced by the real driver once open
         self.children: dict[str, ChildLink] = {}
         self.users: list[NodeUser] = []
-        self.interceptors: list[WriteInterceptor] = []
-        #: guards around reads of this node (a fleecing target holds clusters it reads through)
-        self.read_interceptors: list[WriteInterceptor] = []
+        #: the dirty bitmaps of this node, marked after every write that reaches it
+        self.bitmaps = NodeBitmaps()
+        #: the snapshot's guard on reads of this node (a fleecing target in the backing scheme);
+        #: set and cleared only while the node is drained
+        self.read_guard: ReadGuard | None = None
+        #: writes hold their clusters here (a stream job); set and cleared only drained
+        self.serialiser: Serialiser | None = None
         self.closed = False
         self._closing = False  # the last user let go; close() is on its way
         #: QEMU's force-share: this node's links share every permission (read-only nodes only)
@@ -113,7 +146,8 @@ class BlockNode:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
-        self._quiesced = 0  # > 0: new writes wait (a transaction takes its point in time)
+        self._drained = 0  # > 0: requests of threads other than the drainers wait
+        self._drainers: list[int] = []  # the threads whose drained sections are open
         #: extra fields for query-named-block-nodes, computed when asked (fleecing cost, ...)
         self.extra_info: dict[str, Callable[[], Any]] = {}
         self._draining = 0  # threads waiting in drain(): only they need a notify
@@ -191,11 +225,16 @@ class BlockNode:
             shared &= user.shared
         self.driver.set_perm(perm, shared)
 
-    def move_users_to(self, new: BlockNode, kinds: tuple[UserKind, ...]) -> None:
-        """Move the users of ``kinds`` that can move (devices, exports) onto ``new``."""
-        for user in list(self.users):
-            if user.kind in kinds and user.mover is not None and not user.released:
-                user.mover(new)
+    def roots(self) -> list[Root]:
+        """The roots (devices, exports) whose requests come to this node."""
+        with self._lock:
+            return [user.root for user in self.users if user.root is not None]
+
+    def move_roots_to(self, new: BlockNode) -> None:
+        """Move the roots (devices, exports) of this node onto ``new``. Call it drained."""
+        for root in self.roots():
+            root.move_to(new)
+        log.debug("roots of %r moved to %r", self.name, new.name)
 
     def busy_users(self) -> list[NodeUser]:
         """Users other than the monitor: while there is one, ``blockdev-del`` refuses."""
@@ -245,6 +284,21 @@ class BlockNode:
                 return link.node
         return None
 
+    def skip_filters(self) -> BlockNode:
+        """The first node at or below this one that is not a filter (QEMU's skip_filters)."""
+        node = self
+        while (below := node.driver.filtered_child()) is not None:
+            node = below
+        return node
+
+    def skip_implicit_filters(self) -> BlockNode:
+        """Below the filters nobody named (a backup's copy-before-write), as QEMU's
+        ``query-block`` and device-name lookups of bitmaps see a device's node."""
+        node = self
+        while node.auto_named and (below := node.driver.filtered_child()) is not None:
+            node = below
+        return node
+
     def parents(self) -> list[BlockNode]:
         return [link.parent for link in self.graph.links_to(self)]
 
@@ -287,6 +341,20 @@ class BlockNode:
                     self._draining -= 1
             direct.reap_all()  # outside the node's lock: finishing ends requests on this node
 
+    def drain_begin(self) -> None:
+        """Open a drained section: requests of other threads wait until :meth:`drain_end`,
+        and those in flight finish first. The calling thread's own requests go on."""
+        with self._idle:
+            self._drained += 1
+            self._drainers.append(threading.get_ident())
+        self.drain()
+
+    def drain_end(self) -> None:
+        with self._idle:
+            self._drained -= 1
+            self._drainers.remove(threading.get_ident())
+            self._idle.notify_all()
+
     def close(self) -> None:
         """Close the driver and let go of the children. Called by the last ``remove_user``."""
         with self._lock:
@@ -311,30 +379,15 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size()
 
-    def _begin_write(self) -> None:
-        """:meth:`_begin` for a write: waits while the node is quiesced."""
-        if self._quiesced:
-            with self._idle:
-                self._idle.wait_for(lambda: not self._quiesced)
-        self._begin()
-
-    @contextmanager
-    def quiesce(self) -> Iterator[None]:
-        """Hold new writes back and wait for the requests in flight: inside, the node's
-        content is still. Writes waiting meanwhile go on when the block ends."""
-        with self._idle:
-            self._quiesced += 1
-        try:
-            self.drain()
-            yield
-        finally:
-            with self._idle:
-                self._quiesced -= 1
-                self._idle.notify_all()
-
     def _begin(self) -> None:
-        """Count a request in flight (``ENODEV`` once the node closed)."""
+        """Count a request in flight (``ENODEV`` once the node closed). While the node is
+        drained by another thread, wait first (or, in a thread that must not wait, raise
+        ``WouldBlock``); the check and the count are one step under the lock."""
         with self._lock:
+            if self._drained and threading.get_ident() not in self._drainers:
+                if nowait.active():
+                    raise nowait.WouldBlock
+                self._idle.wait_for(lambda: not self._drained or self.closed)
             if self.closed:
                 raise OSError(errno.ENODEV, f"node '{self.name}' is closed")
             self._in_flight += 1
@@ -383,11 +436,12 @@ class BlockNode:
             return
         self._begin()
         try:
-            if self.read_interceptors:
-                with self._intercepted(offset, len(view), self.read_interceptors):
-                    self.driver.preadv(offset, view)
-            else:
+            guard = self.read_guard  # stable while we are in flight: it changes drained
+            if guard is None:
                 self.driver.preadv(offset, view)
+            else:
+                with guard.hold(offset, len(view)):
+                    self.driver.preadv(offset, view)
         finally:
             self._end()
 
@@ -396,27 +450,25 @@ class BlockNode:
         self.pread_into(offset, buf)
         return bytes(buf)
 
-    def _intercepted(
-        self, offset: int, length: int, interceptors: list[WriteInterceptor] | None = None
-    ) -> ExitStack:
-        stack = ExitStack()
-        try:
-            for interceptor in list(self.interceptors if interceptors is None else interceptors):
-                stack.enter_context(interceptor.intercept(self, offset, length))
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+    def _write_hold(self, offset: int, length: int) -> AbstractContextManager[None]:
+        serialiser = self.serialiser
+        return nullcontext() if serialiser is None else serialiser.hold(offset, length)
+
+    def _written(self, offset: int, length: int) -> None:
+        """Mark the dirty bitmaps, even after a failed write (some bytes may have landed).
+        Called while the write still counts in flight, so a drained section sees it."""
+        for bitmap in self.bitmaps.list():
+            bitmap.record(offset, length)
 
     def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
         """Reserve ``length`` bytes at ``offset`` for a write whose data the caller puts into
         the host file itself (see :class:`~fleece.block.direct.DirectWrite`). None when this
-        node cannot take one: its writes are intercepted, or its driver cannot place the range
-        in one contiguous run of a host file without copy-on-write."""
+        node cannot take one: it records dirty bitmaps or serialises writes, or its driver
+        cannot place the range in one contiguous run of a host file without copy-on-write."""
         self._check_write(offset, length)
-        if not length or self.interceptors:
+        if not length or self.bitmaps.list() or self.serialiser is not None:
             return None
-        self._begin_write()
+        self._begin()
         try:
             direct = self.driver.begin_direct_write(offset, length)
         except BaseException:
@@ -433,25 +485,26 @@ class BlockNode:
     ) -> None:
         """Write ``data`` at ``offset``.
 
-        ``unchanged`` promises the bytes already read so (a stream job copying backing data up):
-        such a write skips the interceptors, since copy-before-write has nothing to save.
+        ``unchanged`` promises the bytes already read so (a stream job copying backing data up,
+        holding the clusters itself): such a write neither serialises nor marks dirty bitmaps.
         """
         view = memoryview(data).cast("B")
         self._check_write(offset, len(view))
         if not view:
             return
-        self._begin_write()
+        self._begin()
         try:
-            # A copy: a job may remove its interceptor from the list meanwhile.
-            interceptors = () if unchanged else tuple(self.interceptors)
-            if not interceptors:
+            if unchanged:
                 self.driver.pwritev(offset, view)
-            elif len(interceptors) == 1:  # the usual case (one backup): no ExitStack
-                with interceptors[0].intercept(self, offset, len(view)):
+                return
+            try:
+                if self.serialiser is None:
                     self.driver.pwritev(offset, view)
-            else:
-                with self._intercepted(offset, len(view)):
-                    self.driver.pwritev(offset, view)
+                else:
+                    with self.serialiser.hold(offset, len(view)):
+                        self.driver.pwritev(offset, view)
+            finally:
+                self._written(offset, len(view))
         finally:
             self._end()
 
@@ -459,11 +512,12 @@ class BlockNode:
         self._check_write(offset, length)
         if not length:
             return
-        self._begin_write()
+        self._begin()
         try:
-            with self._intercepted(offset, length):
+            with self._write_hold(offset, length):
                 self.driver.pwrite_zeroes(offset, length, may_unmap)
         finally:
+            self._written(offset, length)
             self._end()
 
     def pdiscard(self, offset: int, length: int) -> None:
@@ -472,11 +526,12 @@ class BlockNode:
         self._check_write(offset, length)
         if not length or not self.discard_unmap:
             return
-        self._begin_write()
+        self._begin()
         try:
-            with self._intercepted(offset, length):
+            with self._write_hold(offset, length):
                 self.driver.pdiscard(offset, length)
         finally:
+            self._written(offset, length)
             self._end()
 
     def flush(self) -> None:
@@ -493,10 +548,11 @@ class BlockNode:
         if not length:
             return BlockStatus(offset, 0, Status(0))
         with self._request():
-            if self.read_interceptors:  # status is a read of metadata: the same guard holds
-                with self._intercepted(offset, length, self.read_interceptors):
-                    return self.driver.block_status(offset, length)
-            return self.driver.block_status(offset, length)
+            guard = self.read_guard  # status is a read of metadata: the same guard holds
+            if guard is None:
+                return self.driver.block_status(offset, length)
+            with guard.hold(offset, length):
+                return self.driver.block_status(offset, length)
 
     def block_status_above(
         self, offset: int, length: int, base: BlockNode | None = None
@@ -504,23 +560,43 @@ class BlockNode:
         """Status through the backing chain down to (not including) ``base``.
 
         ``depth`` is the layer that allocates the extent (1 = this node), or 0 when none does;
-        an extent no layer allocates reads as zeroes unless ``base`` is under it.
+        an extent no layer allocates reads as zeroes unless ``base`` is under it. A guarded
+        node (a fleecing target) holds its guard across the whole walk, so the layers below
+        cannot change between two steps of it.
         """
+        self._check_read(offset, length)
+        if base is self:
+            return BlockStatus(offset, length, Status(0), 0)
+        with self._request():
+            guard = self.read_guard
+            if guard is None:
+                return self._status_walk(offset, length, base)
+            with guard.hold(offset, length):
+                return self._status_walk(offset, length, base)
+
+    def _status_walk(self, offset: int, length: int, base: BlockNode | None) -> BlockStatus:
+        """:meth:`block_status_above` for a caller counted in flight here (and holding this
+        node's guard): this layer asks its driver, the layers below their own status."""
+        if not length:
+            return BlockStatus(offset, 0, Status(0))
+        status = self.driver.block_status(offset, length)
         node: BlockNode | None = self
         depth = 1
-        while node is not None and node is not base:
-            status = node.block_status(offset, length)
+        while True:
             if status.allocated:
                 return BlockStatus(offset, status.length, status.flags, depth, status.host_offset)
+            assert node is not None
             length = status.length
             below = node.backing()
             if below is None or offset >= below.size:
                 # Nothing below: unallocated reads as zeroes (QEMU pads short backings likewise).
                 return BlockStatus(offset, length, Status.ZERO, 0 if base is None else depth)
+            if below is base:
+                return BlockStatus(offset, length, Status(0), 0)
             length = min(length, below.size - offset)
             node = below
             depth += 1
-        return BlockStatus(offset, length, Status(0), 0)
+            status = node.block_status(offset, length)
 
     def extents(self, offset: int, length: int, above: bool = True) -> Iterator[BlockStatus]:
         """Walk ``[offset, offset + length)`` extent by extent."""

@@ -1,7 +1,12 @@
 """The backup job: a point-in-time copy of a source into a target.
 
-The copy-before-write hook is attached when the job is created, inside the command, so the point
-in time is the moment ``drive-backup`` / ``blockdev-backup`` returns. From then on:
+When the job is created, inside the command, it inserts a ``copy-before-write`` filter node above
+the source, as QEMU's backup does: in one drained section (no request in flight on the source,
+its devices and exports, or the target; none admitted) the filter goes in, the devices and
+exports move onto it, and the job's initial bitmap is computed (sync=top: what the top layer
+does not allocate; sync=bitmap: the frozen bitmap). That drained section is the point in time.
+The job and the filter share one copied bitmap, so no cluster is copied twice. When the job ends
+the filter is removed, drained again, after every write that entered it has finished. Then:
 
 * ``sync=none`` copies only what the guest overwrites, and runs until cancelled: with a target
   whose backing is the source, the target *is* the snapshot (image fleecing).
@@ -17,14 +22,23 @@ in time is the moment ``drive-backup`` / ``blockdev-backup`` returns. From then 
 
 from __future__ import annotations
 
+import logging
 from contextlib import suppress
 from typing import Any, ClassVar
 
-from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite, CopyReadError, CopyWriteError
+from fleece.block.cbw import (
+    COPY_AHEAD_BYTES,
+    CbwErrorPolicy,
+    CopyBeforeWrite,
+    CopyReadError,
+    CopyWriteError,
+)
 from fleece.block.dirty_bitmap import DirtyBitmap
-from fleece.block.node import BlockNode
-from fleece.block.perm import Perm
-from fleece.jobs.job import Job, JobHost
+from fleece.block.node import BlockNode, NodeUser
+from fleece.block.perm import NO_PERM, Perm
+from fleece.jobs.job import ErrorAction, Job, JobHost
+
+log = logging.getLogger(__name__)
 
 #: how many bytes the job plans and copies between two checkpoints
 CHUNK_BYTES = 16 << 20
@@ -41,14 +55,14 @@ class BackupJob(Job):
         target: BlockNode,
         *,
         sync: str,
-        cluster_size: int,
         target_is_fresh: bool,
         copy_ahead: int = COPY_AHEAD_BYTES,
         write_behind: int = 0,
         sync_bitmap: DirtyBitmap | None = None,
         bitmap_mode: str = "on-success",
         target_size_limit: int = 0,
-        on_cbw_error: str = "break-guest-write",
+        on_cbw_error: CbwErrorPolicy = CbwErrorPolicy.BREAK_GUEST_WRITE,
+        filter_node_name: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__(storage, job_id, **options)
@@ -58,30 +72,57 @@ class BackupJob(Job):
         self.target_is_fresh = target_is_fresh
         self.sync_bitmap = sync_bitmap
         self.bitmap_mode = bitmap_mode
+        self._hook_failure: OSError | None = None
+        self.len = source.size
+        graph = source.graph
         with self.guarded_setup():
             self.use_node(source, Perm.CONSISTENT_READ, Perm.all())
-            self.use_node(target, Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
-            self.cbw = CopyBeforeWrite(source, target, cluster_size, copy_ahead=copy_ahead,
-                                       write_behind=write_behind, size_limit=target_size_limit,
-                                       on_error=on_cbw_error)
-            self.cbw.on_copy.append(self.progress)
-            self.cbw.on_late_failure.append(self._hook_broke)
-            self._hook_failure: OSError | None = None
-            target.extra_info["fleecing"] = self.fleecing_info
-            self.len = source.size
-            if sync_bitmap is not None:
-                sync_bitmap.freeze()
-            try:
-                if sync == "top":
-                    self._skip_unallocated_in_top()
-                elif sync == "bitmap":
-                    assert sync_bitmap is not None
-                    self._skip_clean(sync_bitmap)
-                self.cbw.attach()
-            except BaseException:
-                if sync_bitmap is not None:
-                    sync_bitmap.reclaim()
-                raise
+            # The filter's target link writes the target and keeps other writers off it.
+            self.use_node(target, NO_PERM, Perm.all())
+            filter_options: dict[str, Any] = {
+                "driver": "copy-before-write",
+                "file": source.name,
+                "target": target.name,
+                "on-cbw-error": on_cbw_error.value,
+                "target-size-limit": target_size_limit,
+                "x-copy-ahead": copy_ahead,
+                "x-write-behind": write_behind,
+            }
+            if filter_node_name is not None:
+                filter_options["node-name"] = filter_node_name
+            with graph.drained([source, target]):
+                self.filter = graph.open_node(filter_options)
+                self._filter_user: NodeUser = self.use_node(self.filter, NO_PERM, Perm.all())
+                try:
+                    self._setup_in_drained_section()
+                except BaseException:
+                    graph.remove_filter(self.filter, self._filter_user)
+                    raise
+        log.debug("backup job %r: sync=%s, filter %r above %r, target %r", job_id, sync,
+                  self.filter.name, source.name, target.name)
+
+    def _setup_in_drained_section(self) -> None:
+        """The job's start, at its point in time: nothing writes the source meanwhile, so the
+        initial bitmap is exact and every later write passes through the filter."""
+        cbw = self.filter.driver.copy_before_write()
+        assert cbw is not None  # the node was opened as a copy-before-write filter
+        self.cbw: CopyBeforeWrite = cbw
+        self.cbw.on_copy.append(self.progress)
+        self.cbw.on_late_failure.append(self._hook_broke)
+        self.target.extra_info["fleecing"] = self.fleecing_info
+        bitmap = self.sync_bitmap
+        if bitmap is not None:
+            bitmap.freeze()
+        try:
+            if self.sync == "top":
+                self._skip_unallocated_in_top()
+            elif self.sync == "bitmap":
+                assert bitmap is not None
+                self._skip_clean(bitmap)
+        except BaseException:
+            if bitmap is not None:
+                bitmap.reclaim()
+            raise
 
     def _skip_clean(self, bitmap: DirtyBitmap) -> None:
         """For sync=bitmap, the clusters the (frozen) bitmap does not mark are not the job's."""
@@ -180,7 +221,7 @@ class BackupJob(Job):
                 return self.cbw.copy_clusters(first, end)
             except OSError as exc:
                 operation = "read" if isinstance(exc, CopyReadError) else "write"
-                if self.handle_error(exc, operation) == "ignore":
+                if self.handle_error(exc, operation) is ErrorAction.IGNORE:
                     # QEMU's "ignore": count the range as handled and go on
                     skipped = self.cbw.done.count(first, end)
                     self.cbw.mark_done(first, end - first)
@@ -212,6 +253,8 @@ class BackupJob(Job):
     def clean(self) -> None:
         self._end_bitmap_freeze(success=False)  # a job that ended without commit or abort
         self.target.extra_info.pop("fleecing", None)
-        self.cbw.detach()
+        # Drained: the writes that entered the filter finish, its pending copies land, and
+        # the devices and exports go back to the source.
+        self.source.graph.remove_filter(self.filter, self._filter_user)
         with suppress(OSError):  # the target's errors were reported while copying
             self.target.flush()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fleece.bitmaps.commands import check_backup_bitmap
-from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES
+from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES, CbwErrorPolicy
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
 from fleece.commands import command
 from fleece.errors import DeviceNotActive, GenericError
 from fleece.jobs.backup import BackupJob
-from fleece.jobs.job import Job
+from fleece.jobs.job import ErrorPolicy, Job
 from fleece.jobs.state import JobStatus
 
 if TYPE_CHECKING:
@@ -22,10 +23,8 @@ if TYPE_CHECKING:
     from fleece.block.graph import BlockGraph
     from fleece.events import Event
 
-ERROR_POLICY = ("report", "ignore", "stop", "enospc")
+ERROR_POLICY = tuple(policy.value for policy in ErrorPolicy)
 SYNC = ("full", "top", "none", "incremental", "bitmap")
-#: the smallest copy-before-write granularity (QEMU's backup uses the same)
-MIN_BACKUP_CLUSTER = 64 * 1024
 
 _COMMON_JOB_ARGS: dict[str, Any] = {
     "*job-id": "str",
@@ -51,11 +50,6 @@ _BACKUP_ARGS: dict[str, Any] = {
 }
 
 
-def _cluster_size(node: BlockNode) -> int:
-    size = node.driver.image_info().get("cluster-size", 0)
-    return max(MIN_BACKUP_CLUSTER, int(size) if isinstance(size, int) else 0)
-
-
 class JobCommands:
     """Mixed into ``Storage``: owns ``self.jobs``."""
 
@@ -72,6 +66,28 @@ class JobCommands:
     def _init_jobs(self) -> None:
         self.jobs: dict[str, Job] = {}
         self._jobs_lock = threading.Lock()
+        #: inside a transaction: jobs created and not started yet (QEMU starts them together,
+        #: once every action succeeded)
+        self._unstarted: list[Job] | None = None
+
+    @contextlib.contextmanager
+    def jobs_started_after(self) -> Iterator[list[Job]]:
+        """Jobs created inside the block are announced (``created``) but started only by the
+        caller, from the list this yields (a transaction starts them once all succeeded)."""
+        unstarted: list[Job] = []
+        self._unstarted = unstarted
+        try:
+            yield unstarted
+        finally:
+            self._unstarted = None
+
+    def _start_job(self, job: Job) -> None:
+        self._register_job(job)
+        if self._unstarted is None:
+            job.start()
+        else:
+            job.announce()
+            self._unstarted.append(job)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def forget_job(self, job: Job) -> None:
@@ -151,22 +167,21 @@ class JobCommands:
             source,
             target,
             sync=sync,
-            cluster_size=_cluster_size(target),
             target_is_fresh=fresh,
             copy_ahead=_perf_bytes(options.get("x-perf"), "copy-ahead", COPY_AHEAD_BYTES),
             write_behind=_perf_bytes(options.get("x-perf"), "write-behind", WRITE_BEHIND_BYTES),
             target_size_limit=_size_limit(options.get("target-size-limit")),
-            on_cbw_error=options.get("on-cbw-error") or "break-guest-write",
+            on_cbw_error=CbwErrorPolicy(options.get("on-cbw-error") or "break-guest-write"),
+            filter_node_name=options.get("filter-node-name"),
             sync_bitmap=checked.bitmap,
             bitmap_mode=checked.mode,
             speed=options.get("speed") or 0,
             auto_finalize=options.get("auto-finalize", True),
             auto_dismiss=options.get("auto-dismiss", True),
-            on_source_error=options.get("on-source-error", "report"),
-            on_target_error=options.get("on-target-error", "report"),
+            on_source_error=ErrorPolicy(options.get("on-source-error", "report")),
+            on_target_error=ErrorPolicy(options.get("on-target-error", "report")),
         )
-        self._register_job(job)
-        job.start()
+        self._start_job(job)
         return job
 
     @command(
@@ -187,7 +202,8 @@ class JobCommands:
         self._check_job_id(job_id)
         sync: str = args["sync"]
         path: str = args["target"]
-        fmt = args.get("format") or (source.driver_name if source.driver_name in ("qcow2", "raw")
+        image = source.skip_filters()
+        fmt = args.get("format") or (image.driver_name if image.driver_name in ("qcow2", "raw")
                                      else "raw")
         if fmt not in ("qcow2", "raw"):
             raise GenericError(f"Unknown target format '{fmt}': fleece creates qcow2 or raw")
@@ -248,7 +264,7 @@ class JobCommands:
         if sync == "none":
             return source
         if sync == "top":
-            return source.backing()
+            return source.skip_filters().backing()
         return None
 
     @command(
@@ -277,8 +293,8 @@ class JobCommands:
         job_id = job_id or device
         self._check_job_id(job_id)
         options: dict[str, Any] = {"speed": speed or 0,
-                                   "on_source_error": on_error or "report",
-                                   "on_target_error": on_error or "report"}
+                                   "on_source_error": ErrorPolicy(on_error or "report"),
+                                   "on_target_error": ErrorPolicy(on_error or "report")}
         if auto_finalize is not None:
             options["auto_finalize"] = auto_finalize
         if auto_dismiss is not None:
@@ -445,7 +461,10 @@ def _perf_bytes(perf: Any, member: str, default: int) -> int:
 
 
 def _create_target(path: str, fmt: str, size: int, backing: BlockNode | None) -> None:
-    """Create the backup target image (QEMU's mode=absolute-paths)."""
+    """Create the backup target image (QEMU's mode=absolute-paths). The image names the
+    backing's image, below any filter (a backup's copy-before-write) sitting on it."""
+    if backing is not None:
+        backing = backing.skip_filters()
     try:
         if fmt == "qcow2":
             from fleece.block.qcow2 import create

@@ -12,7 +12,9 @@ Jobs are threads rather than asyncio tasks because a job's work is blocking bloc
 
 from __future__ import annotations
 
+import enum
 import errno
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -33,7 +35,35 @@ class JobHost(Protocol):
 
     def forget_job(self, job: Job) -> None: ...
 
-ERROR_POLICIES = ("report", "ignore", "stop", "enospc")
+log = logging.getLogger(__name__)
+
+
+class ErrorPolicy(enum.Enum):
+    """What a job does when its I/O fails (QEMU's ``BlockdevOnError``)."""
+
+    REPORT = "report"
+    IGNORE = "ignore"
+    STOP = "stop"
+    ENOSPC = "enospc"  # stop on ENOSPC, report anything else
+
+    @classmethod
+    def parse(cls, name: str, value: str | ErrorPolicy) -> ErrorPolicy:
+        """The policy argument ``name`` spelled ``value``; ``GenericError`` when unknown."""
+        if isinstance(value, ErrorPolicy):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise GenericError(f"Parameter '{name}' does not accept value '{value}'") from None
+
+
+class ErrorAction(enum.Enum):
+    """What the policy decided for one error (QEMU's ``BlockErrorAction``, as
+    ``BLOCK_JOB_ERROR`` reports it): ``STOP`` returns once the job was resumed, to retry."""
+
+    REPORT = "report"
+    IGNORE = "ignore"
+    STOP = "stop"
 
 
 class JobCancelled(Exception):
@@ -53,22 +83,18 @@ class Job:
         speed: int = 0,
         auto_finalize: bool = True,
         auto_dismiss: bool = True,
-        on_source_error: str = "report",
-        on_target_error: str = "report",
+        on_source_error: str | ErrorPolicy = ErrorPolicy.REPORT,
+        on_target_error: str | ErrorPolicy = ErrorPolicy.REPORT,
     ) -> None:
         if speed < 0:
             raise GenericError("Invalid parameter 'speed'")
-        for name, policy in (("on-source-error", on_source_error),
-                             ("on-target-error", on_target_error)):
-            if policy not in ERROR_POLICIES:
-                raise GenericError(f"Parameter '{name}' does not accept value '{policy}'")
+        self.on_source_error = ErrorPolicy.parse("on-source-error", on_source_error)
+        self.on_target_error = ErrorPolicy.parse("on-target-error", on_target_error)
         self.storage = storage
         self.id = job_id
         self.speed = speed
         self.auto_finalize = auto_finalize
         self.auto_dismiss = auto_dismiss
-        self.on_source_error = on_source_error
-        self.on_target_error = on_target_error
         self.status = JobStatus.UNDEFINED
         self.offset = 0
         self.len = 0
@@ -126,6 +152,7 @@ class Job:
             check_transition(old, new)
             self.status = new
             self._cond.notify_all()
+        log.debug("job %r: %s -> %s", self.id, old.value, new.value)
         self.storage.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
 
     @property
@@ -176,11 +203,26 @@ class Job:
     # -- the job's thread --------------------------------------------------------------------
     def start(self) -> None:
         """Announce the job (``created``) and run it in its own thread."""
+        self.announce()
+        self.launch()
+
+    def announce(self) -> None:
+        """``created``: the job exists; a transaction creates all its jobs before any runs."""
         self._transition(JobStatus.CREATED)
+
+    def launch(self) -> None:
+        """``running``, in the job's own thread."""
         self._transition(JobStatus.RUNNING)
         self.busy = True
         self._thread = threading.Thread(target=self._main, name=f"job-{self.id}", daemon=True)
         self._thread.start()
+
+    def discard(self) -> None:
+        """End a job that was announced and never launched (its transaction failed): it is
+        cancelled, cleaned up and concluded here, in the caller's thread."""
+        with self._cond:
+            self._cancelled = True
+        self._abort_path()
 
     def _main(self) -> None:
         failure: str | None = None
@@ -328,27 +370,31 @@ class Job:
             self._woken = True
             self._cond.notify_all()
 
-    def handle_error(self, exc: OSError, operation: str) -> str:
+    def handle_error(self, exc: OSError, operation: str) -> ErrorAction:
         """Apply the error policy for a failed ``read`` (source) or ``write`` (target).
 
-        Returns ``"retry"`` (after a stop and resume) or ``"ignore"``; re-raises for ``report``.
+        Returns ``STOP`` (once stopped and resumed: retry) or ``IGNORE``; re-raises ``exc``
+        for ``REPORT``.
         """
         policy = self.on_source_error if operation == "read" else self.on_target_error
-        if policy == "enospc":
-            policy = "stop" if exc.errno == errno.ENOSPC else "report"
+        if policy is ErrorPolicy.ENOSPC:
+            action = ErrorAction.STOP if exc.errno == errno.ENOSPC else ErrorAction.REPORT
+        else:
+            action = ErrorAction(policy.value)
         self.io_status = "nospace" if exc.errno == errno.ENOSPC else "failed"
+        log.debug("job %r: %s error %s, action %s", self.id, operation, exc, action.value)
         self.storage.emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation,
-                                              "action": policy})
-        if policy == "report":
+                                              "action": action.value})
+        if action is ErrorAction.REPORT:
             raise exc
-        if policy == "ignore":
+        if action is ErrorAction.IGNORE:
             self.io_status = "ok"
-            return "ignore"
+            return action
         with self._cond:
             self._pause_count += 1
         self.checkpoint()
         self.io_status = "ok"
-        return "retry"
+        return action
 
     # -- verbs -------------------------------------------------------------------------------
     def verb(self, verb: JobVerb) -> None:

@@ -13,12 +13,11 @@ nothing above it allocates, so the content the guest sees never changes while it
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 from fleece.block.chain import backing_chain, drop_intermediate
 from fleece.block.driver import BlockStatus
-from fleece.block.node import BlockNode
+from fleece.block.node import BlockNode, Serialiser
 from fleece.block.perm import Perm
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.errors import GenericError
@@ -31,19 +30,6 @@ DEFAULT_CLUSTER = 64 * 1024
 def _cluster_of(node: BlockNode) -> int:
     size = node.driver.image_info().get("cluster-size")
     return size if isinstance(size, int) and size > 0 else DEFAULT_CLUSTER
-
-
-class _GuestWriteLock:
-    """Write interceptor: guest writes to the top hold their clusters while they run."""
-
-    def __init__(self, locks: ClusterRangeLocks, cluster: int) -> None:
-        self.locks = locks
-        self.cluster = cluster
-
-    def intercept(self, node: BlockNode, offset: int, length: int) -> AbstractContextManager[None]:
-        first = offset // self.cluster
-        end = -(-(offset + length) // self.cluster)
-        return self.locks.locked(first, end, exclusive=True)
 
 
 class _ChainJob(Job):
@@ -79,8 +65,10 @@ class StreamJob(_ChainJob):
                 self.use_node(node, Perm.CONSISTENT_READ, Perm.all())
         self.cluster = _cluster_of(top)
         self.locks = ClusterRangeLocks()
-        self._guard = _GuestWriteLock(self.locks, self.cluster)
-        top.interceptors.append(self._guard)
+        # Guest writes to the top hold their clusters while they run, as the stream's copies
+        # do: set drained, so no write in flight escapes it.
+        with top.graph.drained([top]):
+            top.serialiser = Serialiser(self.locks, self.cluster)
 
     def run(self) -> None:
         for offset, length in self._chunks():
@@ -121,8 +109,9 @@ class StreamJob(_ChainJob):
         drop_intermediate(self.top, self.base)
 
     def clean(self) -> None:
-        if self._guard in self.top.interceptors:
-            self.top.interceptors.remove(self._guard)
+        with self.top.graph.drained([self.top]):
+            if self.top.serialiser is not None and self.top.serialiser.locks is self.locks:
+                self.top.serialiser = None
 
 
 class CommitJob(_ChainJob):

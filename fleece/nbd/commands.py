@@ -14,6 +14,7 @@ from fleece.bitmaps.commands import export_bitmap
 from fleece.block.dirty_bitmap import DirtyBitmap, find_bitmap, publish, unpublish
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
+from fleece.block.root import Root
 from fleece.commands import command
 from fleece.errors import GenericError, QMPError
 from fleece.events import Event
@@ -22,15 +23,6 @@ from fleece.nbd.server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export
 from fleece.nbd.tls import TLSCredsX509, load_x509
 
 _SERVER_USER = "nbd-server"
-
-
-def _move_export(export: Export, node: BlockNode) -> None:
-    """Serve ``export`` from ``node`` from now on (a filter was inserted above its node)."""
-    old = export.user
-    export.user = node.add_user(old.kind, old.description, old.perm, old.shared)
-    export.user.mover = lambda new: _move_export(export, new)
-    export.node = node
-    old.release()
 
 
 class ExportCommands:
@@ -160,15 +152,13 @@ class ExportCommands:
         export = Export(
             id=export_id,
             name=name,
-            node=node,
-            user=user,
+            root=Root(user),
             description=description or "",
             writable=writable,
             writethrough=writethrough,
             allocation_depth=allocation_depth,
             bitmaps=tuple(bitmap.name for bitmap in exported),
         )
-        user.mover = lambda new: _move_export(export, new)
         publish(export, node, exported)
         try:
             server.add_export(export)
@@ -190,7 +180,7 @@ class ExportCommands:
 
     def _forget_export(self, export: Export) -> None:
         unpublish(export)
-        export.user.release()
+        export.root.release()
         self.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
 
     def _del_export(self, export_id: str, mode: str) -> None:

@@ -47,7 +47,8 @@ from fleece.block import nowait
 from fleece.block.driver import Status
 from fleece.block.drivers.file import FileDriver
 from fleece.block.drivers.raw import RawDriver
-from fleece.block.node import BlockNode, NodeUser
+from fleece.block.node import BlockNode
+from fleece.block.root import Root
 from fleece.errors import GenericError
 from fleece.nbd.constants import (
     ALLOCATION_DEPTH,
@@ -123,12 +124,12 @@ Buffer = bytes | bytearray | memoryview
 
 @dataclass(eq=False)
 class Export:
-    """A node exported under ``name``; ``user`` is its reference on the node."""
+    """A node exported under ``name``, reached through ``root`` (its reference on the node,
+    which a graph change may drain and move)."""
 
     id: str
     name: str
-    node: BlockNode
-    user: NodeUser
+    root: Root
     description: str = ""
     writable: bool = False
     writethrough: bool = False
@@ -141,12 +142,17 @@ class Export:
     data_hint: tuple[int, int] = (0, 0)
 
     @property
+    def node(self) -> BlockNode:
+        """The node the export serves now (requests resolve it through the root's gate)."""
+        return self.root.node
+
+    @property
     def file_window(self) -> tuple[BlockNode, int] | None:
         """``(file node, offset)`` when the export's bytes are a window of one posix file (a
         ``file`` node, or ``raw`` over one, with nobody guarding reads): ``sendfile`` may then
         serve reads."""
         node, base = self.node, 0
-        while not node.read_interceptors:
+        while node.read_guard is None:
             driver = node.driver
             if isinstance(driver, FileDriver):
                 return node, base
@@ -754,7 +760,11 @@ class Connection(asyncio.BufferedProtocol):
         """Run ``request`` on the export's node (in a pool thread); the reply's buffers."""
         proto, cookie = self.proto, request.cookie
         try:
-            return self._perform(export, request)
+            node = export.root.begin()  # the node this request goes to, held until its end
+            try:
+                return self._perform(export, node, request)
+            finally:
+                export.root.end()
         except nowait.WouldBlock:
             raise
         except OSError as exc:
@@ -762,16 +772,16 @@ class Connection(asyncio.BufferedProtocol):
         except GenericError as exc:
             return [proto.error_reply(cookie, NBDErr.EIO, str(exc))]
 
-    def _perform(self, export: Export, request: Request) -> list[Buffer]:
-        node, proto, cookie = export.node, self.proto, request.cookie
+    def _perform(self, export: Export, node: BlockNode, request: Request) -> list[Buffer]:
+        proto, cookie = self.proto, request.cookie
         command, flags = request.command, request.flags
         offset, length = request.offset, request.length
         if command == Cmd.READ:
             direct = self.sender is not None and length >= SENDFILE_ABOVE and export.file_window
-            if direct and self._sendfile_read(export, cookie, offset, length):
+            if direct and self._sendfile_read(export, node, cookie, offset, length):
                 return []
             if proto.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
-                return self._sparse_read(export, cookie, offset, length)
+                return self._sparse_read(export, node, cookie, offset, length)
             buf = bytearray(length)
             node.pread_into(offset, buf)
             return proto.read_reply(cookie, offset, buf)
@@ -803,15 +813,15 @@ class Connection(asyncio.BufferedProtocol):
         # CACHE: the data is as close as it gets; nothing to do.
         return [proto.ok_reply(cookie)]
 
-    def _sendfile_read(self, export: Export, cookie: int, offset: int, length: int) -> bool:
+    def _sendfile_read(self, export: Export, node: BlockNode, cookie: int, offset: int,
+                       length: int) -> bool:
         """Answer a read of a raw file export with ``sendfile`` (no copy through Python)."""
         window = export.file_window
         sender = self.sender
         if window is None or sender is None:
             return False
         file_node, base = window
-        node = export.node
-        if offset + length > node.size or node.read_interceptors:
+        if offset + length > node.size or node.read_guard is not None:
             return False
         node._check_read(offset, length)
         node._begin()  # counted in flight on the export's node, so it cannot close under us
@@ -824,8 +834,9 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             node._end()
 
-    def _sparse_read(self, export: Export, cookie: int, offset: int, length: int) -> list[Buffer]:
-        node, proto, end = export.node, self.proto, offset + length
+    def _sparse_read(self, export: Export, node: BlockNode, cookie: int, offset: int,
+                     length: int) -> list[Buffer]:
+        proto, end = self.proto, offset + length
         hint_start, hint_end = export.data_hint
         if not hint_start <= offset < end <= hint_end:
             first = node.block_status_above(offset, min(node.size - offset, DATA_HINT_SPAN))

@@ -1025,7 +1025,7 @@ def test_close_cancels_a_running_fleecing_job_and_closes_every_node(fleecing: Fl
                            Perm.all())
     fleecing.guest_writes()
     nodes = fleecing.storage.graph.nodes()
-    assert len(nodes) == 4  # disk0, its file, pit0, its file
+    assert len(nodes) == 5  # disk0, its file, pit0, its file, the backup's filter
     start = time.monotonic()
     fleecing.storage.close()
     assert time.monotonic() - start < 5

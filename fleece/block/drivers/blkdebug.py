@@ -156,6 +156,9 @@ class BlkdebugDriver(Driver):
     def filename(self) -> str:
         return self.image.driver.filename()
 
+    def filtered_child(self) -> BlockNode | None:
+        return self.image
+
     def preadv(self, offset: int, buf: memoryview) -> None:
         self._check("read", offset, len(buf))
         self.image.pread_into(offset, buf)

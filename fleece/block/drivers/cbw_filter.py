@@ -1,27 +1,37 @@
-"""``copy-before-write``: the filter of QEMU 6.2's fleecing scheme.
+"""``copy-before-write``: the filter node that keeps a point-in-time snapshot of its ``file``.
 
-The node sits above ``file`` (the live disk) and has a ``target`` child (any format, no backing
-needed). Every write that reaches ``file``, through this filter or not, first copies the old
-clusters into ``target`` (:class:`fleece.block.cbw.CopyBeforeWrite`). Opening the filter moves
-the devices and exports that used ``file`` onto it, as inserting it into a running graph does.
-A ``snapshot-access`` node over the filter reads the snapshot.
+The node sits above ``file`` (the live disk) and has a ``target`` child. Every write that passes
+through it first copies the old clusters of ``file`` into ``target``
+(:class:`fleece.block.cbw.CopyBeforeWrite`); nothing else may write ``file`` meanwhile, so what
+a write does is visible from the nodes it passes through. Opening the node inserts it: in one
+drained section it computes which clusters belong to the snapshot, guards the target's reads
+when the target reads through to ``file`` (the backing scheme), and moves the devices and
+exports of ``file`` onto itself. Closing it (the backup job's end, or ``blockdev-del``) happens
+drained too, after :meth:`fleece.block.graph.BlockGraph.remove_filter` moved them back.
+
+Two users: ``blockdev-add`` (QEMU 6.2's fleecing scheme, read through a ``snapshot-access``
+node) and the backup job, which inserts one as QEMU's backup does and shares its copied bitmap.
 
 Options are QEMU's: ``file``, ``target``, ``bitmap`` ({node, name}: only its dirty clusters
 are in the snapshot), ``on-cbw-error`` (break-guest-write | break-snapshot), ``cbw-timeout``
 (seconds, with break-snapshot), ``min-cluster-size``; and fleece's ``target-size-limit`` (bytes
-the target may receive, the same two policies past it).
+the target may receive, the same two policies past it), ``x-copy-ahead`` and ``x-write-behind``
+(bytes; the backup job's performance knobs, 0 by default here).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
-from fleece.block.cbw import CopyBeforeWrite
+from fleece.block.cbw import CbwErrorPolicy, CopyBeforeWrite
 from fleece.block.dirty_bitmap import find_bitmap
 from fleece.block.driver import BlockStatus, Driver, Options
-from fleece.block.node import BlockNode, UserKind
+from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
+
+log = logging.getLogger(__name__)
 
 MIN_CLUSTER = 64 * 1024
 
@@ -33,24 +43,29 @@ class CopyBeforeWriteDriver(Driver):
     target: BlockNode
     cbw: CopyBeforeWrite
 
-    _inserting = False  # while the users of ``file`` still sit on it: ask no write yet
+    #: False while the users of ``file`` still sit on it (being inserted) or are going back to
+    #: it (being removed): the filter then asks no write permission on ``file``
+    _writes_file = False
 
     def open(self, options: Options) -> None:
         graph = self.node.graph
-        self._inserting = True
         self.file = graph.open_child(self.node, "file", options.raw("file"), ChildRole.FILTERED)
         self.target = graph.open_child(self.node, "target", options.raw("target"),
                                        ChildRole.TARGET)
-        on_error = options.enum("on-cbw-error", ("break-guest-write", "break-snapshot"),
-                                "break-guest-write")
+        on_error = CbwErrorPolicy(options.enum(
+            "on-cbw-error", tuple(policy.value for policy in CbwErrorPolicy),
+            CbwErrorPolicy.BREAK_GUEST_WRITE.value))
         timeout = options.int("cbw-timeout", 0, minimum=0) or 0
-        if timeout and on_error != "break-snapshot":
+        if timeout and on_error is not CbwErrorPolicy.BREAK_SNAPSHOT:
             raise GenericError("cbw-timeout works only with on-cbw-error=break-snapshot")
         min_cluster = options.int("min-cluster-size", 0, minimum=0) or 0
         if min_cluster and min_cluster & (min_cluster - 1):
             raise GenericError("min-cluster-size must be a power of two")
         limit = options.int("target-size-limit", 0, minimum=0) or 0
+        copy_ahead = options.int("x-copy-ahead", 0, minimum=0) or 0
+        write_behind = options.int("x-write-behind", 0, minimum=0) or 0
         bitmap = options.raw("bitmap")
+        self.node.discard_unmap = True  # passed on: ``file`` decides whether it drops data
         if self.target.size < self.file.size:
             raise GenericError(
                 f"Target '{self.target.name}' is smaller ({self.target.size} bytes) than the "
@@ -59,18 +74,38 @@ class CopyBeforeWriteDriver(Driver):
         target_cluster = self.target.driver.image_info().get("cluster-size", 0)
         cluster = max(MIN_CLUSTER, min_cluster,
                       target_cluster if isinstance(target_cluster, int) else 0)
-        self.cbw = CopyBeforeWrite(self.file, self.target, cluster, copy_ahead=0,
-                                   on_error=on_error, timeout=float(timeout), size_limit=limit,
-                                   guard_target=False)
-        if bitmap is not None:
-            self._limit_to_bitmap(bitmap)
-        self.cbw.attach()
-        # Inserted above a disk in use: its guest and its exports go through the filter now;
-        # then the filter takes the permissions it needs on the disk (write, for the guest).
-        self.file.move_users_to(self.node, (UserKind.DEVICE, UserKind.EXPORT))
-        self._inserting = False
-        link = self.node.children["file"]
-        self.file.update_user(link.user, *self.child_perm(ChildRole.FILTERED, self.node.read_only))
+        self.cbw = CopyBeforeWrite(self.file, self.target, cluster, copy_ahead=copy_ahead,
+                                   write_behind=write_behind, on_error=on_error,
+                                   timeout=float(timeout), size_limit=limit)
+        with graph.drained([self.file, self.target]):
+            if bitmap is not None:
+                self._limit_to_bitmap(bitmap)
+            if self.target.backing() is self.file:
+                self.cbw.guard_target()  # the target reads through to the live disk
+            # Inserted above a disk in use: its guest and its exports go through the filter
+            # now; then the filter takes the permissions it needs on the disk (write).
+            self.file.move_roots_to(self.node)
+            self._writes_file = True
+            link = self.node.children["file"]
+            self.file.update_user(link.user,
+                                  *self.child_perm(ChildRole.FILTERED, self.node.read_only))
+        log.debug("copy-before-write %r inserted above %r (target %r, cluster %d)",
+                  self.node.name, self.file.name, self.target.name, cluster)
+
+    def filtered_child(self) -> BlockNode | None:
+        return self.file
+
+    def copy_before_write(self) -> CopyBeforeWrite | None:
+        return self.cbw
+
+    def stop_writing_child(self) -> None:
+        """Drop the write permission on ``file`` (the filter is being removed: the users that
+        moved onto it go back to ``file`` and write there themselves)."""
+        self._writes_file = False
+        link = self.node.children.get("file")
+        if link is not None:
+            link.node.update_user(link.user,
+                                  *self.child_perm(ChildRole.FILTERED, self.node.read_only))
 
     def _limit_to_bitmap(self, ref: Any) -> None:
         """Only the bitmap's dirty clusters belong to the snapshot (QEMU's ``bitmap``)."""
@@ -102,13 +137,18 @@ class CopyBeforeWriteDriver(Driver):
     def preadv(self, offset: int, buf: memoryview) -> None:
         self.file.pread_into(offset, buf)
 
+    # The write path: copy what the write destroys, then write.
     def pwritev(self, offset: int, data: memoryview) -> None:
+        self.cbw.before_write(offset, len(data))
         self.file.pwrite(offset, data)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self.cbw.before_write(offset, length)
         self.file.pwrite_zeroes(offset, length, may_unmap)
 
     def pdiscard(self, offset: int, length: int) -> None:
+        if self.file.discard_unmap:  # a discard the disk ignores destroys nothing
+            self.cbw.before_write(offset, length)
         self.file.pdiscard(offset, length)
 
     def flush(self) -> None:
@@ -121,7 +161,7 @@ class CopyBeforeWriteDriver(Driver):
     def child_perm(self, role: ChildRole, read_only: bool) -> tuple[Perm, Perm]:
         if role & ChildRole.TARGET:
             return Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-        if self._inserting:
+        if not self._writes_file:
             return Perm.CONSISTENT_READ, Perm.all()
         perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE
         return perm, Perm.all()

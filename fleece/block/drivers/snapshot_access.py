@@ -14,7 +14,6 @@ from typing import ClassVar
 
 from fleece.block.cbw import CopyBeforeWrite
 from fleece.block.driver import BlockStatus, Driver, Options, Status
-from fleece.block.drivers.cbw_filter import CopyBeforeWriteDriver
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
@@ -29,12 +28,12 @@ class SnapshotAccessDriver(Driver):
     def open(self, options: Options) -> None:
         self.file = self.node.graph.open_child(self.node, "file", options.raw("file"),
                                                ChildRole.FILTERED)
-        driver = self.file.driver
-        if not isinstance(driver, CopyBeforeWriteDriver):
+        cbw = self.file.driver.copy_before_write()
+        if cbw is None:
             raise GenericError(
                 f"snapshot-access: '{self.file.name}' is not a copy-before-write filter"
             )
-        self.cbw = driver.cbw
+        self.cbw = cbw
         self.node.discard_unmap = True  # a discard is how a reader gives clusters back
 
     def size(self) -> int:
@@ -58,10 +57,13 @@ class SnapshotAccessDriver(Driver):
     def block_status(self, offset: int, length: int) -> BlockStatus:
         cbw = self.cbw
         first, end = cbw.clusters(offset, length)
-        run_first, count, done = next(cbw.done.runs(first, end))
-        stop = min(offset + length, (run_first + count) * cbw.cluster_size)
-        node = cbw.target if done else cbw.source
-        status = node.block_status_above(offset, stop - offset)
+        # The hold spans the look at ``done`` and the query below it: a guest write cannot
+        # copy a cluster and change the source between the two.
+        with cbw.read_guard(offset, length):
+            run_first, count, done = next(cbw.done.runs(first, end))
+            stop = min(offset + length, (run_first + count) * cbw.cluster_size)
+            node = cbw.target if done else cbw.source
+            status = node.block_status_above(offset, stop - offset)
         flags = (status.flags & (Status.DATA | Status.ZERO)) | Status.ALLOCATED
         if not flags & (Status.DATA | Status.ZERO):
             flags |= Status.DATA
