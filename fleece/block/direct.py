@@ -24,6 +24,12 @@ class DirectWrite:
     else may write it, and readers must wait (a qcow2 image maps its new clusters only in
     ``finish``, after their data is in place, as its crash safety asks). The node counts the
     write in flight, so it cannot close under it.
+
+    Power loss: like any write not flushed yet, the data is not synced before ``finish`` maps
+    it, so after a power loss a mapped cluster may read zeroes instead (or what the host
+    cluster held before: data this image had freed); the image's metadata stays consistent
+    (the refcounts and the file size the mapping depends on are synced first, see
+    :mod:`fleece.block.qcow2.order`). A flush of the node after ``finish`` makes both durable.
     """
 
     fd: int

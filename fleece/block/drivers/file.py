@@ -67,9 +67,30 @@ def locked_elsewhere(path: str) -> bool:
         os.close(fd)
 
 
+class FileOps:
+    """The system calls that change a file's contents, as the file driver makes them.
+
+    A seam for tests: a crash simulator (``tests/crashsim.py``) puts a recording subclass in
+    :attr:`FileDriver.ops` to log every write and sync. Production uses this class: its
+    ``pwritev`` is the plain system call (looking it up costs what ``os.pwritev`` does), the
+    rarer calls look theirs up in :mod:`os` when called.
+    """
+
+    pwritev = staticmethod(os.pwritev)
+    fallocate = staticmethod(fallocate)
+
+    def fdatasync(self, fd: int, /) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, length: int, /) -> None:
+        os.ftruncate(fd, length)
+
+
 class FileDriver(Driver):
     name: ClassVar[str] = "file"
     growable = True
+    #: how the driver writes, syncs, punches and truncates (see :class:`FileOps`)
+    ops: ClassVar[FileOps] = FileOps()
 
     fd: int = -1
     path: str = ""
@@ -171,7 +192,7 @@ class FileDriver(Driver):
     def pwritev(self, offset: int, data: memoryview) -> None:
         done = 0
         while done < len(data):
-            done += os.pwritev(self.fd, [data[done:]], offset + done)
+            done += self.ops.pwritev(self.fd, [data[done:]], offset + done)
         if offset + done > self._size:
             self._size = -1  # grown: ask the kernel (another thread may have grown it more)
 
@@ -185,13 +206,14 @@ class FileDriver(Driver):
         # punched hole keeps the size; ZERO_RANGE without KEEP_SIZE only ever grows the file.
         size = self.size()
         inside = max(0, min(offset + length, size) - offset)
+        punch = self.ops.fallocate
         try:
             if may_unmap and inside:
-                fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, inside)
+                punch(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, inside)
                 if inside < length:
-                    fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, offset + inside, length - inside)
+                    punch(self.fd, _FALLOC_FL_ZERO_RANGE, offset + inside, length - inside)
             else:
-                fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, offset, length)
+                punch(self.fd, _FALLOC_FL_ZERO_RANGE, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
@@ -201,17 +223,20 @@ class FileDriver(Driver):
 
     def pdiscard(self, offset: int, length: int) -> None:
         try:
-            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            self.ops.fallocate(
+                self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
+            )
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
 
     def flush(self) -> None:
+        """Make every write that returned before durable (``fdatasync``)."""
         if not self.node.read_only:
-            os.fdatasync(self.fd)
+            self.ops.fdatasync(self.fd)
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        self.ops.ftruncate(self.fd, size)
         self._size = -1
 
     def block_status(self, offset: int, length: int) -> BlockStatus:

@@ -2,11 +2,19 @@
 
 Design note
 -----------
-* **Write-through metadata.** Every change to an L1 or L2 entry, a refcount or the header is
-  written to the file child when it is made, in crash-safe order: refcounts before anything
-  references a cluster; new L2 tables (zeroed) before the L1 entry; data before the L2 entry
-  that maps it; references removed before refcounts drop. A ``kill -9`` can leak clusters,
-  never corrupt; ``flush()`` has nothing of its own to write, the node flushes the file.
+* **Write-through metadata, ordered for power loss.** Every change to an L1 or L2 entry, a
+  refcount or the header is written to the file child when it is made, in crash-safe order:
+  refcounts before anything references a cluster; new L2 tables (zeroed) before the L1 entry;
+  copied-on-write data before the L2 entry that maps it; references removed before refcounts
+  drop. "Before" means *on stable storage before* (:mod:`fleece.block.qcow2.order`): a
+  dependent write first syncs the file if what it depends on was written since the last sync.
+  A ``kill -9`` or a power loss can leak clusters, never corrupt; ``flush()`` has nothing of
+  its own to write: the node's flush of the file child makes everything durable.
+* **Clusters come from a reservation** (16 MiB allocated at once, doubling up to 256 MiB
+  while a stream of writes uses them up; the file grown to cover it; both synced by the first
+  write that maps one of them): an allocating write's refcounts are then already durable and
+  it syncs nothing, and no L2 entry ever points past the end of the file. A crash leaks the
+  unused rest; a close frees it (and shrinks the file back).
 * **One metadata lock** (an ``RLock``) guards tables, caches and the allocator. Reads and
   in-place writes take it only to turn their range into a *plan* (host runs, zero runs,
   backing runs, compressed clusters) and to take an I/O ticket; data moves without it.
@@ -67,8 +75,10 @@ from fleece.block.qcow2.format import (
     check_layout,
     check_metadata_layout,
     header_area,
+    header_used,
     parse_header,
 )
+from fleece.block.qcow2.order import WriteOrder, rewrite_header
 from fleece.block.qcow2.refcount import Refcounts
 from fleece.errors import GenericError, ImageError
 
@@ -85,8 +95,12 @@ _ZEROES = bytes(1 << 21)
 _MAX_CHAIN = 64
 _DEFAULT_L2_CACHE = 32 * 1024 * 1024
 _SMALL_SLICE = 16  # up to this many clusters, a Python loop beats numpy
-#: host clusters allocated at once for direct writes: one refcount update per this many bytes
-_DIRECT_RESERVE_BYTES = 16 << 20
+#: host clusters allocated at once for new clusters (allocating and direct writes, L2
+#: tables): one refcount update, and one sync, per reservation. The first is this many bytes;
+#: each one used up doubles the next, up to the maximum (and to the virtual disk's size).
+_RESERVE_BYTES = 16 << 20
+_RESERVE_MAX_BYTES = 256 << 20
+_RESERVE_MAX_CLUSTERS = 32768
 _MAX_BEYOND_EOF = 1 << 30  # an in-place write further past the end of the file is corruption
 
 _opening = threading.local()  # the image files being opened in this thread (backing loops)
@@ -185,7 +199,9 @@ class Qcow2Driver(Driver):
             options.bool(key, False)
         self._pass_discard_request = options.bool("pass-discard-request", True)
         self._pass_discard_other = options.bool("pass-discard-other", False)
-        self._reserve = (0, 0)  # host clusters [next, end) allocated for direct writes, unused
+        self._reserve = (0, 0)  # host clusters [next, end) allocated, not handed out yet
+        self._reserve_size = 0  # clusters in the next reservation (0: the first size)
+        self._fresh = 0  # reserved clusters from this one on were never written (read zeroes)
         for key in _INT_OPTIONS:
             options.int(key, minimum=0)
         l2_cache = options.int("l2-cache-size", minimum=0)
@@ -197,6 +213,7 @@ class Qcow2Driver(Driver):
 
         self._file = self.node.graph.open_child(self.node, "file", file_ref, ChildRole.FILE)
         self._io = _FileIO(self._file)
+        self._order = WriteOrder(self._file.flush)
         stack: list[str] = getattr(_opening, "stack", None) or []
         _opening.stack = stack
         me = os.path.realpath(self._file.driver.filename() or f"<{self.node.name}>")
@@ -234,6 +251,7 @@ class Qcow2Driver(Driver):
         cs = h.cluster_size
         self._cb = h.cluster_bits
         self._cs = cs
+        self._zero_cluster = bytes(cs)
         self._l2_bits = h.cluster_bits - 3
         self._l2_mask = (1 << self._l2_bits) - 1
         self._size = h.size
@@ -271,6 +289,7 @@ class Qcow2Driver(Driver):
             table_clusters=h.refcount_table_clusters,
             table=reftable,
             meta=meta,
+            write_order=self._order,
         )
         self._bitmaps = BitmapStore(io, self._refs, h, meta)
         for loaded in self._bitmaps.load(io.read_short(0, cs), file_size):
@@ -297,10 +316,15 @@ class Qcow2Driver(Driver):
         stored bitmaps in use so that a crash is detected."""
         h = self.header
         keep = AUTOCLEAR_BITMAPS if self._bitmaps.entries else 0
+        wrote = False
         if h.autoclear & ~keep:
             h.autoclear &= keep
             self._io.write(OFF_AUTOCLEAR, struct.pack(">Q", h.autoclear))
-        self._bitmaps.mark_in_use()
+            wrote = True
+        if self._bitmaps.mark_in_use() or wrote:
+            # On disk before any guest write: else a power loss could leave a bitmap that
+            # misses writes and still looks consistent.
+            self._order.sync()
         for bitmap in bitmaps_on(self.node):
             bitmap.readonly = False
 
@@ -383,7 +407,7 @@ class Qcow2Driver(Driver):
     def close(self) -> None:
         if not self.node.read_only:
             with self._lock, contextlib.suppress(OSError):  # else the clusters leak
-                self._release_reserve()
+                self._release_reserve(shrink=True)
             with contextlib.suppress(OSError, ValueError):  # they stay "in use": inconsistent
                 self.store_bitmaps()
         self._l2_cache.clear()
@@ -422,20 +446,23 @@ class Qcow2Driver(Driver):
     def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
         """Rewrite the header to name a new backing file (``None``: no backing file).
 
-        One write of the header area, so a crash leaves the old name or the new one. Raises
+        A crash or a power loss leaves the old name or the new one (see
+        :func:`~fleece.block.qcow2.order.rewrite_header`; a name spanning sectors the old header
+        uses is written whole, as QEMU writes it). Raises
         ``GenericError`` when the image is read-only or the name does not fit.
         """
         self._check_writable()
         with self._lock:
             h = self.header
-            first = self._io.read_short(0, h.cluster_size)
+            first = self._io.read(0, h.cluster_size)
+            used = header_used(h, first)
             old = (h.backing_file_offset, h.backing_file_size)
             try:
                 area = header_area(h, first, filename, fmt if filename else None)
             except ValueError as exc:
                 h.backing_file_offset, h.backing_file_size = old
                 raise GenericError(f"Could not change the backing file: {exc}") from exc
-            self._io.write(0, area)
+            rewrite_header(self._io, self._order, first, used, area)
             h.backing_file = filename or None
             h.backing_format = fmt if filename else None
 
@@ -691,21 +718,21 @@ class Qcow2Driver(Driver):
             table, l2_offset = self._l2_for_write(l1_index)
             if np.count_nonzero(table[i0 : i0 + count] >> 1):  # any bit but OFLAG_ZERO (bit 0)
                 return None
-            base = self._direct_clusters(count)
+            base = self._new_clusters(count)
             clusters = list(range(base, base + count))
             try:
                 direct = self._file.begin_direct_write(base << cb, length)
             except BaseException:
-                self._free(clusters, [], False)
+                self._free(clusters, [], False, referenced=False)
                 raise
             if direct is None:
-                self._free(clusters, [], False)
+                self._free(clusters, [], False, referenced=False)
                 return None
 
         def map_clusters(written: bool) -> None:
             with self._lock:
                 if not written:
-                    self._free(clusters, [], False)
+                    self._free(clusters, [], False, referenced=False)
                     return
                 current = self._l2_table(l1_index)  # the cached table may have been evicted
                 assert current is not None
@@ -715,26 +742,46 @@ class Qcow2Driver(Driver):
         direct.finishers.append(map_clusters)
         return direct
 
-    def _direct_clusters(self, count: int) -> int:
-        """``count`` contiguous new host clusters for a direct write (lock held), cut from a
-        reservation allocated in bulk: direct writes come in streams (copy-before-write), and
-        one refcount update per reservation is far cheaper than one per write. What is left of
-        it is freed on close; a crash leaks it, which ``qemu-img check -r leaks`` repairs."""
+    def _new_clusters(self, count: int) -> int:
+        """``count`` contiguous new host clusters (lock held), cut from a reservation allocated
+        in bulk: writes come in streams, and one refcount update (and one sync, made by the
+        first pointer to them) per reservation is far cheaper than one per write. The file is
+        grown to cover the reservation at once, so a pointer never reaches past its end, even
+        when the data write that would have grown it is lost. What is left of it is freed on
+        close; a crash leaks it, which ``qemu-img check -r leaks`` repairs."""
         nxt, end = self._reserve
         if end - nxt < count:
+            cb = self._cb
+            limit = min(_RESERVE_MAX_BYTES >> cb, _RESERVE_MAX_CLUSTERS,
+                        (self._size + self._cs - 1) >> cb)
+            size = self._reserve_size or _RESERVE_BYTES >> cb
+            if end - nxt <= size >> 4:  # (nearly) used up: a stream, reserve more next time
+                self._reserve_size = min(2 * size, limit)
             self._release_reserve()
-            chunk = max(count, _DIRECT_RESERVE_BYTES >> self._cb)
+            chunk = max(count, min(size, limit))
             nxt = self._refs.alloc(chunk)
             end = nxt + chunk
+            file_end = self._io.file_end()
+            self._fresh = max(nxt, (file_end + self._cs - 1) >> cb)
+            if end << cb > file_end:
+                self._io.write((end << cb) - 512, _ZEROES[:512])  # grows the file (sparse)
+                self._order.wrote_target()
         self._reserve = (nxt + count, end)
         return nxt
 
-    def _release_reserve(self) -> None:
-        """Free the unused rest of the direct-write reservation (lock held)."""
+    def _release_reserve(self, shrink: bool = False) -> None:
+        """Free the unused rest of the reservation (lock held); with ``shrink``, cut the file
+        back when the rest is all that lies beyond the last cluster in use."""
         nxt, end = self._reserve
         self._reserve = (0, 0)
-        if nxt < end:
-            self._free(list(range(nxt, end)), [], False)
+        if nxt >= end:
+            return
+        self._free(list(range(nxt, end)), [], False, referenced=False)
+        truncate = getattr(self._file.driver, "truncate", None) if self._file else None
+        if shrink and truncate is not None and self._io.file_end() == end << self._cb:
+            self._order.sync()  # the refcounts first: the clusters must not reappear in use
+            truncate(max(nxt, self._fresh) << self._cb)
+            self._io.file_end()
 
     def _check_writable(self) -> None:
         if self.node.read_only or self._file is None:
@@ -768,12 +815,15 @@ class Qcow2Driver(Driver):
             table = self._l2_table(l1_index)
             assert table is not None
             return table, offset
-        cluster = self._refs.alloc(1)
+        cluster = self._new_clusters(1)
         self._meta.add(cluster)
         offset = cluster << self._cb
         self._io.write(offset, _ZEROES[: self._cs])
+        self._order.wrote_target()
         entry = offset | OFLAG_COPIED
+        self._order.before_pointer()
         self._io.write(self.header.l1_table_offset + 8 * l1_index, struct.pack(">Q", entry))
+        self._order.wrote_pointer()
         self._l1[l1_index] = entry
         table = np.zeros(self._cs // 8, dtype=np.uint64)
         self._l2_cache[offset] = table
@@ -784,7 +834,9 @@ class Qcow2Driver(Driver):
     def _write_entries(self, l2_offset: int, table: U64, first: int, values: list[int]) -> None:
         """Set ``table[first:first + len(values)]`` in memory and on disk."""
         table[first : first + len(values)] = values
+        self._order.before_pointer()
         self._io.write(l2_offset + 8 * first, struct.pack(f">{len(values)}Q", *values))
+        self._order.wrote_pointer()
 
     def _old_cluster(self, entry: int, cluster: int, buf: bytearray) -> None:
         """Fill ``buf`` (zeroed, one cluster) with what guest cluster ``cluster`` reads as."""
@@ -820,8 +872,10 @@ class Qcow2Driver(Driver):
                 for e in entries
             ]
             need = reuse.count(False)
-            base = self._refs.alloc(need) << cb if need else 0
+            base = self._new_clusters(need) << cb if need else 0
+            fresh = self._fresh << cb  # new clusters from here on read zeroes until written
             k = 0
+            ordered = False  # some copied-on-write data must be durable before the L2 entry
             writes: list[tuple[int, int, int, bytes | bytearray | None]] = []
             new_entries = list(entries)
             for j, entry in enumerate(entries):
@@ -847,10 +901,16 @@ class Qcow2Driver(Driver):
                 else:
                     buf = bytearray(cs)
                     self._old_cluster(entry, c + j, buf)
+                    # Lost after a power loss, old data of a fresh cluster that was all zeroes
+                    # reads back unchanged: only other copies must precede the L2 entry.
+                    if reuse[j] or host < fresh or buf != self._zero_cluster:
+                        ordered = True
                     buf[lo - cstart : hi - cstart] = data[lo - offset : hi - offset]
                     writes.append((host, 0, cs, buf))
                 new_entries[j] = host | OFLAG_COPIED
             self._flush_writes(writes, data)
+            if ordered:
+                self._order.wrote_target()
             changed = [j for j in range(len(entries)) if new_entries[j] != entries[j]]
             if changed:
                 a, b = changed[0], changed[-1] + 1
@@ -880,8 +940,12 @@ class Qcow2Driver(Driver):
             i = j
 
     # -- freeing -----------------------------------------------------------------------------
-    def _free(self, clusters: list[int], compressed: list[int], discard: bool) -> None:
-        """Drop one reference from each host cluster (references already removed; lock held)."""
+    def _free(
+        self, clusters: list[int], compressed: list[int], discard: bool, *,
+        referenced: bool = True,
+    ) -> None:
+        """Drop one reference from each host cluster (references already removed, or never
+        made when ``referenced`` is False; lock held)."""
         if not clusters and not compressed:
             return
         self._wait_older_io()
@@ -901,7 +965,7 @@ class Qcow2Driver(Driver):
             runs.append((first, last - first + 1))
         assert self._file is not None
         for first, count in runs:
-            for c, n in self._refs.change(first, count, -1):
+            for c, n in self._refs.change(first, count, -1, referenced=referenced):
                 if discard:
                     self._file.pdiscard(c << cb, n << cb)
 
@@ -1038,7 +1102,11 @@ class Qcow2Driver(Driver):
 
     # -- flush and status --------------------------------------------------------------------
     def flush(self) -> None:
-        """Nothing to do here: metadata is written through; the node flushes the file child."""
+        """Nothing of its own to write: metadata is written through, in an order that holds on
+        stable storage (:mod:`fleece.block.qcow2.order`), so the node's flush of the file
+        child, which follows, makes every write that returned before durable. (Syncing here
+        too would sync the file twice per flush; the write order not knowing of that sync
+        costs at most one sync, when a pointer next depends on a target written before.)"""
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of the first uniform extent at ``offset``.

@@ -33,9 +33,11 @@ from fleece.block.qcow2.format import (
     Header,
     extensions_except,
     header_extensions,
+    header_used,
     pack_extension,
     pack_header,
 )
+from fleece.block.qcow2.order import rewrite_header
 from fleece.block.qcow2.refcount import MetaIO, Refcounts
 from fleece.errors import ImageError
 
@@ -307,14 +309,18 @@ class BitmapStore:
             data[-1] &= (1 << (nbits % 8)) - 1
         return ClusterBitmap.from_bytes(bytes(data), nbits)
 
-    def mark_in_use(self) -> None:
-        """A writable open: flag every consistent bitmap in use, in place."""
+    def mark_in_use(self) -> bool:
+        """A writable open: flag every consistent bitmap in use, in place. True if it wrote
+        (the caller syncs before the guest writes)."""
         pos = self.dir_offset
+        wrote = False
         for entry in self.entries:
             if not entry.flags & FLAG_IN_USE:
                 entry.flags |= FLAG_IN_USE
                 self.io.write(pos + 12, struct.pack(">I", entry.flags))
+                wrote = True
             pos += len(entry.pack())
+        return wrote
 
     # -- storing -------------------------------------------------------------------------------
     def store(self, bitmaps: list[tuple[str, int, ClusterBitmap, bool, bool]]) -> None:
@@ -351,6 +357,7 @@ class BitmapStore:
                 allocated += self._clusters(dir_offset, dir_size)
                 ext = _EXT.pack(len(new_entries), 0, dir_size, dir_offset)
             first = self.io.read(0, self.cs)
+            used = header_used(h, first)
             old_autoclear = h.autoclear
             if ext is not None:
                 h.autoclear |= AUTOCLEAR_BITMAPS
@@ -361,10 +368,11 @@ class BitmapStore:
             except ValueError:
                 h.autoclear = old_autoclear
                 raise
-            self.io.write(0, area)
+            # The new bitmaps are on disk first; a power loss leaves the old header or this.
+            rewrite_header(self.io, self.refs.writes, first, used, area)
         except BaseException:
             with suppress(OSError):
-                self._free(allocated)  # nothing points at them yet
+                self._free(allocated, referenced=False)  # nothing points at them yet
             raise
         # The header points at the new bitmaps: the old clusters can go.
         dropped: list[int] = []
@@ -398,7 +406,7 @@ class BitmapStore:
             owned += self._clusters(table_offset, len(raw))
         except BaseException:
             with suppress(OSError):
-                self._free(owned)
+                self._free(owned, referenced=False)
             raise
         flags = FLAG_AUTO if enabled else 0
         return BitmapEntry(name, table_offset, size, flags, gbits), owned
@@ -409,12 +417,15 @@ class BitmapStore:
         self.meta.update(range(first, first + count))
         offset = first << self.cb
         self.io.write(offset, data + bytes(count * self.cs - len(data)))
+        self.refs.writes.wrote_target()
         return offset
 
-    def _free(self, clusters: list[int]) -> None:
+    def _free(self, clusters: list[int], referenced: bool = True) -> None:
+        """Drop the clusters' references: the header no longer points at them (durably, as
+        the refcounts see to), or, ``referenced`` False, never did."""
         for c in sorted(set(clusters)):
             self.meta.discard(c)
-            self.refs.change(c, 1, -1)
+            self.refs.change(c, 1, -1, referenced=referenced)
 
     # -- introspection -------------------------------------------------------------------------
     def info(self) -> list[dict[str, Any]]:

@@ -154,6 +154,7 @@ def create(
         _write_all(fd, cluster_size, table.tobytes())
         _write_all(fd, (1 + table_clusters) * cluster_size, refcounts.tobytes())
         os.ftruncate(fd, total * cluster_size)
+        os.fdatasync(fd)  # on stable storage before anyone writes into it (QEMU flushes too)
     finally:
         os.close(fd)
 

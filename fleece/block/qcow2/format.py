@@ -243,6 +243,27 @@ def header_extensions(h: Header, first: bytes) -> Iterator[tuple[int, bytes]]:
         pos += length + (-length % 8)
 
 
+def header_used(h: Header, first: bytes) -> int:
+    """How many bytes at the start of the header cluster ``first`` the header ``h`` uses: the
+    header, its extensions with their end marker, the backing name. The rest is free (a header
+    rewrite may put new bytes there before the header points at them)."""
+    end = len(first)
+    if h.backing_file_offset and h.backing_file_offset < end:
+        end = h.backing_file_offset
+    pos = h.header_length
+    while pos + 8 <= end:
+        kind, length = struct.unpack_from(">II", first, pos)
+        pos += 8
+        if kind == EXT_END or length > end - pos:
+            break
+        pos += length + (-length % 8)
+    else:
+        pos = end
+    if h.backing_file_offset and h.backing_file_size:
+        pos = max(pos, h.backing_file_offset + h.backing_file_size)
+    return min(max(pos, h.header_length), len(first))
+
+
 def _parse_extensions(h: Header, first: bytes) -> None:
     """Read the header extensions between the header and the backing name (or cluster end)."""
     for kind, data in header_extensions(h, first):

@@ -1,12 +1,16 @@
 """qcow2 reference counts: reading any entry width, allocating clusters, growing the table.
 
-Crash safety (a ``kill -9`` may leak clusters, never corrupt), as promised by every method:
+Crash safety (a ``kill -9`` or a power loss may leak clusters, never corrupt), as promised by
+every method, with :class:`~fleece.block.qcow2.order.WriteOrder` turning "before" into "on
+stable storage before" (its barriers sync only when needed):
 
-- an allocation writes the new refcounts before returning, so nothing references a cluster
-  whose refcount is still zero on disk;
+- an allocation writes the new refcounts before returning and marks them as targets, so the
+  caller's pointer to the cluster waits for them;
 - a new refcount block is written, already counting itself, before the table points at it;
 - a new, larger refcount table is written (with its blocks) before the header points at it,
-  and the old table's clusters are released only after that.
+  and the old table's clusters are released only after that;
+- a refcount drops only once the pointers written before it are durable (the caller removed
+  the references first), unless the caller says the clusters were never referenced.
 
 Not thread-safe by itself: the driver calls it under its metadata lock.
 """
@@ -22,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleece.block.qcow2.format import MAX_REFTABLE_BYTES, OFF_REFTABLE, REFT_OFFSET_MASK
+from fleece.block.qcow2.order import WriteOrder
 
 _DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 U64 = npt.NDArray[np.uint64]
@@ -124,9 +129,12 @@ class Refcounts:
         table_clusters: int,
         table: U64,
         meta: set[int],
+        write_order: WriteOrder | None = None,
         cache_blocks: int = 1024,
     ) -> None:
         self.io = io
+        #: the image's write order (None: no syncs, for a read-only image or a checker)
+        self.writes = write_order if write_order is not None else WriteOrder(lambda: None)
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.order = order
@@ -163,13 +171,19 @@ class Refcounts:
         return 0 if blk is None else blk.get(cluster % self.entries)
 
     # -- changing ----------------------------------------------------------------------------
-    def change(self, cluster: int, count: int, delta: int) -> list[tuple[int, int]]:
+    def change(
+        self, cluster: int, count: int, delta: int, *, referenced: bool = True
+    ) -> list[tuple[int, int]]:
         """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster``, on disk.
 
-        Blocks must exist (an allocation ensures that). Returns the runs ``(first, count)``
-        whose refcount dropped to zero. Raises ``OSError`` (``EIO`` for a missing block or an
-        underflow, ``ERANGE`` for an overflow).
+        Blocks must exist (an allocation ensures that). An increase is marked as a target (see
+        :class:`WriteOrder`); a decrease first waits for the pointers written so far, unless
+        ``referenced`` is False (nothing ever pointed at the clusters). Returns the runs
+        ``(first, count)`` whose refcount dropped to zero. Raises ``OSError`` (``EIO`` for a
+        missing block or an underflow, ``ERANGE`` for an overflow).
         """
+        if delta < 0 and referenced:
+            self.writes.before_decrease()
         freed: list[tuple[int, int]] = []
         end = cluster + count
         while cluster < end:
@@ -193,6 +207,8 @@ class Refcounts:
                         freed.append((base + run_start, run_len))
                     self.hint = min(self.hint, base + int(zero[0]))
             cluster = index * self.entries + stop
+        if delta > 0:
+            self.writes.wrote_target()
         return freed
 
     def alloc(self, count: int) -> int:
@@ -254,12 +270,15 @@ class Refcounts:
             blocks.append((index, blk))
         for k, (_, blk) in enumerate(blocks):
             self.io.write((at + k) << self.cluster_bits, blk.buf)
+        self.writes.wrote_target()
+        self.writes.before_pointer()
         for k, (index, blk) in enumerate(blocks):
             offset = (at + k) << self.cluster_bits
             self.table[index] = offset
             self.io.write(self.table_offset + 8 * index, struct.pack(">Q", offset))
             self.meta.add(at + k)
             self._cache[index] = blk
+        self.writes.wrote_pointer()
 
     def _find_free(self, count: int) -> int:
         """The first run of ``count`` clusters with refcount 0 and no metadata, from the hint."""
@@ -401,7 +420,10 @@ class Refcounts:
         # 3. the new table, then 4. the header
         new_offset = table_at << self.cluster_bits
         self.io.write(new_offset, table.astype(">u8").tobytes())
+        self.writes.wrote_target()
+        self.writes.before_pointer()
         self.io.write(OFF_REFTABLE, struct.pack(">QI", new_offset, clusters))
+        self.writes.wrote_pointer()
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = table
         self.table_offset, self.table_clusters = new_offset, clusters
