@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fnmatch
 import logging
 import os
@@ -373,8 +374,29 @@ async def _main(config: DaemonConfig) -> int:
     return 0
 
 
+#: glibc's M_MMAP_THRESHOLD option, and the value the daemon fixes it at
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_big_buffers() -> bool:
+    """Fix glibc's mmap threshold at 256 KiB for this process: every buffer that big (NBD
+    replies and payloads, TLS records in bulk) gets its own mapping, unmapped when freed, so
+    what a departed client held goes back to the system at once. glibc's default raises the
+    threshold to the biggest buffer freed so far, after which such buffers come from heaps
+    (one per I/O thread) that keep freed pages: after a TLS attack the daemon stayed 12-15 MiB
+    above its baseline that way, with this under 1 MiB. The price: a fresh mapping (page
+    faults) per big buffer. False where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def run_daemon(config: DaemonConfig) -> int:
     """Run the daemon in this process until it shuts down; returns the exit status."""
+    return_big_buffers()
     if not config.qmp and not config.nbd_server and not config.export:
         print("fleece daemon: nothing to serve: give --qmp (and/or --nbd-server, --export)",
               file=sys.stderr)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import enum
 import errno
 import logging
@@ -39,6 +40,7 @@ import stat
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -82,9 +84,11 @@ T = TypeVar("T")
 MAX_IN_FLIGHT = 128
 #: ... or this many bytes held: payloads of requests in flight and replies the client has not
 #: read yet (the request that crosses it may add its own length, 32 MiB at most)
-MAX_HELD_BYTES = 16 * 1024 * 1024
-#: the transport asks us to stop writing above this many buffered bytes before transmission
+MAX_HELD_BYTES = 8 * 1024 * 1024
+#: the transport asks us to stop writing above this many buffered bytes before transmission,
+#: and in transmission (the replies after that wait in the connection's own, counted, queue)
 NEGOTIATION_WRITE_HIGH = 64 * 1024
+TRANSMISSION_WRITE_HIGH = 256 * 1024
 #: QEMU 7.2 closes a handshake not finished after 10 s (newer QEMU: handshake-max-seconds)
 HANDSHAKE_TIMEOUT = 10.0
 #: a client whose replies wait this long without the socket taking a byte is disconnected
@@ -261,7 +265,8 @@ class Connection(asyncio.BufferedProtocol):
       as in QEMU, which holds up to 16 of them);
     - the transport asked us to stop writing (``pause_writing``: TLS, or replies written before
       the direct sender took over), its buffer being above ``NEGOTIATION_WRITE_HIGH`` before
-      transmission and half of ``MAX_HELD_BYTES`` in it;
+      transmission and ``TRANSMISSION_WRITE_HIGH`` in it (replies then wait in ``_outbox``,
+      counted, until ``resume_writing``);
     - the protocol holds input back because its own replies (negotiation answers, errors for
       invalid requests) are queued (``ServerConnection.output_blocked``).
 
@@ -302,6 +307,9 @@ class Connection(asyncio.BufferedProtocol):
         self.sender: DirectSender | None = None
         #: bytes handed to the transport (with its buffer size: how much of them left)
         self.written = 0
+        #: replies held while the transport asked us to stop writing, and their bytes
+        self._outbox: deque[list[Buffer]] = deque()
+        self._outbox_bytes = 0
         #: replies written before GO are still in the transport: switch to a direct sender
         #: once they left
         self._want_sender = False
@@ -353,6 +361,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._drain_outbox()
         self._pump()
 
     # -- state -------------------------------------------------------------------------------
@@ -378,8 +387,11 @@ class Connection(asyncio.BufferedProtocol):
         self.proto.release()
         self.backlog = []
         self.deferred = []
+        self._outbox.clear()
+        self._outbox_bytes = 0
         self._stall = None
         self.server.connections.discard(self)
+        self.server.released = True
         if self.export is not None:
             self.export.connections.discard(self)
 
@@ -411,6 +423,24 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.state is ConnState.GONE:
             return
+        if self.write_paused or self._outbox:
+            # The transport asked us to stop: the reply waits here, counted, rather than in
+            # the transport (whose TLS layer would copy it twice more).
+            self._outbox.append(buffers)
+            self._outbox_bytes += sum(len(b) for b in buffers)
+            return
+        self._write(transport, buffers)
+
+    def _drain_outbox(self) -> None:
+        transport = self.transport
+        while self._outbox and not self.write_paused:
+            if transport is None or transport.is_closing() or self.state is ConnState.GONE:
+                return
+            buffers = self._outbox.popleft()
+            self._outbox_bytes -= sum(len(b) for b in buffers)
+            self._write(transport, buffers)
+
+    def _write(self, transport: asyncio.Transport, buffers: list[Buffer]) -> None:
         self.written += sum(len(b) for b in buffers)
         if len(buffers) == 1:
             transport.write(buffers[0])
@@ -426,7 +456,9 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.state is ConnState.GONE:
             return
-        if self.sender is not None and self.sender.pending and not self.sender.closed:
+        if self._outbox or (
+            self.sender is not None and self.sender.pending and not self.sender.closed
+        ):
             self.server.loop.call_later(0.01, self._close_when_sent)
             return
         transport.close()
@@ -456,7 +488,9 @@ class Connection(asyncio.BufferedProtocol):
     def _unsent(self) -> int:
         """Reply bytes the socket has not taken yet (loop thread)."""
         sender, transport = self.sender, self.transport
-        unsent = sender.pending if sender is not None else 0
+        unsent = self._outbox_bytes
+        if sender is not None:
+            unsent += sender.pending
         if transport is not None:
             unsent += transport.get_write_buffer_size()
         return unsent
@@ -526,13 +560,14 @@ class Connection(asyncio.BufferedProtocol):
     def _output_full(self) -> bool:
         """Replies wait for the client: the protocol's own must wait too."""
         sender = self.sender
-        return self.write_paused or (sender is not None and sender.pending >= OUTPUT_LIMIT)
+        return self.write_paused or bool(self._outbox) or (
+            sender is not None and sender.pending >= OUTPUT_LIMIT)
 
     def _pump(self) -> None:
         """Output drained (loop thread): input held back goes on, and reading may resume."""
         if self.state in (ConnState.GONE, ConnState.TLS):
             return
-        if self._want_sender and self.sender is None:
+        if self._want_sender and self.sender is None and not self._outbox:
             transport = self.transport
             if transport is not None and not transport.get_write_buffer_size():
                 self.sender = self._direct_sender()
@@ -604,8 +639,8 @@ class Connection(asyncio.BufferedProtocol):
             self.contexts = event.contexts
             export.connections.add(self)
             self._flush()
-            if self.transport is not None:  # replies may now take up to half the budget
-                self.transport.set_write_buffer_limits(high=MAX_HELD_BYTES // 2)
+            if self.transport is not None:  # room for a few replies before they wait
+                self.transport.set_write_buffer_limits(high=TRANSMISSION_WRITE_HIGH)
             self.sender = self._direct_sender()
         elif isinstance(event, StartTLS):
             if self.transport is not None:
@@ -1018,6 +1053,25 @@ class _Listener:
         self.sock.close()
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Give the free pages of every malloc heap back to the system. The reply and payload
+    buffers of a departed client are freed at once, but glibc keeps freed memory of buffers
+    below its (growing) mmap threshold in its heaps; without this the daemon's RSS would stay
+    at its peak after an attack."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _fd_ceiling() -> int:
     """Accepted sockets must stay below this descriptor number: ``FD_RESERVE`` descriptors
     under the open-file limit stay free for QMP, images and the server's own needs."""
@@ -1133,6 +1187,8 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        #: a connection went since the last sweep (its memory is handed back then)
+        self.released = False
         self._thread = threading.Thread(target=self._run, name="fleece-nbd", daemon=True)
         self._thread.start()
         self.loop.call_soon_threadsafe(self._sweep)
@@ -1164,6 +1220,9 @@ class NBDServer:
         for connection in list(self.connections):
             connection.tick(now)
         self.audit.flush(now)
+        if self.released:  # what departed clients held goes back to the system now
+            self.released = False
+            _trim_heap()
         if not self.closing:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
