@@ -22,6 +22,7 @@ the filter is removed, drained again, after every write that entered it has fini
 
 from __future__ import annotations
 
+import enum
 import logging
 from contextlib import suppress
 from typing import Any, ClassVar
@@ -40,6 +41,24 @@ from fleece.jobs.job import ErrorAction, Job, JobHost
 
 log = logging.getLogger(__name__)
 
+class SyncMode(enum.Enum):
+    """What the job copies (QEMU's ``MirrorSyncMode``; ``incremental`` arrives as ``bitmap``
+    with bitmap-mode on-success, see :func:`fleece.bitmaps.commands.check_backup_bitmap`)."""
+
+    FULL = "full"
+    TOP = "top"
+    NONE = "none"
+    BITMAP = "bitmap"
+
+
+class BitmapSyncMode(enum.Enum):
+    """How a job given a bitmap ends its freeze (QEMU's ``BitmapSyncMode``)."""
+
+    ON_SUCCESS = "on-success"
+    NEVER = "never"
+    ALWAYS = "always"
+
+
 #: how many bytes the job plans and copies between two checkpoints
 CHUNK_BYTES = 16 << 20
 
@@ -54,12 +73,12 @@ class BackupJob(Job):
         source: BlockNode,
         target: BlockNode,
         *,
-        sync: str,
+        sync: SyncMode,
         target_is_fresh: bool,
         copy_ahead: int = COPY_AHEAD_BYTES,
         write_behind: int = 0,
         sync_bitmap: DirtyBitmap | None = None,
-        bitmap_mode: str = "on-success",
+        bitmap_mode: BitmapSyncMode = BitmapSyncMode.ON_SUCCESS,
         target_size_limit: int = 0,
         on_cbw_error: CbwErrorPolicy = CbwErrorPolicy.BREAK_GUEST_WRITE,
         filter_node_name: str | None = None,
@@ -98,7 +117,7 @@ class BackupJob(Job):
                 except BaseException:
                     graph.remove_filter(self.filter, self._filter_user)
                     raise
-        log.debug("backup job %r: sync=%s, filter %r above %r, target %r", job_id, sync,
+        log.debug("backup job %r: sync=%s, filter %r above %r, target %r", job_id, sync.value,
                   self.filter.name, source.name, target.name)
 
     def _setup_in_drained_section(self) -> None:
@@ -114,9 +133,9 @@ class BackupJob(Job):
         if bitmap is not None:
             bitmap.freeze()
         try:
-            if self.sync == "top":
+            if self.sync is SyncMode.TOP:
                 self._skip_unallocated_in_top()
-            elif self.sync == "bitmap":
+            elif self.sync is SyncMode.BITMAP:
                 assert bitmap is not None
                 self._skip_clean(bitmap)
         except BaseException:
@@ -184,7 +203,7 @@ class BackupJob(Job):
             self.handle_error(CopyWriteError(exc.errno, str(exc)), "write")
 
     def run(self) -> None:
-        if self.sync == "none":
+        if self.sync is SyncMode.NONE:
             while True:  # the hook does the work until someone cancels
                 self.checkpoint()
                 self._check_hook()
@@ -204,7 +223,7 @@ class BackupJob(Job):
 
     def _copy_chunk(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero."""
-        if self.sync == "bitmap":
+        if self.sync is SyncMode.BITMAP:
             # An incremental image must hold every dirty cluster, zeroes included: copied as
             # data, they are exactly its allocated clusters and hide the older backup's data.
             return 0 if self.cbw.all_done(first, end) else self._copy_with_policy(first, end)
@@ -240,11 +259,11 @@ class BackupJob(Job):
         if bitmap is None or bitmap.successor is None:
             return
         mode = self.bitmap_mode
-        if (success or mode == "always") and mode != "never":
+        if (success or mode is BitmapSyncMode.ALWAYS) and mode is not BitmapSyncMode.NEVER:
             bitmap.abdicate()
         else:
             bitmap.reclaim()
-        if not success and mode == "always":
+        if not success and mode is BitmapSyncMode.ALWAYS:
             cluster = self.cbw.cluster_size
             for first, count, done in self.cbw.done.runs():
                 if not done:

@@ -14,7 +14,7 @@ from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
 from fleece.commands import command
 from fleece.errors import DeviceNotActive, GenericError
-from fleece.jobs.backup import BackupJob
+from fleece.jobs.backup import BackupJob, BitmapSyncMode, SyncMode
 from fleece.jobs.job import ErrorPolicy, Job
 from fleece.jobs.state import JobStatus
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fleece.events import Event
 
 ERROR_POLICY = tuple(policy.value for policy in ErrorPolicy)
-SYNC = ("full", "top", "none", "incremental", "bitmap")
+SYNC = (*(mode.value for mode in SyncMode), "incremental")
 
 _COMMON_JOB_ARGS: dict[str, Any] = {
     "*job-id": "str",
@@ -166,7 +166,7 @@ class JobCommands:
             job_id,
             source,
             target,
-            sync=sync,
+            sync=SyncMode(sync),
             target_is_fresh=fresh,
             copy_ahead=_perf_bytes(options.get("x-perf"), "copy-ahead", COPY_AHEAD_BYTES),
             write_behind=_perf_bytes(options.get("x-perf"), "write-behind", WRITE_BEHIND_BYTES),
@@ -174,7 +174,7 @@ class JobCommands:
             on_cbw_error=CbwErrorPolicy(options.get("on-cbw-error") or "break-guest-write"),
             filter_node_name=options.get("filter-node-name"),
             sync_bitmap=checked.bitmap,
-            bitmap_mode=checked.mode,
+            bitmap_mode=BitmapSyncMode(checked.mode),
             speed=options.get("speed") or 0,
             auto_finalize=options.get("auto-finalize", True),
             auto_dismiss=options.get("auto-dismiss", True),

@@ -201,13 +201,15 @@ def test_sync_top_scan_and_the_filter_leave_no_window(
         assert pause.entered.wait(WAIT)
         guest = Run(lambda: device.pwrite(5 * CLUSTER, b"\x55" * CLUSTER))
         time.sleep(GRACE)
+        # Done while the scan still runs: before the point in time, which the scan is part
+        # of. Otherwise it waits for the drained section and comes after.
+        before_instant = guest.done
         pause.release()
         backup.join()
         guest.join()
         assert backup.error is None and guest.error is None
         job = storage.jobs["job0"]
         assert job.wait(WAIT)
-        before_instant = guest.finished_at < backup.finished_at
         storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "b", "read-only": True,
                                          "backing": "base", "file": {
                                              "driver": "file",
@@ -215,8 +217,8 @@ def test_sync_top_scan_and_the_filter_leave_no_window(
         got = storage.graph.get("b").pread(5 * CLUSTER, CLUSTER)
         want = b"\x55" if before_instant else b"\xbb"
         assert got == want * CLUSTER, (
-            f"the guest write finished {'before' if before_instant else 'after'} "
-            f"drive-backup returned, but the backup holds {got[:1]!r}")
+            f"the guest write finished {'during' if before_instant else 'after'} the "
+            f"scan, but the backup holds {got[:1]!r}")
 
 
 # -- defect 4: backup start drains the source --------------------------------------------------
