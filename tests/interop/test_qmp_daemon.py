@@ -1054,9 +1054,13 @@ def test_original_design_end_to_end(tmp_path: Path, source: Path, start: Starter
         assert isinstance(jobs, list) and jobs[0]["device"] == "virtio0"
         assert jobs[0]["type"] == "backup"
 
+        # Every write passes through the backup's copy-before-write filter, as in QEMU: a
+        # writable export of the disk's node itself is refused; one of the device is not.
+        refused = qmp.cmd_raw("block-export-add", {"type": "nbd", "id": "live", "name": "live",
+                                                   "writable": True, "node-name": node})
+        assert_error(refused, "GenericError", "does not allow 'write'")
         # The guest writes after the point in time.
-        assert qmp.cmd("block-export-add", type="nbd", id="live", name="live", writable=True,
-                       **{"node-name": node}) == {}
+        assert qmp.cmd("nbd-server-add", device="virtio0", name="live", writable=True) == {}
         qemu_io(nbd_uri(nbd, "live"), *(f"write -P {p} {o} {n}" for p, o, n in PATTERNS_AFTER))
         qemu_io(nbd_uri(nbd, "live"), *(f"read -P {p} {o} {n}" for p, o, n in PATTERNS_AFTER),
                 read_only=True)

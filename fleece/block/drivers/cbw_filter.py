@@ -163,8 +163,10 @@ class CopyBeforeWriteDriver(Driver):
             return Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
         if not self._writes_file:
             return Perm.CONSISTENT_READ, Perm.all()
+        # Every write to the disk must pass through the filter (as in QEMU): nobody else
+        # may write or resize it while the filter is in.
         perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE
-        return perm, Perm.all()
+        return perm, Perm.all() & ~(Perm.WRITE | Perm.RESIZE)
 
     def image_info(self) -> dict[str, Any]:
         return {"fleecing": self.fleecing_info()}
