@@ -24,6 +24,7 @@ class Root:
         self._cond = threading.Condition(threading.Lock())
         self._in_flight = 0
         self._drained = 0
+        self._drainers: list[int] = []  # threads with a drained section open: they go on
 
     @property
     def node(self) -> BlockNode:
@@ -36,11 +37,12 @@ class Root:
 
     # -- requests ----------------------------------------------------------------------------
     def begin(self) -> BlockNode:
-        """Enter a request: wait while the root is drained, then count it in flight and return
-        the node it goes to. In a thread that must not wait (:mod:`fleece.block.nowait`), a
-        drained root raises ``WouldBlock`` instead. Pair with :meth:`end`."""
+        """Enter a request: wait while the root is drained (by another thread), then count it
+        in flight and return the node it goes to. In a thread that must not wait
+        (:mod:`fleece.block.nowait`), a drained root raises ``WouldBlock`` instead. Pair with
+        :meth:`end`."""
         with self._cond:
-            if self._drained:
+            if self._drained and threading.get_ident() not in self._drainers:
                 if nowait.active():
                     raise nowait.WouldBlock
                 self._cond.wait_for(lambda: not self._drained)
@@ -58,11 +60,13 @@ class Root:
         """Admit no new request and wait for those in flight (sections nest)."""
         with self._cond:
             self._drained += 1
+            self._drainers.append(threading.get_ident())
             self._cond.wait_for(lambda: not self._in_flight)
 
     def drain_end(self) -> None:
         with self._cond:
             self._drained -= 1
+            self._drainers.remove(threading.get_ident())
             if not self._drained:
                 self._cond.notify_all()
 

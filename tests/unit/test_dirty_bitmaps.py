@@ -218,7 +218,7 @@ def test_enable_disable_clear_and_remove(env: Env) -> None:
     assert error(env, "block-dirty-bitmap-remove", node="disk0", name="b") == (
         "Dirty bitmap 'b' not found"
     )
-    env.device.pwrite(0, b"still fine")  # the interceptor went with the last bitmap
+    env.device.pwrite(0, b"still fine")  # writes go on once the last bitmap went
 
 
 def test_query_lists_newest_first(env: Env) -> None:
