@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fleece.block.driver import Driver
+from fleece.block.driver import BlockStatus, Driver
 from fleece.block.qcow2 import create
 from fleece.storage import Storage
 
@@ -110,19 +110,14 @@ def in_thread(name: str) -> Callable[..., bool]:
 
 
 # -- defect 1: block status over the snapshot ----------------------------------------------------
-def test_block_status_of_the_backing_scheme_target_holds_across_the_walk(
-    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The status walk of pit0 steps from the target into the source. A guest zeroing that
-    copies cluster 8 and zeroes it in the source must not fall between the two steps: the
-    snapshot holds data there, so the answer must not say ZERO."""
-    fleece(storage, tmp_path)
-    pit0 = storage.graph.get("pit0")
+def status_during_guest_zeroing(storage: Storage, monkeypatch: pytest.MonkeyPatch,
+                                query: Callable[[], BlockStatus]) -> BlockStatus:
+    """Run ``query`` in a thread, stop it when it asks the source (disk0) for its status, and
+    meanwhile let the guest zero cluster 8 (copied first, then zeroed in the source)."""
     disk0 = storage.graph.get("disk0")
     pause = Pause(monkeypatch, disk0.driver, "block_status", in_thread("reader"))
-    answers: list[Any] = []
-    reader = threading.Thread(name="reader", target=lambda: answers.append(
-        pit0.block_status_above(8 * CLUSTER, CLUSTER)))
+    answers: list[BlockStatus] = []
+    reader = threading.Thread(name="reader", target=lambda: answers.append(query()))
     reader.start()
     assert pause.entered.wait(WAIT)
     guest = Run(lambda: storage.device("virtio0").pwrite_zeroes(8 * CLUSTER, CLUSTER, True))
@@ -132,6 +127,19 @@ def test_block_status_of_the_backing_scheme_target_holds_across_the_walk(
     guest.join()
     assert guest.error is None
     (status,) = answers
+    return status
+
+
+def test_block_status_of_the_backing_scheme_target_holds_across_the_walk(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status walk of pit0 steps from the target into the source. A guest zeroing that
+    copies cluster 8 and zeroes it in the source must not fall between the two steps: the
+    snapshot holds data there, so the answer must not say ZERO."""
+    fleece(storage, tmp_path)
+    pit0 = storage.graph.get("pit0")
+    status = status_during_guest_zeroing(
+        storage, monkeypatch, lambda: pit0.block_status_above(8 * CLUSTER, CLUSTER))
     assert not status.zero, f"the snapshot's cluster 8 holds 0x88, status said {status}"
     assert pit0.pread(8 * CLUSTER, CLUSTER) == b"\x88" * CLUSTER
 
@@ -150,20 +158,8 @@ def test_block_status_of_snapshot_access_holds_across_the_look_and_the_query(
     storage.execute("blockdev-add", {"driver": "snapshot-access", "node-name": "snap",
                                      "file": "cbw"})
     snap = storage.graph.get("snap")
-    disk0 = storage.graph.get("disk0")
-    pause = Pause(monkeypatch, disk0.driver, "block_status", in_thread("reader"))
-    answers: list[Any] = []
-    reader = threading.Thread(name="reader", target=lambda: answers.append(
-        snap.block_status(8 * CLUSTER, CLUSTER)))
-    reader.start()
-    assert pause.entered.wait(WAIT)
-    guest = Run(lambda: storage.device("virtio0").pwrite_zeroes(8 * CLUSTER, CLUSTER, True))
-    time.sleep(GRACE)
-    pause.release()
-    reader.join(WAIT)
-    guest.join()
-    assert guest.error is None
-    (status,) = answers
+    status = status_during_guest_zeroing(
+        storage, monkeypatch, lambda: snap.block_status(8 * CLUSTER, CLUSTER))
     assert not status.zero, f"the snapshot's cluster 8 holds 0x88, status said {status}"
     assert snap.pread(8 * CLUSTER, CLUSTER) == b"\x88" * CLUSTER
 
