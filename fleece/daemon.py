@@ -376,17 +376,19 @@ async def _main(config: DaemonConfig) -> int:
 
 #: glibc's M_MMAP_THRESHOLD option, and the value the daemon fixes it at
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 * 1024
+MMAP_THRESHOLD = 512 * 1024
 
 
 def return_big_buffers() -> bool:
-    """Fix glibc's mmap threshold at 256 KiB for this process: every buffer that big (NBD
-    replies and payloads, TLS records in bulk) gets its own mapping, unmapped when freed, so
-    what a departed client held goes back to the system at once. glibc's default raises the
-    threshold to the biggest buffer freed so far, after which such buffers come from heaps
-    (one per I/O thread) that keep freed pages: after a TLS attack the daemon stayed 12-15 MiB
-    above its baseline that way, with this under 1 MiB. The price: a fresh mapping (page
-    faults) per big buffer. False where there is no glibc."""
+    """Fix glibc's mmap threshold at 512 KiB for this process: every buffer that big (NBD
+    replies and payloads of 512 KiB and more, the sizes a hostile client would queue) gets its
+    own mapping, unmapped when freed, so what a departed client held goes back to the system
+    at once. glibc's default raises the threshold to the biggest buffer freed so far, after
+    which such buffers come from heaps (one per I/O thread) that keep freed pages: after a TLS
+    attack the daemon stayed 12-15 MiB above its baseline that way, with this under 1 MiB.
+    Not lower: at 256 KiB, nbdcopy's 256 KiB requests each paid a fresh mapping's page faults
+    (nbdcopy of the snapshot 916 MiB/s at 512 KiB, 532 at 256 KiB; docs/performance.md).
+    False where there is no glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
