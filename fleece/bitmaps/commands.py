@@ -360,7 +360,5 @@ def export_bitmap(
 
 
 def _filtered(node: BlockNode) -> BlockNode | None:
-    """The child a filter node passes I/O to (``file`` of a filter), if ``node`` is one."""
-    if node.driver_name in ("copy-before-write", "blkdebug"):
-        return node.file_child()
-    return None
+    """The child a filter node passes I/O to, if ``node`` is one."""
+    return node.driver.filtered_child()

@@ -364,7 +364,7 @@ def published(node: BlockNode, name: str) -> DirtyBitmap | None:
                 for bitmap in bitmaps:
                     if bitmap.name == name:
                         return bitmap
-        walk = walk.file_child() if walk.driver_name not in ("qcow2",) else None
+        walk = walk.driver.filtered_child()
     return None
 
 

@@ -231,6 +231,16 @@ class Driver:
         protocols, which is the default."""
         return None
 
+    def posix_fd(self) -> int | None:
+        """The open host file whose bytes are this node's bytes, one for one (a ``file``
+        node): ``sendfile`` may serve reads from it. None, the default, for everything else."""
+        return None
+
+    def window(self) -> tuple[BlockNode, int] | None:
+        """``(child, offset)`` when this node's bytes are the child's bytes from ``offset`` on,
+        unchanged (``raw`` with an offset); None, the default, when they are not."""
+        return None
+
     def copy_before_write(self) -> CopyBeforeWrite | None:
         """The copy-before-write state a filter keeps (its snapshot), or None."""
         return None

@@ -399,14 +399,18 @@ class BlockNode:
                 self._idle.notify_all()
 
     @contextmanager
-    def _request(self) -> Iterator[None]:
+    def request(self) -> Iterator[None]:
+        """Count a request in flight for the block (the node cannot close under it; a drained
+        section waits for it): for callers that reach below the node themselves, such as a
+        ``sendfile`` of its host file."""
         self._begin()
         try:
             yield
         finally:
             self._end()
 
-    def _check_read(self, offset: int, length: int) -> None:
+    def check_read(self, offset: int, length: int) -> None:
+        """``EINVAL`` unless ``[offset, offset + length)`` lies inside the node."""
         if offset + length > self.size and self.driver.growable:
             self.driver.refresh_size()  # the cached size may predate another thread's growth
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -431,7 +435,7 @@ class BlockNode:
     def pread_into(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with the bytes at ``offset``."""
         view = memoryview(buf).cast("B")
-        self._check_read(offset, len(view))
+        self.check_read(offset, len(view))
         if not view:
             return
         self._begin()
@@ -535,7 +539,7 @@ class BlockNode:
             self._end()
 
     def flush(self) -> None:
-        with self._request():
+        with self.request():
             self.driver.flush()
             for link in list(self.children.values()):
                 if not link.node.read_only:
@@ -544,10 +548,10 @@ class BlockNode:
     # -- block status ------------------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of the first extent in ``[offset, offset + length)``."""
-        self._check_read(offset, length)
+        self.check_read(offset, length)
         if not length:
             return BlockStatus(offset, 0, Status(0))
-        with self._request():
+        with self.request():
             guard = self.read_guard  # status is a read of metadata: the same guard holds
             if guard is None:
                 return self.driver.block_status(offset, length)
@@ -564,10 +568,10 @@ class BlockNode:
         node (a fleecing target) holds its guard across the whole walk, so the layers below
         cannot change between two steps of it.
         """
-        self._check_read(offset, length)
+        self.check_read(offset, length)
         if base is self:
             return BlockStatus(offset, length, Status(0), 0)
-        with self._request():
+        with self.request():
             guard = self.read_guard
             if guard is None:
                 return self._status_walk(offset, length, base)
@@ -622,9 +626,10 @@ class BlockNode:
             "dirty-flag": False,
         }
         file = self.file_child()
-        if file is not None and file.driver_name == "file":
+        fd = file.driver.posix_fd() if file is not None else None
+        if fd is not None:
             with suppress(OSError):
-                image["actual-size"] = os.stat(file.driver.filename()).st_blocks * 512
+                image["actual-size"] = os.fstat(fd).st_blocks * 512
         image.update(self.driver.image_info())
         backing_name = self.driver.backing_filename()
         if backing_name:

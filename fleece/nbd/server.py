@@ -47,8 +47,6 @@ from typing import Any, TypeVar
 
 from fleece.block import nowait
 from fleece.block.driver import Status
-from fleece.block.drivers.file import FileDriver
-from fleece.block.drivers.raw import RawDriver
 from fleece.block.node import BlockNode
 from fleece.block.root import Root
 from fleece.errors import GenericError
@@ -157,13 +155,13 @@ class Export:
         serve reads."""
         node, base = self.node, 0
         while node.read_guard is None:
-            driver = node.driver
-            if isinstance(driver, FileDriver):
+            if node.driver.posix_fd() is not None:
                 return node, base
-            if not isinstance(driver, RawDriver):
+            window = node.driver.window()
+            if window is None:
                 return None
-            base += driver.offset
-            node = driver.file
+            node, offset = window
+            base += offset
         return None
 
     def info(self) -> ExportInfo:
@@ -858,16 +856,13 @@ class Connection(asyncio.BufferedProtocol):
         file_node, base = window
         if offset + length > node.size or node.read_guard is not None:
             return False
-        node._check_read(offset, length)
-        node._begin()  # counted in flight on the export's node, so it cannot close under us
-        try:
-            driver = file_node.driver
-            assert isinstance(driver, FileDriver)  # file_window promises it
-            fd = driver.fd
+        node.check_read(offset, length)
+        with node.request():  # counted in flight on the export's node: it cannot close under us
+            fd = file_node.driver.posix_fd()
+            if fd is None:  # closed meanwhile
+                return False
             header = self.proto.read_reply_header(cookie, offset, length)
             return sender.sendfile(header, fd, base + offset, length)
-        finally:
-            node._end()
 
     def _sparse_read(self, export: Export, node: BlockNode, cookie: int, offset: int,
                      length: int) -> list[Buffer]:

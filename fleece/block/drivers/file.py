@@ -159,6 +159,9 @@ class FileDriver(Driver):
         return _lock_op(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
     # -- I/O ---------------------------------------------------------------------------------
+    def posix_fd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
+
     def size(self) -> int:
         size = self._size
         if size < 0:

@@ -34,6 +34,9 @@ class RawDriver(Driver):
                 f"equal to the actual size of the containing file ({self.file.size})"
             )
 
+    def window(self) -> tuple[BlockNode, int] | None:
+        return self.file, self.offset
+
     def size(self) -> int:
         if self._size is not None:
             return self._size
