@@ -8,9 +8,12 @@ call ``execute`` or the methods directly, and drives guest I/O through :meth:`St
 
 from __future__ import annotations
 
+import atexit
 import threading
+import warnings
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleece.bitmaps.commands import BitmapCommands
 from fleece.block.device import DEVICE_DRIVERS, Device
@@ -24,6 +27,30 @@ from fleece.jobs.commands import JobCommands
 from fleece.nbd.commands import ExportCommands
 from fleece.qmp.schema import Schema, check_arguments
 from fleece.transaction import TransactionCommands
+
+if TYPE_CHECKING:
+    from fleece.jobs.job import Job
+
+#: the name of the thread that closes a ``Storage`` collected without ``close()``
+FINALIZER_THREAD = "fleece-storage-finalizer"
+
+
+class _JobHost:
+    """What a job reaches of its ``Storage`` (events, and its entry in the job table), without
+    a reference to the ``Storage`` itself: a running job does not keep a dropped one alive."""
+
+    def __init__(self, events: EventBus, jobs: dict[str, Job], lock: threading.Lock) -> None:
+        self._events = events
+        self._jobs = jobs
+        self._lock = lock
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        return self._events.emit(name, data)
+
+    def forget_job(self, job: Job) -> None:
+        with self._lock:
+            if self._jobs.get(job.id) is job:
+                del self._jobs[job.id]
 
 
 class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
@@ -48,6 +75,9 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
             spec = getattr(method, "__qmp_command__", None)
             if isinstance(spec, CommandSpec):
                 self._commands[spec.name] = (method, spec)
+        self._job_host = _JobHost(self.events, self.jobs, self._jobs_lock)
+        self._built = True  # from here on, dropping it without close() is a leak (__del__)
+        _OPEN.add(self)
 
     # -- the command entry point -------------------------------------------------------------
     def commands(self) -> list[str]:
@@ -222,7 +252,53 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
                         user.release()
 
     def __enter__(self) -> Storage:
+        """``with Storage() as storage:`` closes it when the block ends, however it ends."""
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        """Collected without :meth:`close`: warn (``ResourceWarning``), then close it anyway.
+
+        The closing runs in a thread of its own, ``FINALIZER_THREAD`` (the garbage collector
+        may run in a job's, the NBD server's or a vCPU's thread, which closing would wait
+        for), or inline when the interpreter no longer starts threads. It does what
+        ``close()`` does: jobs cancelled, exports and the NBD server stopped (its socket file
+        removed), every node flushed and closed, so the images stay consistent.
+        """
+        if not self.__dict__.get("_built") or self._closed:
+            return
+        _warn_unclosed(self, "collected")
+        try:
+            threading.Thread(target=self.close, name=FINALIZER_THREAD).start()
+        except RuntimeError:  # interpreter shutdown: no new threads
+            self.close()
+
+    def _register_job(self, job: Job) -> None:
+        # Every job is registered before it starts: from here it reaches the Storage only
+        # through the host, so that a running job does not keep a dropped Storage alive.
+        job.storage = self._job_host
+        super()._register_job(job)
+
+
+#: every ``Storage`` built and not collected yet; those still open at exit are closed then
+_OPEN: weakref.WeakSet[Storage] = weakref.WeakSet()
+
+
+def _warn_unclosed(storage: Storage, when: str) -> None:
+    warnings.warn(
+        f"fleece Storage {when} without close(): closing it now; use "
+        "`with Storage() as storage:` or call close()",
+        ResourceWarning, stacklevel=3, source=storage,
+    )
+
+
+@atexit.register
+def _close_open_storages() -> None:
+    """At exit, while job and server threads still run: close every ``Storage`` left open
+    (with the same ``ResourceWarning``), so that none is left to a half-torn-down interpreter."""
+    for storage in list(_OPEN):
+        if not storage._closed:
+            _warn_unclosed(storage, "left open at exit")
+            storage.close()
