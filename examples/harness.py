@@ -1,7 +1,8 @@
 """A hypervisor harness that embeds fleece and exports a point-in-time snapshot of its disk.
 
-Everything runs in this one process, through ``Storage.execute`` (the QMP commands, without a
-socket) and ``Storage().device("virtio0")`` (the guest's disk, driven from vCPU threads):
+Everything runs in this one process, inside ``with Storage() as storage:`` (which closes jobs,
+exports and nodes however the run ends), through ``storage.execute`` (the QMP commands, without a
+socket) and ``storage.device("virtio0")`` (the guest's disk, driven from vCPU threads):
 
 1. ``blockdev-add`` a fresh qcow2 image as node ``disk0`` and ``device_add`` it as ``virtio0``;
    the vCPUs fill it with data.
@@ -103,69 +104,69 @@ def read_snapshot(socket_path: str, export: str, frozen: bytes) -> int:
 def run(work: Path) -> bool:
     disk, target, nbd = work / "disk.qcow2", work / "pit.qcow2", work / "nbd.sock"
     create(str(disk), SIZE)
-    storage = Storage()
     cancelled = threading.Event()
 
     def on_event(event: Event) -> None:
         if event["event"] == "BLOCK_JOB_CANCELLED":
             cancelled.set()
 
-    storage.subscribe(on_event)
     stop = threading.Event()
     vcpus: list[VCPU] = []
-    try:
-        storage.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": "disk0",
-            "file": {"driver": "file", "filename": str(disk)},
-        })
-        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-        device = storage.device("virtio0")
-
-        # The guest's disk starts full of data, then the vCPUs keep writing.
-        seed = random.Random(1).randbytes(SIZE)
-        for offset in range(0, SIZE, CHUNK):
-            device.pwrite(offset, seed[offset : offset + CHUNK])
-        model = bytearray(seed)
-        vcpus = [VCPU(index, device.pwrite, model, stop) for index in range(VCPUS)]
-        for vcpu in vcpus:
-            vcpu.start()
-        time.sleep(RUN_BEFORE_SNAPSHOT)
-
-        with Freeze(vcpus):
-            storage.execute("drive-backup", {
-                "device": "virtio0", "format": "qcow2", "target": str(target),
-                "target-id": "pit0", "sync": "none",
+    with Storage() as storage:  # closed (jobs, exports, nodes) however the block ends
+        storage.subscribe(on_event)
+        try:
+            storage.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": "disk0",
+                "file": {"driver": "file", "filename": str(disk)},
             })
-            frozen = bytes(model)
-        writes_at_snapshot = sum(v.writes for v in vcpus)
-        storage.execute("nbd-server-start",
-                        {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
-        storage.execute("nbd-server-add", {"device": "pit0", "writable": False})
+            storage.execute("device_add",
+                            {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
+            device = storage.device("virtio0")
 
-        bad = read_snapshot(str(nbd), "pit0", frozen)  # the vCPUs are still writing
-        deadline = time.monotonic() + TIMEOUT  # let the guest overwrite a fair part of the disk
-        while sum(v.writes for v in vcpus) < writes_at_snapshot + 1000:
-            if time.monotonic() > deadline or any(v.error for v in vcpus):
-                break
-            time.sleep(0.01)
-        stop.set()
-        for vcpu in vcpus:
-            vcpu.join(TIMEOUT)
-        errors = [v.error for v in vcpus if v.error is not None]
-        writes_after = sum(v.writes for v in vcpus) - writes_at_snapshot
-        live_ok = device.pread(0, SIZE) == bytes(model)
-        snapshot_changed = frozen != bytes(model)
+            # The guest's disk starts full of data, then the vCPUs keep writing.
+            seed = random.Random(1).randbytes(SIZE)
+            for offset in range(0, SIZE, CHUNK):
+                device.pwrite(offset, seed[offset : offset + CHUNK])
+            model = bytearray(seed)
+            vcpus = [VCPU(index, device.pwrite, model, stop) for index in range(VCPUS)]
+            for vcpu in vcpus:
+                vcpu.start()
+            time.sleep(RUN_BEFORE_SNAPSHOT)
 
-        storage.execute("block-job-cancel", {"device": "virtio0"})
-        cancelled.wait(TIMEOUT)
-        still_serving = read_snapshot(str(nbd), "pit0", frozen) == 0
-        storage.execute("nbd-server-stop")
-        nodes = [n["node-name"] for n in storage.execute("query-named-block-nodes")]
-    finally:
-        stop.set()
-        for vcpu in vcpus:
-            vcpu.join(TIMEOUT)
-        storage.close()
+            with Freeze(vcpus):
+                storage.execute("drive-backup", {
+                    "device": "virtio0", "format": "qcow2", "target": str(target),
+                    "target-id": "pit0", "sync": "none",
+                })
+                frozen = bytes(model)
+            writes_at_snapshot = sum(v.writes for v in vcpus)
+            storage.execute("nbd-server-start",
+                            {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
+            storage.execute("nbd-server-add", {"device": "pit0", "writable": False})
+
+            bad = read_snapshot(str(nbd), "pit0", frozen)  # the vCPUs are still writing
+            deadline = time.monotonic() + TIMEOUT  # let the guest overwrite a fair part of it
+            while sum(v.writes for v in vcpus) < writes_at_snapshot + 1000:
+                if time.monotonic() > deadline or any(v.error for v in vcpus):
+                    break
+                time.sleep(0.01)
+            stop.set()
+            for vcpu in vcpus:
+                vcpu.join(TIMEOUT)
+            errors = [v.error for v in vcpus if v.error is not None]
+            writes_after = sum(v.writes for v in vcpus) - writes_at_snapshot
+            live_ok = device.pread(0, SIZE) == bytes(model)
+            snapshot_changed = frozen != bytes(model)
+
+            storage.execute("block-job-cancel", {"device": "virtio0"})
+            cancelled.wait(TIMEOUT)
+            still_serving = read_snapshot(str(nbd), "pit0", frozen) == 0
+            storage.execute("nbd-server-stop")
+            nodes = [n["node-name"] for n in storage.execute("query-named-block-nodes")]
+        finally:
+            stop.set()
+            for vcpu in vcpus:
+                vcpu.join(TIMEOUT)
 
     print(f"harness: {VCPUS} vCPUs wrote {writes_at_snapshot} blocks before the snapshot and "
           f"{writes_after} while it was read")

@@ -7,6 +7,10 @@
   ``gone from the graph``, ``kept``. With ``--dir`` the files stay: ``qemu-img check`` passes on
   the target and ``qemu-img info`` names the demo disk as its backing file.
 - ``fleece demo`` refuses a size that is not a multiple of its 4 MiB chunk (exit 2).
+- The README's embedding snippet (``with Storage() as storage:``), run as written in a folder
+  holding a ``disk.qcow2``, exits 0 with nothing on stderr (no ``ResourceWarning`` either); the
+  NBD socket is gone afterwards, ``qemu-img check`` passes on the disk and the target, the disk
+  starts with ``new data`` and the target, read through its backing, with the old zeroes.
 """
 
 from __future__ import annotations
@@ -76,6 +80,34 @@ def test_demo_with_dir_leaves_clean_images(tmp_path: Path) -> None:
                           text=True, timeout=TIMEOUT, check=True)
     assert json.loads(info.stdout)["backing-filename"] == str(disk)
     assert not list(folder.glob("*.sock"))
+
+
+def readme_snippet(heading: str) -> str:
+    """The first ``python`` code block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+def test_readme_embedding_snippet_runs(tmp_path: Path) -> None:
+    qemu_img = require("qemu-img")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"),
+                    "16M"], check=True, timeout=TIMEOUT)
+    snippet = readme_snippet("## Embedding it in a harness")
+    assert "with Storage() as storage:" in snippet
+    proc = run_python("-W", "error::ResourceWarning", "-c", snippet, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
+    assert not (tmp_path / "nbd.sock").exists()
+    for image in ("disk.qcow2", "pit.qcow2"):
+        check = subprocess.run([qemu_img, "check", str(tmp_path / image)], capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert check.returncode == 0, check.stdout + check.stderr
+    for image, want in (("disk.qcow2", b"new data"), ("pit.qcow2", bytes(8))):
+        raw = tmp_path / f"{image}.raw"
+        subprocess.run([qemu_img, "convert", "-O", "raw", str(tmp_path / image), str(raw)],
+                       check=True, timeout=TIMEOUT, cwd=tmp_path)
+        assert raw.read_bytes()[:8] == want
 
 
 def test_demo_refuses_a_size_that_is_not_whole_chunks(tmp_path: Path) -> None:
