@@ -315,7 +315,7 @@ MALFORMED: dict[str, bytes] = {
     "lone brace": b"}",
     "bare word": b"hello\n",
     "invalid utf-8": b'{"execute": "\xff\xfe"}',
-    "single quotes": b"{'execute': 'query-version'}",
+    "unterminated single quote": b"{'execute': 'query-version}",
     "trailing comma": b'{"execute": "query-version",}',
     "too deep": b"[" * 1100 + b"]" * 1100,
 }
