@@ -174,6 +174,19 @@ class CopyBeforeWrite:
         end = min(self.nclusters, -(-(offset + length) // self.cluster_size))
         return first, max(first, end)
 
+    def uniform_length(self, offset: int, length: int) -> int:
+        """The longest start of ``[offset, offset + length)`` whose clusters are all copied or
+        all not: a guarded block status walk holds (and asks about) only that much, rather
+        than locking and counting the whole rest of a large query at every extent."""
+        first, end = self.clusters(offset, length)
+        if first >= end:
+            return length
+        # Read without a lock: a copy may set the first bit between the two looks the run
+        # takes, making it empty. One cluster is then the span (any span is correct; this is
+        # only how much one step holds).
+        run_first, count, _ = next(self.done.runs(first, end))
+        return min(length, max(run_first + count, first + 1) * self.cluster_size - offset)
+
     def all_done(self, first: int, end: int) -> bool:
         return self.done.count(first, end) == end - first
 
@@ -499,3 +512,6 @@ class SnapshotGuard:
 
     def hold(self, offset: int, length: int) -> AbstractContextManager[None]:
         return self.cbw.read_guard(offset, length)
+
+    def span(self, offset: int, length: int) -> int:
+        return self.cbw.uniform_length(offset, length)

@@ -99,6 +99,11 @@ class ReadGuard(Protocol):
     def hold(self, offset: int, length: int) -> AbstractContextManager[None]:
         ...
 
+    def span(self, offset: int, length: int) -> int:
+        """How much of ``[offset, offset + length)`` (at least its first byte) one status
+        step should cover: a step never needs to hold more than one kind of cluster."""
+        ...
+
 
 @dataclass(frozen=True)
 class Serialiser:
@@ -575,6 +580,7 @@ class BlockNode:
             guard = self.read_guard
             if guard is None:
                 return self._status_walk(offset, length, base)
+            length = guard.span(offset, length)
             with guard.hold(offset, length):
                 return self._status_walk(offset, length, base)
 

@@ -56,10 +56,12 @@ class SnapshotAccessDriver(Driver):
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         cbw = self.cbw
-        first, end = cbw.clusters(offset, length)
-        # The hold spans the look at ``done`` and the query below it: a guest write cannot
+        # One kind of cluster per answer (copied: the target says; not: the source), and the
+        # hold spans the look at ``done`` and the query below it, so a guest write cannot
         # copy a cluster and change the source between the two.
+        length = cbw.uniform_length(offset, length)
         with cbw.read_guard(offset, length):
+            first, end = cbw.clusters(offset, length)
             run_first, count, done = next(cbw.done.runs(first, end))
             stop = min(offset + length, (run_first + count) * cbw.cluster_size)
             node = cbw.target if done else cbw.source
