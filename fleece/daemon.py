@@ -22,31 +22,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import fnmatch
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleece.daemon_schema import BLOCKDEV, DRIVE, EXPORT, MONITOR, NBD_SERVER, OBJECT
 from fleece.errors import QMPError
-from fleece.keyval import KeyvalError, parse_keyval
+from fleece.keyval import KeyvalError, QType, parse_option, visit
 from fleece.qmp.server import QMPServer
 from fleece.storage import Storage
 
 
-class OptionError(Exception):
-    """A command-line option that could not be applied; ``str()`` names it."""
+class StartupError(Exception):
+    """Start-up failed; ``str()`` is the message printed after ``fleece daemon: ``."""
 
-    def __init__(self, option: str, value: str, problem: str) -> None:
-        super().__init__(f"{option} '{value}': {problem}")
+
+class OptionError(StartupError):
+    """A command-line option that could not be applied: ``str()`` is ``OPTION VALUE: PROBLEM``
+    (or ``--option=VALUE: PROBLEM`` when it was given so), as qemu-storage-daemon prints it."""
+
+    def __init__(self, option: str, value: str, problem: str, *, location: str | None = None
+                 ) -> None:
+        super().__init__(f"{location or f'{option} {value}'}: {problem}")
         self.option = option
+        self.problem = problem
 
 
 @dataclass
 class DaemonConfig:
+    """What the command line asked for. ``options`` holds the options that build the daemon
+    (``--blockdev``, ``--chardev``, ``--export``, ...) in command-line order as ``(option,
+    value, location)``; when it is empty the per-kind lists below are used instead, in
+    qemu-storage-daemon's usual order (objects, block nodes, drives, NBD server, exports, QMP)."""
+
     qmp: list[str] = field(default_factory=list)
     blockdev: list[str] = field(default_factory=list)
     drive: list[str] = field(default_factory=list)
@@ -54,11 +72,29 @@ class DaemonConfig:
     export: list[str] = field(default_factory=list)
     object: list[str] = field(default_factory=list)
     pidfile: str | None = None
+    daemonize: bool = False
     log_level: str = "warning"
     #: ``-T``/``--trace`` options and ``-d`` item lists, as given
     trace: list[str] = field(default_factory=list)
     log_items: list[str] = field(default_factory=list)
     logfile: str | None = None
+    options: list[tuple[str, str, str]] = field(default_factory=list)
+    #: the first command-line argument that is not an option (refused after the options)
+    unexpected: str | None = None
+
+    def ordered(self) -> list[tuple[str, str, str]]:
+        """``(option, value, location)`` in the order they are applied."""
+        if self.options:
+            return list(self.options)
+        kinds = (("--object", self.object), ("--blockdev", self.blockdev),
+                 ("--drive", self.drive), ("--nbd-server", self.nbd_server),
+                 ("--export", self.export), ("--qmp", self.qmp))
+        return [(option, value, f"{option} {value}") for option, values in kinds
+                for value in values]
+
+    def serves_something(self) -> bool:
+        names = {option for option, _, _ in self.ordered()}
+        return bool(names & {"--qmp", "--monitor", "--nbd-server", "--export"})
 
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -149,94 +185,343 @@ def configure_logging(config: DaemonConfig) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG)
 
 
-def _parse(option: str, value: str, implied: str | None = None) -> dict[str, Any]:
+_log = logging.getLogger("fleece.daemon")
+
+#: the keys QEMU's ``--chardev`` knows (any backend); fleece uses the first seven
+CHARDEV_KEYS = (
+    "backend", "id", "path", "host", "port", "server", "wait", "fd", "local", "localaddr",
+    "localport", "to", "ipv4", "ipv6", "delay", "nodelay", "reconnect", "telnet", "tn3270",
+    "websocket", "tls-creds", "tls-authz", "width", "height", "cols", "rows", "mux", "signal",
+    "name", "debug", "size", "chardev", "append", "logfile", "logappend", "mouse", "clipboard",
+    "abstract", "tight",
+)
+_CHARDEV_BOOLS = ("server", "wait", "ipv4", "ipv6", "delay", "nodelay", "telnet", "tn3270",
+                  "websocket", "mux", "signal", "append", "logappend", "mouse", "clipboard",
+                  "abstract", "tight")
+_CHARDEV_USED = ("backend", "id", "path", "host", "port", "server", "wait")
+#: QEMU's character device backends (fleece serves QMP on ``socket`` only)
+CHARDEV_BACKENDS = ("socket", "null", "file", "pipe", "pty", "stdio", "ringbuf", "memory",
+                    "udp", "serial", "tty", "parallel", "parport", "msmouse", "wctablet",
+                    "braille", "testdev", "vc", "spicevmc", "spiceport", "qemu-vdagent", "dbus")
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class Endpoint:
+    """A QMP socket to listen on once every option is applied."""
+
+    option: str
+    value: str
+    location: str
+    kind: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass
+class Chardev:
+    id: str
+    endpoint: Endpoint
+    monitor: bool = False
+
+
+@dataclass
+class _Setup:
+    """What start-up has built so far, beside ``Storage``."""
+
+    chardevs: dict[str, Chardev] = field(default_factory=dict)
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+
+def _typed(option: str, value: str, location: str, qtype: QType,
+           implied: str | None) -> dict[str, Any]:
     try:
-        return parse_keyval(value, implied)
+        tree, keyval = parse_option(value, implied)
+        typed = visit(qtype, tree, keyval=keyval)
     except KeyvalError as exc:
-        raise OptionError(option, value, str(exc)) from exc
+        raise OptionError(option, value, str(exc), location=location) from exc
+    assert isinstance(typed, dict)
+    return typed
 
 
-def _execute(storage: Storage, option: str, value: str, command: str,
+def _execute(storage: Storage, option: str, value: str, location: str, command: str,
              arguments: dict[str, Any]) -> Any:
     try:
         return storage.execute(command, arguments)
     except QMPError as exc:
-        raise OptionError(option, value, exc.desc) from exc
+        raise OptionError(option, value, exc.desc, location=location) from exc
 
 
-def _socket_address(option: str, value: str, addr: Any) -> dict[str, Any]:
-    """qemu-storage-daemon's flat SocketAddress as nbd-server-start's legacy form."""
-    if not isinstance(addr, dict) or "type" not in addr:
-        raise OptionError(option, value, "addr.type is missing (unix or inet)")
+def _cache_refusal(options: dict[str, Any], prefix: str = "") -> str | None:
+    """The first ``cache.direct=on`` / ``cache.no-flush=on`` in a tree of BlockdevOptions."""
+    cache = options.get("cache")
+    if isinstance(cache, dict):
+        if cache.get("direct"):
+            return (f"{prefix}cache.direct=on is not supported: fleece does not open images "
+                    "with O_DIRECT")
+        if cache.get("no-flush"):
+            return (f"{prefix}cache.no-flush=on is not supported: fleece always passes "
+                    "flushes on")
+    for key, child in options.items():
+        if isinstance(child, dict) and key != "cache":
+            found = _cache_refusal(child, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
+def _resolve_port(host: str, port: str) -> int:
+    """The TCP port ``port`` names for listening on ``host``; QEMU's words when it cannot.
+    Stricter than QEMU, which wraps a number above 65535 (99999 listens on 34463)."""
+    if port.isdigit() and int(port) > 65535:
+        raise ValueError(f"port {port} out of range")
+    try:
+        infos = socket.getaddrinfo(host or None, port or None, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"address resolution failed for {host}:{port}: {exc.strerror}"
+                         ) from None
+    return int(infos[0][4][1])
+
+
+def _nbd_server(storage: Storage, option: str, value: str, location: str) -> None:
+    args = _typed(option, value, location, NBD_SERVER, None)
+    addr = args["addr"]
     kind = addr.pop("type")
-    if kind == "unix":
-        return {"type": "unix", "data": addr}
+
+    def refuse(problem: str) -> OptionError:
+        return OptionError(option, value, problem, location=location)
+
+    if kind not in ("inet", "unix"):
+        raise refuse(f"NBD server address type '{kind}' is not supported by fleece "
+                     "(inet, unix)")
+    for key in ("to", "ipv4", "ipv6", "keep-alive", "mptcp", "abstract"):
+        if key in addr:
+            raise refuse(f"Parameter 'addr.{key}' is not supported by fleece")
     if kind == "inet":
-        return {"type": "inet", "data": addr}
-    raise OptionError(option, value, f"addr.type '{kind}' is not supported (unix or inet)")
+        try:
+            port = _resolve_port(addr["host"], addr["port"])
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        data: dict[str, Any] = {"host": addr["host"], "port": str(port)}
+    else:
+        data = {"path": addr["path"]}
+    args["addr"] = {"type": kind, "data": data}
+    _execute(storage, option, value, location, "nbd-server-start", args)
 
 
-def _coerce_bools(arguments: dict[str, Any], keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if isinstance(arguments.get(key), str):
-            arguments[key] = arguments[key] in ("on", "true", "yes")
+def _object(storage: Storage, option: str, value: str, location: str) -> None:
+    args = _typed(option, value, location, OBJECT, "qom-type")
+    if args["qom-type"] == "tls-creds-x509" and "dir" not in args:
+        raise OptionError(option, value, "Missing 'dir' property value", location=location)
+    _execute(storage, option, value, location, "object-add", args)
 
 
-def _coerce_ints(arguments: dict[str, Any], keys: tuple[str, ...]) -> None:
-    for key in keys:
-        value = arguments.get(key)
-        if isinstance(value, str) and value.isdigit():
-            arguments[key] = int(value)
+def _qemu_opts(option: str, value: str, location: str, implied: str) -> dict[str, str]:
+    """QemuOpts syntax (``--chardev``): ``key=value,...``, the first bare word is ``implied``,
+    a later bare ``key`` means ``key=on`` and ``nokey`` means ``key=off`` (deprecated forms,
+    warned about as QEMU does); the last of repeated keys wins."""
+    result: dict[str, str] = {}
+    pos, first = 0, True
+    while pos < len(value):
+        length = 0
+        while pos + length < len(value) and value[pos + length] not in "=,":
+            length += 1
+        name = value[pos:pos + length]
+        bare = pos + length >= len(value) or value[pos + length] != "="
+        if bare and not first:
+            short = name
+            name, flag = (name[2:], "off") if name.startswith("no") else (name, "on")
+            print(f"fleece daemon: {location}: warning: short-form boolean option '{short}' "
+                  f"deprecated\nPlease use {name}={flag} instead", file=sys.stderr)
+            result[name] = flag
+            pos += length + 1
+            first = False
+            continue
+        i = pos if bare else pos + length + 1
+        chars: list[str] = []
+        while i < len(value):
+            if value[i] == ",":
+                if value[i + 1:i + 2] != ",":
+                    break
+                i += 1
+            chars.append(value[i])
+            i += 1
+        result[implied if bare else name] = "".join(chars)
+        pos, first = i + 1, False
+    for name, text in result.items():
+        if name not in CHARDEV_KEYS:
+            raise OptionError(option, value, f"Invalid parameter '{name}'", location=location)
+        if name in _CHARDEV_BOOLS and text not in ("on", "yes", "true", "y", "off", "no",
+                                                   "false", "n"):
+            raise OptionError(option, value, f"Parameter '{name}' expects 'on' or 'off'",
+                              location=location)
+    if "id" in result and not _ID.fullmatch(result["id"]):
+        raise OptionError(option, value, "Parameter 'id' expects an identifier",
+                          location=location)
+    return result
 
 
-def apply_options(storage: Storage, config: DaemonConfig) -> None:
-    """Set up ``storage`` from the command line. Raises :class:`OptionError`."""
-    for value in config.object:
-        args = _parse("--object", value, "qom-type")
-        _coerce_bools(args, ("verify-peer",))
-        _execute(storage, "--object", value, "object-add", args)
-    for value in config.blockdev:
-        _execute(storage, "--blockdev", value, "blockdev-add", _parse("--blockdev", value))
-    for value in config.drive:
-        add_drive(storage, value)
-    for value in config.nbd_server:
-        args = _parse("--nbd-server", value)
-        args["addr"] = _socket_address("--nbd-server", value, args.get("addr"))
-        _coerce_ints(args, ("max-connections", "handshake-max-seconds"))
-        _execute(storage, "--nbd-server", value, "nbd-server-start", args)
-    for value in config.export:
-        args = _parse("--export", value)
-        _coerce_bools(args, ("writable", "allocation-depth", "writethrough"))
-        if isinstance(args.get("bitmaps"), str):
-            args["bitmaps"] = [args["bitmaps"]]
-        _execute(storage, "--export", value, "block-export-add", args)
+def _on(opts: dict[str, str], key: str, default: bool) -> bool:
+    return opts[key] in ("on", "yes", "true", "y") if key in opts else default
 
 
-def add_drive(storage: Storage, value: str) -> None:
-    """``--drive id=virtio0,file=PATH,format=qcow2[,readonly=on]``: a node and a device."""
-    args = _parse("--drive", value)
-    device_id = args.pop("id", None)
-    path = args.pop("file", None)
-    if not device_id or not path:
-        raise OptionError("--drive", value, "both id= and file= are needed")
-    fmt = args.pop("format", None)
+def _chardev(setup: _Setup, option: str, value: str, location: str) -> None:
+    opts = _qemu_opts(option, value, location, "backend")
+
+    def refuse(problem: str) -> OptionError:
+        return OptionError(option, value, problem, location=location)
+
+    backend, chardev_id = opts.get("backend"), opts.get("id")
+    if backend is None:
+        raise refuse(f'chardev: "{chardev_id}" missing backend')
+    if chardev_id is None:
+        raise refuse("chardev: no id specified")
+    if backend not in CHARDEV_BACKENDS:
+        raise refuse(f"'{backend}' is not a valid char driver name")
+    if backend != "socket":
+        raise refuse(f"chardev backend '{backend}' is not supported by fleece (it has socket)")
+    if chardev_id in setup.chardevs:
+        raise refuse(f"Duplicate ID '{chardev_id}' for chardev")
+    path, host = opts.get("path"), opts.get("host")
+    if path is None and host is None:
+        raise refuse(f"Unable to parse FD number {opts.get('fd', '')}")
+    if path is None and "port" not in opts:
+        raise refuse("chardev: socket: no port given")
+    for key in opts:
+        if key not in _CHARDEV_USED:
+            raise refuse(f"chardev option '{key}' is not supported by fleece")
+    if not _on(opts, "server", False):
+        raise refuse("server=off is not supported by fleece: the daemon listens for QMP "
+                     "clients, it does not connect to them (give server=on,wait=off)")
+    if _on(opts, "wait", True):
+        raise refuse("wait=on is not supported by fleece: start-up does not stop for the "
+                     "first client (give wait=off)")
+    if path is not None:
+        endpoint = Endpoint(option, value, location, "unix", path=path)
+    else:
+        assert host is not None
+        try:
+            port = _resolve_port(host, opts["port"])
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        endpoint = Endpoint(option, value, location, "tcp", host=host, port=port)
+    setup.chardevs[chardev_id] = Chardev(chardev_id, endpoint)
+
+
+def _monitor(setup: _Setup, option: str, value: str, location: str) -> None:
+    args = _typed(option, value, location, MONITOR, "chardev")
+    if args.get("mode", "control") != "control":
+        raise OptionError(option, value, "Only QMP is supported", location=location)
+    if args.get("pretty"):
+        raise OptionError(option, value, "pretty=on is not supported by fleece",
+                          location=location)
+    chardev = setup.chardevs.get(args["chardev"])
+    if chardev is None:
+        raise OptionError(option, value, f'chardev "{args["chardev"]}" not found',
+                          location=location)
+    if chardev.monitor:
+        raise OptionError(option, value, f"Device '{chardev.id}' is in use", location=location)
+    chardev.monitor = True
+    setup.endpoints.append(chardev.endpoint)
+
+
+def _qmp(setup: _Setup, option: str, value: str, location: str) -> None:
+    """``--qmp unix:PATH`` or ``--qmp tcp:HOST:PORT`` (fleece's short form of a socket
+    chardev with ``server=on,wait=off`` and a monitor on it; QEMU's ``-qmp`` suffixes
+    ``,server=on,wait=off`` are allowed)."""
+    kind, _, rest = value.partition(":")
+    address, *flags = rest.split(",")
+    if any(flag not in ("server", "server=on", "nowait", "wait=off") for flag in flags):
+        raise OptionError(option, value, "only ',server=on,wait=off' may follow the address",
+                          location=location)
+    if kind == "unix" and address:
+        setup.endpoints.append(Endpoint(option, value, location, "unix", path=address))
+        return
+    host, _, port = address.rpartition(":")
+    if kind == "tcp" and port:
+        try:
+            number = _resolve_port(host, port)
+        except ValueError as exc:
+            raise OptionError(option, value, str(exc), location=location) from None
+        setup.endpoints.append(Endpoint(option, value, location, "tcp", host=host or "127.0.0.1",
+                                        port=number))
+        return
+    raise OptionError(option, value, "expected unix:PATH or tcp:HOST:PORT", location=location)
+
+
+def apply_options(storage: Storage, config: DaemonConfig) -> list[Endpoint]:
+    """Apply the options to ``storage`` in order; returns the QMP sockets to open.
+    Raises :class:`OptionError` with QEMU's words for the first option that fails."""
+    setup = _Setup()
+    for option, value, location in config.ordered():
+        try:
+            _apply_one(storage, setup, option, value, location)
+        except OptionError:
+            raise
+        except Exception as exc:  # a bug: no Python text reaches the user, the log has it
+            _log.debug("applying %s failed", location, exc_info=True)
+            raise OptionError(option, value, "internal error (the debug log has the details: "
+                              "--log-level debug)", location=location) from exc
+    if config.unexpected is not None:
+        raise StartupError(f"{config.unexpected}: Unexpected argument")
+    if not config.serves_something():
+        raise StartupError("nothing to serve: give --qmp or --chardev with --monitor (and/or "
+                           "--nbd-server, --export)")
+    return setup.endpoints
+
+
+def _apply_one(storage: Storage, setup: _Setup, option: str, value: str, location: str
+               ) -> None:
+    if option == "--blockdev":
+        args = _typed(option, value, location, BLOCKDEV, "driver")
+        refusal = _cache_refusal(args)
+        if refusal:
+            raise OptionError(option, value, refusal, location=location)
+        _execute(storage, option, value, location, "blockdev-add", args)
+    elif option == "--drive":
+        add_drive(storage, value, location)
+    elif option == "--export":
+        args = _typed(option, value, location, EXPORT, "type")
+        _execute(storage, option, value, location, "block-export-add", args)
+    elif option == "--nbd-server":
+        _nbd_server(storage, option, value, location)
+    elif option == "--object":
+        _object(storage, option, value, location)
+    elif option == "--chardev":
+        _chardev(setup, option, value, location)
+    elif option == "--monitor":
+        _monitor(setup, option, value, location)
+    elif option == "--qmp":
+        _qmp(setup, option, value, location)
+    else:
+        raise AssertionError(option)
+
+
+def add_drive(storage: Storage, value: str, location: str | None = None) -> None:
+    """``--drive id=virtio0,file=PATH[,format=qcow2|raw][,readonly=on]``: a node named
+    ``drive-ID`` and a virtio-blk device ``ID`` on it (fleece's; not in qemu-storage-daemon)."""
+    option = "--drive"
+    location = location or f"{option} {value}"
+    args = _typed(option, value, location, DRIVE, None)
+    path = args["file"]
+    fmt = args.get("format")
     if fmt is None:
         from fleece.block.qcow2.create import probe_format
 
         try:
             fmt = probe_format(path)
         except OSError as exc:
-            raise OptionError("--drive", value, f"Could not open '{path}': {exc.strerror}") from exc
-    read_only = args.pop("readonly", "off") in ("on", "true", "yes")
-    if args:
-        raise OptionError("--drive", value, f"Parameter '{sorted(args)[0]}' is unexpected")
-    node_name = f"drive-{device_id}"
-    _execute(storage, "--drive", value, "blockdev-add", {
-        "driver": fmt, "node-name": node_name, "read-only": read_only,
+            raise OptionError(option, value, f"Could not open '{path}': {exc.strerror}",
+                              location=location) from exc
+    node_name = f"drive-{args['id']}"
+    _execute(storage, option, value, location, "blockdev-add", {
+        "driver": fmt, "node-name": node_name, "read-only": args.get("readonly", False),
         "file": {"driver": "file", "filename": path},
     })
-    _execute(storage, "--drive", value, "device_add",
-             {"driver": "virtio-blk", "id": device_id, "drive": node_name})
+    _execute(storage, option, value, location, "device_add",
+             {"driver": "virtio-blk", "id": args["id"], "drive": node_name})
 
 
 class Daemon:
@@ -251,44 +536,48 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._reason = "host-qmp-quit"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfile: PidFile | None = None
+        #: called once start-up is complete (``--daemonize`` lets the parent go then)
+        self.on_ready: Callable[[], None] | None = None
 
     async def start(self) -> None:
-        """Apply the options, then listen. Raises :class:`OptionError` (nothing left running)."""
+        """Apply the options, then listen, then write the pid file. Raises
+        :class:`StartupError` (nothing left running)."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            await self._loop.run_in_executor(None, apply_options, self.storage, self.config)
-            for value in self.config.qmp:
-                await self._listen(value)
+            endpoints = await self._loop.run_in_executor(None, apply_options, self.storage,
+                                                         self.config)
+            for endpoint in endpoints:
+                await self._listen(endpoint)
             if self.config.pidfile:
-                self._write_pidfile(self.config.pidfile)
+                self._pidfile = write_pidfile(self.config.pidfile)
         except BaseException:
             await self.qmp.close()
             await self._loop.run_in_executor(None, self.storage.close)
             raise
         if self.handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self._loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
+        if self.on_ready is not None:
+            self.on_ready()
 
-    async def _listen(self, value: str) -> None:
-        kind, _, rest = value.partition(":")
+    async def _listen(self, endpoint: Endpoint) -> None:
         try:
-            if kind == "unix" and rest:
-                path = rest.split(",", 1)[0]
-                await self.qmp.listen_unix(path)
-            elif kind == "tcp" and rest:
-                host, _, port = rest.split(",", 1)[0].rpartition(":")
-                await self.qmp.listen_tcp(host or "127.0.0.1", int(port))
+            if endpoint.kind == "unix":
+                await self.qmp.listen_unix(endpoint.path)
             else:
-                raise OptionError("--qmp", value, "expected unix:PATH or tcp:HOST:PORT")
-        except (OSError, ValueError) as exc:
-            raise OptionError("--qmp", value, str(exc)) from exc
-
-    def _write_pidfile(self, path: str) -> None:
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(temporary, path)
+                await self.qmp.listen_tcp(endpoint.host, endpoint.port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if endpoint.kind == "unix":
+                problem = f"Failed to bind socket to {endpoint.path}: {reason}"
+            elif exc.errno == errno.EADDRINUSE:
+                problem = f"Failed to find an available port: {reason}"
+            else:
+                problem = f"Failed to bind socket: {reason}"
+            raise OptionError(endpoint.option, endpoint.value, problem,
+                              location=endpoint.location) from exc
 
     def request_shutdown(self, reason: str) -> None:
         """Ask the daemon to shut down (from the loop's thread)."""
@@ -306,9 +595,8 @@ class Daemon:
         await self.qmp.flush()
         await loop.run_in_executor(None, self.storage.close)
         await self.qmp.close()
-        if self.config.pidfile:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.pidfile)
+        if self._pidfile is not None:
+            self._pidfile.remove()
 
 
 class DaemonThread:
@@ -358,20 +646,90 @@ class DaemonThread:
         self._thread.join(timeout)
 
 
-async def _main(config: DaemonConfig) -> int:
+class PidFile:
+    """qemu-storage-daemon's pid file: created 0600, locked (``lockf``) for the daemon's life
+    so a second daemon with the same path fails, removed on exit."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def write_pidfile(path: str) -> PidFile:
+    """Create, lock and fill the pid file; :class:`StartupError` in QEMU's words."""
+    path = os.path.abspath(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot create PID file: Could not create '{path}': "
+                               f"{exc.strerror}") from exc
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            code = errno.EAGAIN if exc.errno == errno.EACCES else exc.errno or errno.EAGAIN
+            raise StartupError("cannot create PID file: Cannot lock pid file: "
+                               + os.strerror(code)) from exc
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # removed or replaced between open and lock: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return PidFile(path, fd)
+
+
+async def _main(config: DaemonConfig, on_ready: Callable[[], None] | None = None) -> int:
     try:
         configure_logging(config)
     except OptionError as exc:
         print(f"fleece daemon: {exc}", file=sys.stderr)
         return 1
     daemon = Daemon(config)
+    daemon.on_ready = on_ready
     try:
         await daemon.start()
-    except OptionError as exc:
+    except StartupError as exc:
         print(f"fleece daemon: {exc}", file=sys.stderr)
         return 1
     await daemon.serve()
     return 0
+
+
+def _daemonize() -> Callable[[], None] | None:
+    """Fork: the parent waits until the child's start-up is complete and exits 0 then (or 1
+    when the child fails); the child gets a new session and returns the function that tells
+    the parent, and points its standard streams at /dev/null once started."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        status = os.read(read_end, 1)
+        if status == b"\0":
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os._exit(1)
+    os.close(read_end)
+    os.setsid()
+
+    def ready() -> None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.write(write_end, b"\0")
+        os.close(write_end)
+
+    return ready
 
 
 #: glibc's M_MMAP_THRESHOLD option, and the value the daemon fixes it at
@@ -399,8 +757,5 @@ def return_big_buffers() -> bool:
 def run_daemon(config: DaemonConfig) -> int:
     """Run the daemon in this process until it shuts down; returns the exit status."""
     return_big_buffers()
-    if not config.qmp and not config.nbd_server and not config.export:
-        print("fleece daemon: nothing to serve: give --qmp (and/or --nbd-server, --export)",
-              file=sys.stderr)
-        return 1
-    return asyncio.run(_main(config))
+    on_ready = _daemonize() if config.daemonize else None
+    return asyncio.run(_main(config, on_ready))
