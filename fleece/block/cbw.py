@@ -178,14 +178,18 @@ class CopyBeforeWrite:
         """The longest start of ``[offset, offset + length)`` whose clusters are all copied or
         all not: a guarded block status walk holds (and asks about) only that much, rather
         than locking and counting the whole rest of a large query at every extent."""
-        first, end = self.clusters(offset, length)
+        cluster = self.cluster_size
+        first = offset // cluster
+        end = min(self.nclusters, -(-(offset + length) // cluster))
         if first >= end:
             return length
-        # Read without a lock: a copy may set the first bit between the two looks the run
-        # takes, making it empty. One cluster is then the span (any span is correct; this is
-        # only how much one step holds).
-        run_first, count, _ = next(self.done.runs(first, end))
-        return min(length, max(run_first + count, first + 1) * self.cluster_size - offset)
+        done = self.done
+        change = done.next_clear(first) if done.get(first) else done.next_set(first)
+        # Read without a lock: a copy may set the first bit between the two looks, so that
+        # the "change" is the first cluster itself. One cluster is then the span (any span
+        # is correct; this is only how much one step holds).
+        run_end = end if change < 0 or change >= end else max(change, first + 1)
+        return min(length, run_end * cluster - offset)
 
     def all_done(self, first: int, end: int) -> bool:
         return self.done.count(first, end) == end - first
