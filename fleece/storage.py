@@ -12,14 +12,24 @@ import atexit
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from fleece.bitmaps.commands import BitmapCommands
 from fleece.block.device import DEVICE_DRIVERS, Device
 from fleece.block.dirty_bitmap import add_bitmap_info
 from fleece.block.graph import BlockGraph
 from fleece.block.node import BlockNode, UserKind
+from fleece.command_types import (
+    BlockdevAddArgs,
+    BlockdevBackupArgs,
+    BlockJobInfo,
+    DeviceAddArgs,
+    DriveBackupArgs,
+    Empty,
+    NbdServerAddArgs,
+    NbdServerStartArgs,
+)
 from fleece.commands import CommandSpec, command
 from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
 from fleece.events import Event, EventBus
@@ -81,13 +91,45 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     # -- the command entry point -------------------------------------------------------------
     def commands(self) -> list[str]:
+        """The names of every command :meth:`execute` runs, sorted (``query-commands``)."""
         return sorted(self._commands)
 
     def schema(self, name: str) -> Schema:
+        """The argument schema of command ``name``; ``KeyError`` when there is no such
+        command."""
         return self._commands[name][1].schema
 
-    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run command ``name``; returns its QMP return value. Raises ``QMPError``."""
+    # Typed forms of the common commands (fleece.command_types says what mypy checks); any
+    # other command, or arguments not typed so, take the last, general form.
+    @overload
+    def execute(self, name: Literal["blockdev-add"], arguments: BlockdevAddArgs) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["device_add"], arguments: DeviceAddArgs) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["drive-backup"], arguments: DriveBackupArgs) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["blockdev-backup"], arguments: BlockdevBackupArgs
+                ) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["nbd-server-start"], arguments: NbdServerStartArgs
+                ) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["nbd-server-add"], arguments: NbdServerAddArgs
+                ) -> Empty: ...
+    @overload
+    def execute(self, name: Literal["query-block-jobs"], arguments: None = None
+                ) -> list[BlockJobInfo]: ...
+    @overload
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any: ...
+
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run command ``name`` with ``arguments`` (QEMU's names and JSON types); returns its
+        QMP ``return`` value. Commands are serialised with each other (not with device I/O).
+
+        Raises a :class:`fleece.errors.QMPError` whose ``qmp_class`` QMP would answer:
+        ``CommandNotFound`` for an unknown command, ``GenericError`` for arguments that do not
+        fit the command's schema, for a closed ``Storage``, or as the command itself decides.
+        """
         entry = self._commands.get(name)
         if entry is None:
             raise CommandNotFound(f"The command {name} has not been found")
@@ -108,6 +150,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
         return self.events.subscribe(callback)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        """Send event ``name`` with ``data`` to every subscriber, now, in this thread; returns
+        it (with its timestamp)."""
         return self.events.emit(name, data)
 
     # -- lookups used by every command -------------------------------------------------------

@@ -4,8 +4,11 @@
   ``Storage().device("virtio0")`` while the snapshot is exported over NBD and checked) exits 0
   and reports the snapshot identical, the live disk matching, ``pit0`` gone and the target kept.
 - ``python -m fleece demo --size 64M`` exits 0 and prints its report: ``the snapshot verified``,
-  ``gone from the graph``, ``kept``. With ``--dir`` the files stay: ``qemu-img check`` passes on
-  the target and ``qemu-img info`` names the demo disk as its backing file.
+  ``gone from the graph``, ``kept``; the read with fleece's own NBD client is labelled so, and
+  nbdcopy's copy of the snapshot is ``identical (sha256)``, with its rate. Without nbdcopy on
+  ``PATH`` the demo still verifies and says to ``apt-get install libnbd-bin``. With ``--dir``
+  the files stay: ``qemu-img check`` passes on the target and ``qemu-img info`` names the demo
+  disk as its backing file.
 - ``fleece demo`` refuses a size that is not a multiple of its 4 MiB chunk (exit 2).
 - The README's embedding snippet (``with Storage() as storage:``), run as written in a folder
   holding a ``disk.qcow2``, exits 0 with nothing on stderr (no ``ResourceWarning`` either); the
@@ -60,8 +63,22 @@ def test_demo_64m_exits_0_and_reports(tmp_path: Path) -> None:
     assert "gone from the graph" in out
     assert "kept" in out
     assert "verified byte for byte" in out
+    assert "with fleece's own Python NBD client, verified byte for byte" in out
+    (nbdcopy,) = [line for line in out.splitlines() if "snapshot read by nbdcopy" in line]
+    assert nbdcopy.endswith("/s into a file, identical (sha256)"), nbdcopy
     assert "still serving" in out
     assert "FAILED" not in out and "WRONG" not in out and "MISSING" not in out
+
+
+def test_demo_without_nbdcopy_says_how_to_install_it(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fleece", "demo", "--size", "8M"],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+                          env={**os.environ, "PATH": str(empty)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nbdcopy not installed, skipped (apt-get install libnbd-bin)" in proc.stdout
+    assert "the snapshot verified" in proc.stdout
 
 
 def test_demo_with_dir_leaves_clean_images(tmp_path: Path) -> None:

@@ -623,7 +623,7 @@ def test_execute_error_classes(
 
 def test_execute_refuses_non_object_arguments(storage: Storage) -> None:
     with pytest.raises(GenericError, match="arguments"):
-        storage.execute("query-block", ["not", "an", "object"])  # type: ignore[arg-type]
+        storage.execute("query-block", ["not", "an", "object"])  # type: ignore[call-overload]
 
 
 def test_storage_device_not_found(storage: Storage) -> None:
