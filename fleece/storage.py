@@ -31,7 +31,7 @@ from fleece.command_types import (
     NbdServerStartArgs,
 )
 from fleece.commands import CommandSpec, command
-from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
+from fleece.errors import CommandNotFound, DeviceNotFound, GenericError, NodeNotFound
 from fleece.events import Event, EventBus
 from fleece.jobs.commands import JobCommands
 from fleece.nbd.commands import ExportCommands
@@ -163,13 +163,15 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
         return device
 
     def find_node(self, name: str) -> BlockNode:
-        """A node by device name or node name, as QEMU's ``device`` arguments take it."""
+        """A node by device name or node name, as QEMU's ``device`` arguments take it.
+
+        Raises :class:`fleece.errors.NodeNotFound` (QMP class ``GenericError``, as QEMU's)."""
         device = self.devices.get(name)
         if device is not None:
             return device.node
         node = self.graph.find(name)
         if node is None:
-            raise DeviceNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
+            raise NodeNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
     # -- block nodes -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fleece.block.driver import Options
 from fleece.block.drivers import driver_class
 from fleece.block.node import BlockNode, ChildLink, NodeUser
 from fleece.block.perm import ChildRole
-from fleece.errors import DeviceNotFound, GenericError
+from fleece.errors import GenericError, NodeNotFound, QMPError, in_member
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ class BlockGraph:
             return self._nodes.get(name)
 
     def get(self, name: str) -> BlockNode:
+        """The node named ``name``; ``NodeNotFound`` (QEMU's ``GenericError``) if none is."""
         node = self.find(name)
         if node is None:
-            raise DeviceNotFound(f"Cannot find device='' nor node-name='{name}'")
+            raise NodeNotFound(f"Cannot find device='' nor node-name='{name}'")
         return node
 
     def links_to(self, node: BlockNode) -> list[ChildLink]:
@@ -191,7 +192,7 @@ class BlockGraph:
         if isinstance(ref, str):
             node = self.find(ref)
             if node is None:
-                raise GenericError(f"Cannot find device='' nor node-name='{ref}'")
+                raise NodeNotFound(f"Cannot find device='{ref}' nor node-name='{ref}'")
             if node is parent:
                 raise GenericError(f"Node '{ref}' cannot be its own {child_name}")
             parent.attach_child(child_name, node, role)
@@ -204,7 +205,13 @@ class BlockGraph:
                 inherited["force-share"] = True
             if parent.discard_unmap:
                 inherited["discard"] = "unmap"
-            node = self.open_node({**inherited, **ref})
+            try:
+                node = self.open_node({**inherited, **ref})
+            except QMPError as exc:  # name the option by its path, as QEMU does
+                nested = in_member(exc, child_name)
+                if nested is exc:
+                    raise
+                raise nested from exc
             try:
                 parent.attach_child(child_name, node, role)
             except BaseException:

@@ -72,6 +72,21 @@ class NodeUser:
     #: set for devices and exports: the root a graph change drains and moves onto another node
     #: (a filter inserted above this one); the other users stay where they are
     root: Root | None = None
+    #: how QEMU's permission errors name the holder and its link to the node, e.g.
+    #: ``("node 'top'", "backing")`` or ``("backup job 'j0'", "main node")``; None: a device
+    #: (``block device 'id'``) or an export (``an unnamed block device``), linked as ``root``
+    holder: tuple[str, str] | None = None
+
+    def holder_desc(self) -> tuple[str, str]:
+        """QEMU's ``bdrv_child_user_desc`` of this user, and the name of its link."""
+        if self.holder is not None:
+            return self.holder
+        if self.kind is UserKind.DEVICE and "'" in self.description:
+            device = self.description.split("'")[1]  # "attached to device 'v0'"
+            return f"block device '{device}'", "root"
+        if self.kind in (UserKind.DEVICE, UserKind.EXPORT):
+            return "an unnamed block device", "root"
+        return self.description, self.kind.value
 
     def release(self) -> None:
         """Drop this reference (idempotent). The node closes when it was the last."""
@@ -162,10 +177,12 @@ class BlockNode:
 
     # -- users and references ----------------------------------------------------------------
     def add_user(
-        self, kind: UserKind, description: str, perm: Perm = NO_PERM, shared: Perm | None = None
+        self, kind: UserKind, description: str, perm: Perm = NO_PERM, shared: Perm | None = None,
+        *, holder: tuple[str, str] | None = None
     ) -> NodeUser:
         """Take a reference. ``GenericError`` if the permissions conflict with another user."""
-        user = NodeUser(self, kind, description, perm, Perm.all() if shared is None else shared)
+        user = NodeUser(self, kind, description, perm, Perm.all() if shared is None else shared,
+                        holder=holder)
         with self._lock:
             if self.closed or self._closing:
                 raise GenericError(f"Node '{self.name}' is closed")
@@ -207,21 +224,27 @@ class BlockNode:
     def _check_perm(self, user: NodeUser, perm: Perm, shared: Perm) -> None:
         if perm & Perm.WRITE and self.read_only:
             raise GenericError(f"Block node '{self.name}' is read-only")
-        for other in self.users:
-            if other is user:
-                continue
-            if perm & ~other.shared:
-                denied = Perm(perm & ~other.shared)
-                raise GenericError(
-                    f"Permission conflict on node '{self.name}': it is {other.description}, "
-                    f"which does not allow '{denied.describe()}'"
-                )
+        others = [other for other in self.users if other is not user]
+        # QEMU's order: first whether the new holder lets the others keep what they use, then
+        # whether the others let it have what it asks for
+        for other in others:
             if other.perm & ~shared:
-                denied = Perm(other.perm & ~shared)
-                raise GenericError(
-                    f"Permission conflict on node '{self.name}': it is {other.description}, "
-                    f"which needs '{denied.describe()}'"
-                )
+                raise self._conflict(Perm(other.perm & ~shared), other.holder_desc(),
+                                     user.holder_desc())
+        for other in others:
+            if perm & ~other.shared:
+                raise self._conflict(Perm(perm & ~other.shared), user.holder_desc(),
+                                     other.holder_desc())
+
+    def _conflict(self, perms: Perm, needs: tuple[str, str],
+                  unshares: tuple[str, str]) -> GenericError:
+        """QEMU's words for a permission conflict (``bdrv_a_allow_b``)."""
+        name = self.name
+        return GenericError(
+            f"Permission conflict on node '{name}': permissions '{perms.describe()}' are both "
+            f"required by {needs[0]} (uses node '{name}' as '{needs[1]}' child) and unshared "
+            f"by {unshares[0]} (uses node '{name}' as '{unshares[1]}' child)."
+        )
 
     def _apply_perm(self) -> None:
         perm, shared = NO_PERM, Perm.all()
@@ -260,7 +283,8 @@ class BlockNode:
             shared = Perm.all()
         article = "as" if role & (ChildRole.BACKING | ChildRole.FILE | ChildRole.TARGET) else "by"
         user = child.add_user(
-            UserKind.CHILD, f"used {article} {name} of '{self.name}'", perm, shared
+            UserKind.CHILD, f"used {article} {name} of '{self.name}'", perm, shared,
+            holder=(f"node '{self.name}'", name)
         )
         link = ChildLink(self, name, role, user)
         with self._lock:

@@ -13,7 +13,7 @@ from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES, CbwErrorPolic
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
 from fleece.commands import command
-from fleece.errors import DeviceNotActive, GenericError
+from fleece.errors import DeviceNotActive, DeviceNotFound, GenericError, NodeNotFound
 from fleece.jobs.backup import BackupJob, BitmapSyncMode, SyncMode
 from fleece.jobs.job import ErrorPolicy, Job
 from fleece.jobs.state import JobStatus
@@ -277,7 +277,7 @@ class JobCommands:
         name: str = args["target"]
         target = self.graph.find(name)
         if target is None:
-            raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
+            raise NodeNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
         job_id = args.get("job-id") or device
         self._check_job_id(job_id)
         if args.get("discard-source"):
@@ -345,7 +345,10 @@ class JobCommands:
 
         if top is not None or base is not None:
             raise GenericError("'top'/'base' by file name are not supported; use the node names")
-        active = self.find_node(device)
+        try:
+            active = self.find_node(device)
+        except NodeNotFound:
+            raise DeviceNotFound(f"Device '{device}' not found") from None  # QEMU's words
         chain = backing_chain(active)
         top_bs = self.graph.get(top_node) if top_node is not None else active
         if base_node is not None:

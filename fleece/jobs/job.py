@@ -129,7 +129,8 @@ class Job:
     def use_node(self, node: BlockNode, perm: Perm, shared: Perm) -> NodeUser:
         """Hold ``node`` for the job's lifetime ("in use by block job: <kind>")."""
         user = node.add_user(
-            UserKind.JOB, f"block device is in use by block job: {self.kind}", perm, shared
+            UserKind.JOB, f"block device is in use by block job: {self.kind}", perm, shared,
+            holder=(f"{self.kind} job '{self.id}'", "main node")
         )
         self.users.append(user)
         return user

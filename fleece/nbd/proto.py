@@ -629,7 +629,9 @@ class ServerConnection:
         elif kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):
             if export.read_only:
                 return NBDErr.EPERM, "the export is read-only"
-            if end > export.size:
+            if end > export.size:  # the NBD spec: ENOSPC for writes, EINVAL for a trim
+                if kind == Cmd.TRIM:
+                    return NBDErr.EINVAL, f"trim past the end of the export ({export.size} bytes)"
                 return NBDErr.ENOSPC, f"write past the end of the export ({export.size} bytes)"
         elif kind == Cmd.CACHE:
             if end > export.size:

@@ -1286,10 +1286,18 @@ class NBDServer:
             if not isinstance(path, str) or not path:
                 raise GenericError("Parameter 'addr.data.path' is missing")
             return self.call(lambda: self._listen_unix(path))
-        host = data.get("host")
-        port = data.get("port")
-        if not isinstance(host, str) or not isinstance(port, str | int):
-            raise GenericError("Parameters 'addr.data.host' and 'addr.data.port' are required")
+        for member in ("host", "port"):  # InetSocketAddress: both strings, as QEMU's schema says
+            if member not in data:
+                raise GenericError(f"Parameter 'addr.data.{member}' is missing")
+            if not isinstance(data[member], str):
+                raise GenericError(
+                    f"Invalid parameter type for 'addr.data.{member}', expected: string")
+        host: str = data["host"]
+        port: str = data["port"]
+        if port.isdigit() and int(port) > 65535:
+            # QEMU would listen on the port modulo 65536; fleece refuses (QEMU's words for a
+            # port beyond the range elsewhere)
+            raise GenericError(f"port {port} out of range")
         try:
             number = int(port)
         except ValueError:
@@ -1332,7 +1340,8 @@ class NBDServer:
             infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                 flags=socket.AI_PASSIVE)
         except OSError as exc:
-            raise GenericError(f"Failed to bind socket to {host}:{port}: {exc.strerror}") from None
+            raise GenericError(
+                f"address resolution failed for {host}:{port}: {exc.strerror}") from None
         if port == 0:
             infos = infos[:1]
         socks: list[socket.socket] = []
@@ -1348,9 +1357,10 @@ class NBDServer:
         except OSError as exc:
             for sock in socks:
                 sock.close()
-            raise GenericError(
-                f"Failed to bind socket to {host}:{port}: {exc.strerror}"
-            ) from None
+            if exc.errno == errno.EADDRINUSE:  # QEMU's words (it tried every port it could)
+                raise GenericError(
+                    f"Failed to find an available port: {exc.strerror}") from None
+            raise GenericError(f"Failed to bind socket: {exc.strerror}") from None
         self._listeners += [_Listener(self, sock) for sock in socks]
         bound = socks[0].getsockname()
         address = (str(bound[0]), int(bound[1]))

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: the QEMU version fleece speaks for (its reference, qemu-storage-daemon 7.2)
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 BUILTIN = ("qmp_capabilities", "query-version", "query-commands", "quit")
+#: the answer to a command that failed in a way fleece did not foresee (a bug); the details,
+#: traceback included, are in the daemon's log
+UNEXPECTED = "Command '{command}' failed unexpectedly; the daemon's log has the details"
 
 
 def version_info() -> dict[str, Any]:
@@ -75,9 +78,10 @@ class QMPConnection:
         except QMPError as exc:
             self._reply_error(exc, request.id, request.has_id)
             return
-        except Exception as exc:  # a bug: tell the client in one line, keep the traceback here
-            log.exception("command %s failed", request.command)
-            self._reply_error(GenericError(f"internal error: {exc}"), request.id, request.has_id)
+        except Exception:  # a bug: the traceback goes to the log, never to the client
+            log.exception("command %s failed unexpectedly", request.command)
+            self._reply_error(GenericError(UNEXPECTED.format(command=request.command)),
+                              request.id, request.has_id)
             return
         reply: dict[str, Any] = {"return": result}
         if request.has_id:

@@ -177,14 +177,19 @@ h.connect_uri({uri!r})
 h.pwrite(b"\\xab" * 4096, 8192, nbd.CMD_FLAG_FUA)
 h.zero(4096, 0)
 h.flush()
-try:
-    h.pwrite(b"x" * 8, {MiB} - 4)
-    print("no error")
-except nbd.Error as e:
-    print(e.errno if isinstance(e.errno, str) else errno.errorcode[e.errno])
+def past_end(name, call):
+    try:
+        call()
+        print(name, "no error")
+    except nbd.Error as e:
+        print(name, e.errno if isinstance(e.errno, str) else errno.errorcode[e.errno])
+past_end("write", lambda: h.pwrite(b"x" * 8, {MiB} - 4))
+past_end("zero", lambda: h.zero(8, {MiB} - 4))
+past_end("trim", lambda: h.trim(8, {MiB} - 4))  # the NBD spec: EINVAL, not ENOSPC
 print(h.pread(4096, 8192) == b"\\xab" * 4096, h.pread(4096, 0) == bytes(4096))
 """
-    assert nbdsh(script).stdout.split("\n")[:2] == ["ENOSPC", "True True"]
+    assert nbdsh(script).stdout.split("\n")[:4] == ["write ENOSPC", "zero ENOSPC", "trim EINVAL",
+                                                    "True True"]
     data = (served.tmp / "rw.raw").read_bytes()
     assert data[8192:12288] == b"\xab" * 4096 and data[:4096] == bytes(4096)
 

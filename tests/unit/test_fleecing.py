@@ -321,9 +321,11 @@ def test_drive_backup_target_id_in_use(fleecing: Fleecing, name: str) -> None:
 
 
 def test_drive_backup_unknown_device(fleecing: Fleecing) -> None:
-    with pytest.raises(DeviceNotFound):
+    with pytest.raises(DeviceNotFound) as info:
         fleecing.storage.execute("drive-backup", {"device": "nope", "target": fleecing.pit,
                                                   "format": "qcow2", "sync": "none"})
+    assert info.value.qmp_class == "GenericError"  # as QEMU answers
+    assert info.value.desc == "Cannot find device='nope' nor node-name='nope'"
     assert not os.path.exists(fleecing.pit)
 
 

@@ -457,6 +457,17 @@ def test_write_past_the_end_is_enospc_with_structured_message() -> None:
     assert (error, cookie) == (NBDErr.ENOSPC, 5) and "end" in message
 
 
+@pytest.mark.parametrize(("command", "expected"), [(Cmd.WRITE_ZEROES, NBDErr.ENOSPC),
+                                                   (Cmd.TRIM, NBDErr.EINVAL)])
+def test_zero_and_trim_past_the_end_errors_are_the_specs(command: Cmd,
+                                                         expected: NBDErr) -> None:
+    conn = connect()
+    go(conn, "rw")
+    assert conn.receive_data(request(command, SIZE - 2, 4, cookie=6)) == []
+    error, cookie, message = structured_error(conn.data_to_send())
+    assert (error, cookie) == (expected, 6) and "end" in message
+
+
 def test_bad_request_magic_and_huge_write_disconnect() -> None:
     conn = connect()
     go(conn, "rw")

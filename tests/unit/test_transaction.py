@@ -79,11 +79,14 @@ def test_two_disks_one_point_in_time(two_disks: Storage, tmp_path: Path) -> None
 
 
 def test_a_failing_action_leaves_no_job(two_disks: Storage, tmp_path: Path) -> None:
-    with pytest.raises(DeviceNotFound):
+    with pytest.raises(DeviceNotFound) as info:
         two_disks.execute("transaction", {"actions": [
             _backup("vda", "ok.qcow2", tmp_path, **{"target-id": "ok"}),
             _backup("nosuch", "bad.qcow2", tmp_path),
         ]})
+    # QEMU's class and words for a failed device-or-node lookup
+    assert info.value.qmp_class == "GenericError"
+    assert info.value.desc == "Cannot find device='nosuch' nor node-name='nosuch'"
     assert two_disks.execute("query-block-jobs") == []
     names = {n["node-name"] for n in two_disks.execute("query-named-block-nodes")}
     assert "ok" not in names
