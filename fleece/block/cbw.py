@@ -27,6 +27,13 @@ guest write, so it breaks the snapshot (reads fail with ``EACCES``) and the owne
 through ``on_late_failure``. With ``write_behind=0``, or a target that cannot take direct writes,
 every copy lands before its guest write proceeds, and a failed copy fails the guest write.
 
+*Zeroes stay zeroes*, as QEMU's block-copy keeps them: under the exclusive lock, one block
+status query of the source per run (metadata only; a run the source maps as one extent costs
+one query) finds the whole clusters that read as zeroes, and those are written to the target as
+zeroes (``pwrite_zeroes``, a qcow2 zero cluster or a hole) instead of as data, so the snapshot's
+block status still says "zero" there and backup tools skip them. They count as copied like any
+other cluster, and are marked done only once the target has them.
+
 Planning (which runs of a request still need copying) and the lock table are Cython
 (:mod:`fleece.cbw_plan`); waiting for a conflicting lock is a ``threading.Condition`` here.
 """
@@ -119,6 +126,9 @@ class CopyBeforeWrite:
             )
         self.copied_clusters = 0
         self.copied_bytes = 0
+        #: write zeroes into the target where the source reads zeroes (False: copy them as
+        #: data, for a target whose unallocated clusters must never read through to anything)
+        self.sparse = True
         #: called with the bytes each copy moved (the job counts them as progress)
         self.on_copy: list[Callable[[int], None]] = []
         self._max_run = max(1, MAX_COPY_BYTES // cluster_size)
@@ -273,11 +283,46 @@ class CopyBeforeWrite:
         return copied
 
     def _copy_run(self, first: int, count: int) -> int:
-        offset, length = self._run_bytes(first, count)
-        buf = self._buffer(length)
-        self._read_old(offset, buf)
-        self._write_old(first, count, offset, buf)
-        return length
+        """Copy a run of clusters not done (exclusive lock held); returns its bytes."""
+        copied = 0
+        for piece_first, piece_count, zero in self._pieces(first, count):
+            offset, length = self._run_bytes(piece_first, piece_count)
+            if zero:
+                self._zero_old(piece_first, piece_count, offset, length)
+            else:
+                buf = self._buffer(length)
+                self._read_old(offset, buf)
+                self._write_old(piece_first, piece_count, offset, buf)
+            copied += length
+        return copied
+
+    def _pieces(self, first: int, count: int) -> list[tuple[int, int, bool]]:
+        """Split a run into ``(first, count, reads_zero)`` pieces by the source's block status
+        (exclusive lock held, so the status cannot change before the copy)."""
+        if not self.sparse:
+            return [(first, count, False)]
+        end = first + count
+        pieces: list[tuple[int, int, bool]] = []
+        at = first
+        for zero_first, zero_end in self._zero_clusters(first, end, strict=False):
+            if at < zero_first:
+                pieces.append((at, zero_first - at, False))
+            pieces.append((zero_first, zero_end - zero_first, True))
+            at = zero_end
+        if at < end:
+            pieces.append((at, end - at, False))
+        return pieces
+
+    def _zero_old(self, first: int, count: int, offset: int, length: int) -> None:
+        """Make a run that reads as zeroes in the source read as zeroes in the target, then
+        count it copied."""
+        try:
+            self.target.pwrite_zeroes(offset, length, may_unmap=True)
+        except OSError as exc:
+            raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+        self._mark_copied(first, count, length)
+        for callback in self.on_copy:
+            callback(length)
 
     def _write_old(self, first: int, count: int, offset: int, data: memoryview) -> None:
         """Write a run's old data into the target, then count it copied."""
@@ -315,29 +360,42 @@ class CopyBeforeWrite:
         behind = self._behind
         assert behind is not None
         with self.locks.locked(first, end, exclusive=True):
-            for run_first, count in plan_runs(self.done, first, end, self._max_run):
-                offset, length = self._run_bytes(run_first, count)
-                buf = behind.buffer(length)
-                if buf is None:  # detached meanwhile
-                    self._copy_run(run_first, count)
-                    continue
-                submitted = False
-                try:
-                    view = memoryview(buf)[:length]
-                    self._read_old(offset, view)
-                    direct = self._reserve_target(offset, length)
-                    if direct is not None:
-                        submitted = behind.submit(
-                            Landing(run_first, count, buf, length, direct),
-                            partial(self._mark_copied, run_first, count, length),
-                        )
-                        if not submitted:
-                            direct.finish(False)
-                    if not submitted:
-                        self._write_old(run_first, count, offset, view)
-                finally:
-                    if not submitted:
-                        behind.give_back(buf, length)
+            for piece_first, piece_count, zero in self._planned_pieces(first, end):
+                self._copy_piece_behind(behind, piece_first, piece_count, zero)
+
+    def _planned_pieces(self, first: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        for run_first, count in plan_runs(self.done, first, end, self._max_run):
+            yield from self._pieces(run_first, count)
+
+    def _copy_piece_behind(self, behind: WriteBehind, run_first: int, count: int,
+                           zero: bool) -> None:
+        """One piece of :meth:`_copy_behind` (exclusive lock held). Zeroes are written here:
+        a metadata update, with nothing to gain from the writer thread."""
+        offset, length = self._run_bytes(run_first, count)
+        if zero:
+            self._zero_old(run_first, count, offset, length)
+            return
+        buf = behind.buffer(length)
+        if buf is None:  # detached meanwhile
+            self._copy_run(run_first, count)
+            return
+        submitted = False
+        try:
+            view = memoryview(buf)[:length]
+            self._read_old(offset, view)
+            direct = self._reserve_target(offset, length)
+            if direct is not None:
+                submitted = behind.submit(
+                    Landing(run_first, count, buf, length, direct),
+                    partial(self._mark_copied, run_first, count, length),
+                )
+                if not submitted:
+                    direct.finish(False)
+            if not submitted:
+                self._write_old(run_first, count, offset, view)
+        finally:
+            if not submitted:
+                behind.give_back(buf, length)
 
     def _reserve_target(self, offset: int, length: int) -> DirectWrite | None:
         try:
@@ -395,21 +453,30 @@ class CopyBeforeWrite:
                     handled += length
         return handled
 
-    def _zero_clusters(self, first: int, end: int) -> list[tuple[int, int]]:
-        """The whole clusters of ``[first, end)`` that read as zeroes in the source."""
+    def _zero_clusters(self, first: int, end: int, *,
+                       strict: bool = True) -> list[tuple[int, int]]:
+        """The whole clusters of ``[first, end)`` that read as zeroes in the source, in order.
+
+        A failed status query raises ``OSError`` if ``strict``; else what follows it counts
+        as data (as in QEMU's block-copy: copying data is always right, only slower).
+        """
         cluster = self.cluster_size
         offset = first * cluster
         length = min(end * cluster, self.size) - offset
-        ranges = []
-        for status in self.source.extents(offset, length):
-            if not status.zero:
-                continue
-            status_end = status.offset + status.length
-            zero_first = -(-status.offset // cluster)
-            at_end = status_end >= self.size  # a partial last cluster counts as whole
-            zero_end = min(end, self.nclusters if at_end else status_end // cluster)
-            if zero_first < zero_end:
-                ranges.append((zero_first, zero_end))
+        ranges: list[tuple[int, int]] = []
+        try:
+            for status in self.source.extents(offset, length):
+                if not status.zero:
+                    continue
+                status_end = status.offset + status.length
+                zero_first = -(-status.offset // cluster)
+                at_end = status_end >= self.size  # a partial last cluster counts as whole
+                zero_end = min(end, self.nclusters if at_end else status_end // cluster)
+                if zero_first < zero_end:
+                    ranges.append((zero_first, zero_end))
+        except OSError:
+            if strict:
+                raise
         return ranges
 
     def mark_done(self, first: int, count: int) -> None:

@@ -18,6 +18,11 @@ the filter is removed, drained again, after every write that entered it has fini
   writes from then on) and, as ``bitmap-mode`` says, ends the freeze: ``on-success`` keeps only
   the successor's bits if the job succeeded, everything otherwise; ``never`` keeps everything;
   ``always`` keeps the successor's bits plus, on failure, the clusters left uncopied.
+
+``speed`` counts every byte the job covers, as QEMU's block-copy rate limit does: copied, written
+as zeroes or skipped as reading zeroes, by the job or by the filter in a guest write's path (the
+latter never wait, but use up the job's budget). What is outside the job from its start
+(``sync=top``: unallocated in the top layer; ``sync=bitmap``: clean) costs nothing.
 """
 
 from __future__ import annotations
@@ -126,7 +131,10 @@ class BackupJob(Job):
         cbw = self.filter.driver.copy_before_write()
         assert cbw is not None  # the node was opened as a copy-before-write filter
         self.cbw: CopyBeforeWrite = cbw
-        self.cbw.on_copy.append(self.progress)
+        self.cbw.on_copy.append(self._covered)
+        # sync=bitmap: an incremental image holds its dirty zero clusters as data (see
+        # _copy_chunk); the others keep zeroes zeroes, as QEMU's block-copy does.
+        self.cbw.sparse = self.sync is not SyncMode.BITMAP
         self.cbw.on_late_failure.append(self._hook_broke)
         self.target.extra_info["fleecing"] = self.fleecing_info
         bitmap = self.sync_bitmap
@@ -215,37 +223,47 @@ class BackupJob(Job):
             end = min(self.cbw.nclusters, first + chunk)
             self.checkpoint()
             self._check_hook()
-            copied = self._copy_chunk(first, end)
-            self.throttle(copied)
+            self._copy_chunk(first, end)
+            self.throttle(0)  # the chunk's bytes were counted as it covered them
             first = end
         self.cbw.drain()  # the hook's last copies are part of the backup
         self._check_hook()
 
-    def _copy_chunk(self, first: int, end: int) -> int:
-        """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero."""
+    def _covered(self, length: int) -> None:
+        """``length`` more bytes of the job's range are handled, by the job or by the filter
+        in a guest write's path: progress, and bytes against the speed limit. QEMU counts
+        every byte its block-copy covers, copied or written as zeroes, whoever asked."""
+        self.progress(length)
+        self.charge(length)
+
+    def _copy_chunk(self, first: int, end: int) -> None:
+        """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero
+        (each byte is counted by :meth:`_covered` as it is handled)."""
         if self.sync is SyncMode.BITMAP:
             # An incremental image must hold every dirty cluster, zeroes included: copied as
             # data, they are exactly its allocated clusters and hide the older backup's data.
-            return 0 if self.cbw.all_done(first, end) else self._copy_with_policy(first, end)
+            if not self.cbw.all_done(first, end):
+                self._copy_with_policy(first, end)
+            return
         # A fresh target without backing already reads zeroes where nothing was written.
         reads_zero = self.target_is_fresh and self.target.backing() is None
-        self.progress(self.cbw.skip_zeroes(first, end, target_reads_zero=reads_zero))
-        if self.cbw.all_done(first, end):
-            return 0
-        return self._copy_with_policy(first, end)
+        self._covered(self.cbw.skip_zeroes(first, end, target_reads_zero=reads_zero))
+        if not self.cbw.all_done(first, end):
+            self._copy_with_policy(first, end)
 
-    def _copy_with_policy(self, first: int, end: int) -> int:
+    def _copy_with_policy(self, first: int, end: int) -> None:
         while True:
             try:
-                return self.cbw.copy_clusters(first, end)
+                self.cbw.copy_clusters(first, end)
+                return
             except OSError as exc:
                 operation = "read" if isinstance(exc, CopyReadError) else "write"
                 if self.handle_error(exc, operation) is ErrorAction.IGNORE:
                     # QEMU's "ignore": count the range as handled and go on
                     skipped = self.cbw.done.count(first, end)
                     self.cbw.mark_done(first, end - first)
-                    self.progress((end - first - skipped) * self.cbw.cluster_size)
-                    return 0
+                    self._covered((end - first - skipped) * self.cbw.cluster_size)
+                    return
 
     def commit(self) -> None:
         self._end_bitmap_freeze(success=True)

@@ -343,14 +343,32 @@ class Job:
         with self._cond:
             self.offset += done
 
-    def throttle(self, copied: int) -> None:
-        """Sleep as long as the speed limit asks after ``copied`` more bytes (wakes on cancel)."""
-        if self.speed <= 0:
-            self._throttle_start, self._throttle_bytes = time.monotonic(), 0
-            return
-        self._throttle_bytes += copied
-        due = self._throttle_start + self._throttle_bytes / self.speed
+    def charge(self, covered: int) -> None:
+        """Count ``covered`` bytes against the speed limit without waiting: work done outside
+        the job's own loop (a copy-before-write in a guest write's path) uses up the job's
+        budget as in QEMU, where the filter's copies pass the job's rate limit too."""
         with self._cond:
+            self._charge(covered)
+
+    def _charge(self, covered: int) -> float:
+        """Count ``covered`` bytes (``_cond`` held); returns when the limit lets the job go on.
+        Time the job fell behind the limit (paused, idle, slow) is not saved up for a burst:
+        as QEMU's rate limit, the accounting starts again from now."""
+        now = time.monotonic()
+        if self.speed <= 0:
+            self._throttle_start, self._throttle_bytes = now, 0
+            return now
+        if self._throttle_start + self._throttle_bytes / self.speed < now:
+            self._throttle_start, self._throttle_bytes = now, 0
+        self._throttle_bytes += covered
+        return self._throttle_start + self._throttle_bytes / self.speed
+
+    def throttle(self, covered: int) -> None:
+        """Count ``covered`` more bytes against the speed limit (every byte the job's step
+        covered: copied, written as zeroes, skipped as reading zeroes), then sleep as long as
+        the limit asks (wakes on cancel, pause or a speed change)."""
+        with self._cond:
+            due = self._charge(covered)
             self._cond.wait_for(
                 lambda: self._cancelled or self._pause_count > 0 or time.monotonic() >= due
                 or self.speed <= 0,

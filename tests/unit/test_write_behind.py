@@ -175,9 +175,11 @@ def test_a_drain_of_the_target_finishes_written_landings(rig: Fleecing, gate: Ga
 
 def test_the_budget_bounds_the_old_data_held(rig: Fleecing, gate: Gate) -> None:
     rig.snapshot(**{"x-perf": {"copy-ahead": 0, "write-behind": 2 * CLUSTER}})
+    # clusters holding data (0, 1 MiB, 32 MiB): a cluster reading as zeroes is copied as a
+    # zero cluster, which holds no old data in memory
     rig.device.pwrite(0, b"\x01" * CLUSTER)
-    rig.device.pwrite(10 * CLUSTER, b"\x02" * CLUSTER)
-    writer, done = in_thread(lambda: rig.device.pwrite(20 * CLUSTER, b"\x03" * CLUSTER))
+    rig.device.pwrite(16 * CLUSTER, b"\x02" * CLUSTER)
+    writer, done = in_thread(lambda: rig.device.pwrite(512 * CLUSTER, b"\x03" * CLUSTER))
     writer.join(BLOCKED)
     assert writer.is_alive(), "a third copy went over the budget"
     gate.set()
