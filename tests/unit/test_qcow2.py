@@ -632,3 +632,29 @@ def test_v2_zero_flag_is_corruption(tmp_path: Path) -> None:
         node.pread(4096, 10)
 
 
+
+
+def test_zeroes_in_an_image_whose_backing_is_not_attached_stay_zero(tmp_path: Path) -> None:
+    """An image whose header names a backing file, opened without it (drive-backup
+    mode=existing opens its target so), writes zero clusters for zeroes: leaving them
+    unallocated would read the backing's data once the image is opened with its backing."""
+    from fleece.storage import Storage
+
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    create(base, 1 << 20)
+    create(top, 1 << 20, backing_file=base, backing_format="qcow2")
+    with Storage() as storage:
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                                         "file": {"driver": "file", "filename": base}})
+        storage.graph.get("base").pwrite(0, b"\x77" * 65536)
+        storage.execute("blockdev-del", {"node-name": "base"})
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": None,
+                                         "file": {"driver": "file", "filename": top}})
+        storage.graph.get("top").pwrite_zeroes(0, 65536, True)
+        storage.execute("blockdev-del", {"node-name": "top"})
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "again",
+                                         "read-only": True,
+                                         "file": {"driver": "file", "filename": top}})
+        again = storage.graph.get("again")
+        assert again.backing() is not None
+        assert again.pread(0, 65536) == bytes(65536)

@@ -1058,7 +1058,10 @@ class Qcow2Driver(Driver):
         """
         frees: list[int] = []
         compressed: list[int] = []
-        no_backing = self.node.backing() is None
+        # Unallocated reads as zeroes only when the image has no backing at all: one whose
+        # header names a backing file that is not attached now (drive-backup mode=existing)
+        # would read through to it once opened with it, so it gets zero clusters.
+        no_backing = self.node.backing() is None and not self.backing_filename()
         copied = np.uint64(OFLAG_COPIED)
         c = first
         while c < end:
