@@ -71,6 +71,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
     """
 
     def __init__(self) -> None:
+        """An empty instance: no node, device, job or export. Use it as ``with Storage() as
+        storage:`` (or call :meth:`close`): one collected unclosed warns (``ResourceWarning``)."""
         self.graph = BlockGraph()
         self.devices: dict[str, Device] = {}
         self.events = EventBus()
@@ -146,7 +148,9 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
             return method(**{key.replace("-", "_"): value for key, value in arguments.items()})
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Receive every event; returns the function that unsubscribes."""
+        """Call ``callback`` with every event from now on, in the thread that emits it (a job's,
+        the QMP loop's, the caller's): it must not block. Returns the function that
+        unsubscribes."""
         return self.events.subscribe(callback)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
@@ -156,7 +160,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     # -- lookups used by every command -------------------------------------------------------
     def device(self, name: str) -> Device:
-        """The device a harness drives (``pread``/``pwrite``/... from any thread)."""
+        """The device ``name`` (``device_add``'s ``id``), which a harness drives with
+        ``pread``/``pwrite``/... from any thread. ``DeviceNotFound`` when there is none."""
         device = self.devices.get(name)
         if device is None:
             raise DeviceNotFound(f"Device '{name}' not found")
@@ -177,7 +182,10 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
     # -- block nodes -------------------------------------------------------------------------
     @command("blockdev-add", None)
     def blockdev_add(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Open a node from ``BlockdevOptions``; the monitor holds its reference."""
+        """Open a node (and its inline children) from ``BlockdevOptions``; the monitor holds
+        its reference until ``blockdev-del``. ``GenericError`` for a root without
+        ``node-name``, a name in use, unknown or bad options, or an image that cannot be
+        opened."""
         if "node-name" not in options:
             raise GenericError("'node-name' must be specified for the root node")
         node = self.graph.open_node(options)
@@ -186,7 +194,9 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     @command("blockdev-del", {"node-name": "str"})
     def blockdev_del(self, node_name: str) -> dict[str, Any]:
-        """Drop the monitor's reference. Refused while anyone else uses the node."""
+        """Drop the monitor's reference; the node closes when nobody else holds it.
+        ``GenericError`` (naming the user) while a job, device, export or parent uses it, for
+        a node the monitor does not own, or an unknown name."""
         node = self.graph.find(node_name)
         if node is None:
             raise GenericError(f"Failed to find node with node-name='{node_name}'")
@@ -204,6 +214,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     @command("query-named-block-nodes", {"*flat": "bool"})
     def query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
+        """QEMU's ``BlockDeviceInfo`` for every named node, implicit filters included;
+        ``flat`` leaves out each image's backing chain."""
         result = []
         for node in self.graph.nodes():
             info = add_bitmap_info(node.info(), node)
@@ -214,6 +226,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     @command("query-block", {})
     def query_block(self) -> list[dict[str, Any]]:
+        """QEMU's ``BlockInfo`` for every device, describing the node below any implicit
+        filter a job inserted (as QEMU shows it)."""
         return [
             {
                 "device": device.id,
@@ -243,7 +257,10 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
         bus: str | None = None,
         serial: str | None = None,
     ) -> dict[str, Any]:
-        """Hot plug a disk: ``{driver: "virtio-blk", id: "virtio0", drive: NODE}``."""
+        """Hot plug a disk: ``{driver: "virtio-blk", id: "virtio0", drive: NODE}``; the device
+        holds a reference on the node (see :meth:`device`). ``GenericError`` for an unknown
+        model, a missing or taken ``id``, a missing or unknown ``drive``, or a node whose
+        permissions conflict with its other users'."""
         if driver not in DEVICE_DRIVERS:
             raise GenericError(f"'{driver}' is not a valid device model name")
         if id is None:
@@ -262,7 +279,9 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     @command("device_del", {"id": "str"})
     def device_del(self, id: str) -> dict[str, Any]:
-        """Hot unplug: release the device's reference and emit ``DEVICE_DELETED``."""
+        """Hot unplug: release the device's reference and emit ``DEVICE_DELETED``. The
+        ``Device`` object no longer holds its node and must not be used any more.
+        ``DeviceNotFound`` for an unknown ``id``."""
         device = self.devices.pop(id, None)
         if device is None:
             raise DeviceNotFound(f"Device '{id}' not found")
@@ -272,7 +291,10 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Release everything: devices, then the monitor's references; every node closes."""
+        """Release everything: jobs cancelled (and waited for), the NBD server and its
+        exports stopped (a unix socket it created removed), devices unplugged, then the
+        monitor's references; every node is flushed and closed, its file left on disk (unless
+        made temporary). Idempotent; commands fail with ``GenericError`` afterwards."""
         with self._lock:
             if self._closed:
                 return

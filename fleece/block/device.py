@@ -20,9 +20,19 @@ DEVICE_DRIVERS = frozenset(
 
 
 class Device:
-    """A plugged guest disk named ``id`` on top of a node."""
+    """A plugged guest disk named ``id`` on top of a node.
+
+    Made by ``device_add`` (:meth:`fleece.storage.Storage.device` returns it). Every I/O method
+    may be called from many threads at once; each request goes to the node the device is on
+    when it starts and finishes there, even if a job inserts a filter meanwhile. Offsets and
+    lengths are in bytes; a request past :attr:`size` raises ``OSError``, and so does a failed
+    I/O, with its errno.
+    """
 
     def __init__(self, id: str, driver: str, node: BlockNode, *, share_rw: bool = False) -> None:
+        """Take a reference on ``node``: it may read, and write unless the node is read-only,
+        and lets others read (and write, with ``share_rw``). ``GenericError`` when that
+        conflicts with the node's other users."""
         self.id = id
         self.driver = driver
         self.read_only = node.read_only
@@ -44,22 +54,27 @@ class Device:
 
     @property
     def user(self) -> NodeUser:
+        """The device's reference on its node (kind ``DEVICE``, named in permission errors)."""
         return self._root.user
 
     @property
     def root(self) -> Root:
+        """The drainable root the device's requests go through (graph changes drain it)."""
         return self._root
 
     @property
     def size(self) -> int:
+        """The disk's size in bytes, as the guest sees it."""
         return self.node.size
 
     def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``: what the guest's disk holds now."""
         buf = bytearray(length)
         self.pread_into(offset, buf)
         return bytes(buf)
 
     def pread_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` with the bytes from ``offset``."""
         root = self._root
         node = root.begin()
         try:
@@ -68,6 +83,10 @@ class Device:
             root.end()
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset``. Under fleecing, the old content of clusters not yet
+        copied goes to the snapshot first; when that copy fails the write fails too
+        (``OSError``) and the disk keeps its old data, unless the backup's ``on-cbw-error``
+        is ``break-snapshot``. Durable once :meth:`flush` returns."""
         root = self._root
         node = root.begin()
         try:
@@ -76,6 +95,8 @@ class Device:
             root.end()
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make ``length`` bytes from ``offset`` read as zeroes (deallocated if ``may_unmap``
+        and the node allows it); copy-before-write as for :meth:`pwrite`."""
         root = self._root
         node = root.begin()
         try:
@@ -84,6 +105,9 @@ class Device:
             root.end()
 
     def pdiscard(self, offset: int, length: int) -> None:
+        """Tell the node the range is unused: it may drop it or ignore the hint (its
+        ``discard`` option), so the range's content is unspecified afterwards. Data it does
+        drop is copied to the snapshot first, as for :meth:`pwrite`."""
         root = self._root
         node = root.begin()
         try:
@@ -92,6 +116,8 @@ class Device:
             root.end()
 
     def flush(self) -> None:
+        """Make every write that completed before the call durable (the node's caches and
+        metadata written, its file synced)."""
         root = self._root
         node = root.begin()
         try:
@@ -100,5 +126,6 @@ class Device:
             root.end()
 
     def unplug(self) -> None:
-        """Release the node (hot unplug). Idempotent."""
+        """Release the node (hot unplug): the device must not be used afterwards. Idempotent;
+        ``device_del`` calls it."""
         self._root.release()
