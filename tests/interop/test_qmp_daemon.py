@@ -8,7 +8,11 @@ wait has a timeout and every daemon is killed at teardown. What is tested:
   on success and on error; errors are exactly ``{"error": {"class", "desc"}}``; malformed JSON
   and JSON that is not a command get ``GenericError`` and the connection stays usable; missing,
   unknown and mistyped arguments are ``GenericError`` naming the argument, word for word as
-  qemu-storage-daemon says it (each case compared against a running qemu-storage-daemon);
+  qemu-storage-daemon says it; the table ``REFERENCE_CASES`` sends the same bad input to fleece
+  and to a running qemu-storage-daemon and compares class and text (arguments, nested option
+  paths, missing files, device-or-node lookups, nbd-server-start addresses, malformed JSON, a
+  permission conflict under a backup job), with fleece's deliberate differences in
+  ``DELIBERATE`` and known ones as strict xfails in ``REFERENCE_BUGS``;
   input QEMU's parser recovers from (a top-level string holding a brace, the QMP spec's control
   character or 0xFF resynchronisation) checked on both daemons (fleece: strict xfail, a bug);
   events (``JOB_STATUS_CHANGE`` of a drive-backup) reach two negotiated clients at once with
@@ -403,7 +407,12 @@ def test_argument_errors_name_the_argument(drive_daemon: DaemonProcess,
 
 
 # -- word for word against qemu-storage-daemon ---------------------------------------------------
-REFERENCE_CASES: list[tuple[str, dict[str, Any]]] = [
+#: what a case sends: a command and its arguments ("{tmp}" in a string becomes the test's folder,
+#: the same for both daemons), or raw bytes (the answer is then every error they bring)
+Sent = tuple[str, dict[str, Any]] | bytes
+
+#: the same bad input for both daemons, in order; the first part with no NBD server running
+REFERENCE_CASES: list[Sent | None] = [
     ("blockdev-del", {}),
     ("blockdev-del", {"node-name": 1}),
     ("blockdev-del", {"node-name": "x", "foo": 1}),
@@ -424,20 +433,123 @@ REFERENCE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("job-cancel", {"id": "nosuch"}),
     ("nosuch-command", {}),
     ("blockdev-del", {"foo": 1}),
+    # a nested option keeps its path; an enum's refusal names the member alone
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {"driver": "file"}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                      "file": {"driver": "file", "filename": 5}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                      "file": {"driver": "file", "filename": "{tmp}/src.qcow2", "aio": "x"}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {"driver": "nosuch"}}),
+    # no Python text: QEMU's sentence for a missing file
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                      "file": {"driver": "file", "filename": "{tmp}/nosuch.qcow2"}}),
+    ("blockdev-add", {"driver": "file", "node-name": "a", "filename": "{tmp}/nosuch.raw"}),
+    # device-or-node lookups: GenericError, but block-commit's DeviceNotFound
+    ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": "nonode"}),
+    ("drive-backup", {"device": "x", "target": "{tmp}/t.qcow2", "sync": "none"}),
+    ("blockdev-backup", {"device": "x", "target": "y", "sync": "none"}),
+    ("transaction", {"actions": [{"type": "blockdev-backup",
+                                  "data": {"device": "x", "target": "y", "sync": "none"}}]}),
+    ("transaction", {"actions": [{"type": "drive-backup", "data": {
+        "device": "x", "target": "{tmp}/t.qcow2", "sync": "none"}}]}),
+    ("block-stream", {"device": "x"}),
+    ("block-commit", {"device": "x"}),
+    ("block-dirty-bitmap-add", {"node": "x", "name": "b"}),
+    ("block-dirty-bitmap-remove", {"node": "x", "name": "b"}),
+    ("block-export-del", {"id": "x"}),
+    ("object-del", {"id": "x"}),
+    # nbd-server-start: a port is a string; a socket that cannot be bound
+    ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1",
+                                                            "port": 99999}}}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "{tmp}/nodir/n.sock"}}}),
+    ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1",
+                                                            "port": "99999"}}}),
+    # malformed JSON: QEMU's lexer and parser words, every error it gives
+    b'{"execute": "query-version", }',
+    b'{"execute": query-version}',
+    b'{"execute" "query-version"}',
+    b'{"execute": "query-version", "id": 1, "id": 2}',
+    b"True\n",
+    b'{"execute": "x\\ud800"}',
+    b"{1: 2}",
+    b"[1 2]",
+    b"[" * 1025 + b"]" * 1025,
+    # with a source, a target, a backup job (filter cbw0) and an NBD server (REFERENCE_SETUP)
+    None,
+    ("nbd-server-add", {"device": "src", "writable": True}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "src", "name": "x",
+                          "writable": True}),
+    ("nbd-server-add", {"device": "x"}),
+    ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "x"}),
+    ("block-stream", {"device": "src", "base-node": "x"}),
+    ("blockdev-backup", {"device": "src", "target": "x", "sync": "none"}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "{tmp}/n2.sock"}}}),
 ]
-#: cases where fleece is known to differ (strict xfail)
-REFERENCE_BUGS: dict[int, str] = {}
+#: what both daemons are given where REFERENCE_CASES holds None; every step must succeed
+REFERENCE_SETUP: list[tuple[str, dict[str, Any]]] = [
+    ("nbd-server-stop", {}),  # QEMU started one on port 99999 modulo 65536 (see DELIBERATE)
+    ("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                      "file": {"driver": "file", "filename": "{tmp}/src.qcow2"}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                      "file": {"driver": "file", "filename": "{tmp}/tgt.qcow2"}}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "{tmp}/n.sock"}}}),
+    ("blockdev-backup", {"device": "src", "target": "tgt", "sync": "none", "job-id": "j0",
+                         "filter-node-name": "cbw0"}),
+]
+#: cases where fleece differs on purpose: the reason, and fleece's own answer
+DELIBERATE: dict[int, tuple[str, Any]] = {
+    REFERENCE_CASES.index(("nbd-server-start", {"addr": {"type": "inet", "data": {
+        "host": "127.0.0.1", "port": "99999"}}})): (
+        "QEMU listens on port 99999 modulo 65536 (34463) and says nothing; fleece refuses",
+        {"error": {"class": "GenericError", "desc": "port 99999 out of range"}}),
+    REFERENCE_CASES.index(b"[" * 1025 + b"]" * 1025): (
+        "over the nesting limit QEMU parses the rest of the value as new input (one error per "
+        "bracket, and a command inside would run); fleece skips the rest of the value",
+        [{"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}]),
+}
+#: cases where fleece is known to differ, not on purpose (strict xfail)
+REFERENCE_BUGS: dict[int, str] = {
+    REFERENCE_CASES.index(("block-export-add", {"type": "nbd", "id": "e2", "node-name": "x"})):
+        "block-export-add looks node-name up as a device too; QEMU names device=''",
+}
+
+
+def _case_id(index: int, sent: Sent | None) -> str:
+    if sent is None:
+        return f"{index}-setup"
+    if isinstance(sent, bytes):
+        return f"{index}-json-{sent[:24]!r}"
+    return f"{index}-{sent[0]}-{sorted(sent[1])}"
+
+
 REFERENCE_PARAMS = [
-    pytest.param(index, id=f"{name}-{sorted(arguments)}", marks=[pytest.mark.xfail(
+    pytest.param(index, id=_case_id(index, sent), marks=[pytest.mark.xfail(
         strict=True, reason=REFERENCE_BUGS[index])] if index in REFERENCE_BUGS else [])
-    for index, (name, arguments) in enumerate(REFERENCE_CASES)
+    for index, sent in enumerate(REFERENCE_CASES) if sent is not None
 ]
+
+
+def _in_tmp(value: Any, tmp: Path) -> Any:
+    """``value`` with "{tmp}" in every string replaced by ``tmp``."""
+    return json.loads(json.dumps(value).replace("{tmp}", str(tmp)))
+
+
+def _errors_for(client: RawQMP, data: bytes) -> list[Any]:
+    """Every reply ``data`` brings (then a marked query-version shows they are all in)."""
+    client.send(data)
+    client.send({"execute": "query-version", "id": "after"})
+    replies = []
+    while (reply := client.reply()).get("id") != "after":
+        replies.append(reply.get("error", reply))
+    return replies
 
 
 @pytest.fixture(scope="module")
 def reference_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
-    """The replies of fleece and of qemu-storage-daemon to every ``REFERENCE_CASES`` command."""
+    """The replies of fleece and of qemu-storage-daemon to every ``REFERENCE_CASES`` input."""
     tmp = tmp_path_factory.mktemp("ref")
+    for image in ("src.qcow2", "tgt.qcow2"):
+        run_peer("qemu-img", "create", "-f", "qcow2", str(tmp / image), str(IMAGE_SIZE))
     replies: dict[str, list[Any]] = {}
     for name, argv in (("fleece", fleece_argv("--qmp", f"unix:{tmp / 'f.sock'}")),
                        ("qsd", qsd_argv(tmp / "q.sock"))):
@@ -447,10 +559,23 @@ def reference_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, lis
             daemon.wait_socket()
             client = RawQMP(path)
             client.negotiate()
-            replies[name] = [client.command(n, a) for n, a in REFERENCE_CASES]
+            answers: list[Any] = []
+            for sent in REFERENCE_CASES:
+                if sent is None:
+                    for step, (command, arguments) in enumerate(REFERENCE_SETUP):
+                        reply = client.command(command, _in_tmp(arguments, tmp))
+                        assert step == 0 or "return" in reply, (name, command, reply)
+                    answers.append(None)
+                elif isinstance(sent, bytes):
+                    answers.append(_errors_for(client, sent))
+                else:
+                    answers.append(client.command(sent[0], _in_tmp(sent[1], tmp)))
+            replies[name] = answers
+            client.ok("job-cancel", {"id": "j0"})
             client.close()
         finally:
             daemon.stop()
+        assert "Traceback" not in daemon.stderr, daemon.stderr
     return replies
 
 
@@ -458,8 +583,16 @@ def reference_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, lis
 def test_error_replies_match_qemu_storage_daemon(reference_replies: dict[str, list[Any]],
                                                  index: int) -> None:
     fleece, qsd = reference_replies["fleece"][index], reference_replies["qsd"][index]
-    assert "error" in qsd
+    if index in DELIBERATE:
+        assert fleece == DELIBERATE[index][1]
+        assert qsd != fleece
+        return
+    assert qsd and ("error" in qsd if isinstance(qsd, dict) else True), qsd
     assert fleece == qsd
+
+
+def test_the_comparison_covers_enough_cases() -> None:
+    assert len([sent for sent in REFERENCE_CASES if sent is not None]) >= 45
 
 
 RESYNC_INPUTS: dict[str, bytes] = {
@@ -1058,7 +1191,9 @@ def test_original_design_end_to_end(tmp_path: Path, source: Path, start: Starter
         # writable export of the disk's node itself is refused; one of the device is not.
         refused = qmp.cmd_raw("block-export-add", {"type": "nbd", "id": "live", "name": "live",
                                                    "writable": True, "node-name": node})
-        assert_error(refused, "GenericError", "does not allow 'write'")
+        assert_error(refused, "GenericError", f"Permission conflict on node '{node}': "
+                     "permissions 'write' are both required by an unnamed block device "
+                     f"(uses node '{node}' as 'root' child) and unshared by node '")
         # The guest writes after the point in time.
         assert qmp.cmd("nbd-server-add", device="virtio0", name="live", writable=True) == {}
         qemu_io(nbd_uri(nbd, "live"), *(f"write -P {p} {o} {n}" for p, o, n in PATTERNS_AFTER))
