@@ -658,3 +658,10 @@ def test_zeroes_in_an_image_whose_backing_is_not_attached_stay_zero(tmp_path: Pa
         again = storage.graph.get("again")
         assert again.backing() is not None
         assert again.pread(0, 65536) == bytes(65536)
+
+
+def test_a_qcow2_node_without_file_is_refused_in_qemus_words() -> None:
+    from fleece.storage import Storage
+
+    with Storage() as storage, pytest.raises(GenericError, match=r"^Parameter 'file' is missing$"):
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "x"})

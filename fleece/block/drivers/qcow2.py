@@ -182,6 +182,7 @@ class Qcow2Driver(Driver):
         self._file: BlockNode | None = None
         self._zcache: tuple[int, bytes] | None = None
         self._l2_cache: OrderedDict[int, U64] = OrderedDict()
+        self._reserve = (0, 0)  # host clusters [next, end) allocated, not handed out yet
 
     # -- opening -----------------------------------------------------------------------------
     def open(self, options: Options) -> None:
@@ -405,6 +406,8 @@ class Qcow2Driver(Driver):
         return super().child_perm(role, read_only)
 
     def close(self) -> None:
+        if self._file is None:  # the open failed before the image was read: nothing to undo
+            return
         if not self.node.read_only:
             with self._lock, contextlib.suppress(OSError):  # else the clusters leak
                 self._release_reserve(shrink=True)
