@@ -12,6 +12,7 @@ from typing import Any
 
 from fleece.bitmaps.commands import export_bitmap
 from fleece.block.dirty_bitmap import DirtyBitmap, find_bitmap, publish, unpublish
+from fleece.block.graph import BlockGraph
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
 from fleece.block.root import Root
@@ -27,6 +28,8 @@ _SERVER_USER = "nbd-server"
 
 class ExportCommands:
     """Mixed into ``Storage``: owns ``self.nbd_server`` and ``self.tls_objects``."""
+
+    graph: BlockGraph
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
         raise NotImplementedError
@@ -130,7 +133,10 @@ class ExportCommands:
         writethrough: bool,
         bitmaps: list[Any],
         allocation_depth: bool,
+        by_device: bool,
     ) -> None:
+        """``by_device``: ``node_name`` may name a device too (``nbd-server-add device=``);
+        otherwise only a node (``block-export-add node-name=``), as in QEMU."""
         server = self._require_server()
         if any(e.name == name for e in server.exports.values()):
             raise GenericError(f"NBD server already has export named '{name}'")
@@ -140,7 +146,7 @@ class ExportCommands:
             raise GenericError(f"export name '{name[:64]}...' too long")
         if description is not None and len(description.encode()) > MAX_NAME_LENGTH:
             raise GenericError("export description too long")
-        node = self.find_node(node_name)
+        node = self.find_node(node_name) if by_device else self.graph.get(node_name)
         exported = [export_bitmap(node, item, not writable, self._export_bitmap_lookup)
                     for item in bitmaps]
         if len({bitmap.name for bitmap in exported}) < len(exported):
@@ -212,7 +218,7 @@ class ExportCommands:
         self._add_export(
             export_id=name, node_name=device, name=name, description=description,
             writable=writable, writethrough=False, bitmaps=[] if bitmap is None else [bitmap],
-            allocation_depth=True,
+            allocation_depth=True, by_device=True,
         )
         return {}
 
@@ -251,6 +257,7 @@ class ExportCommands:
             writethrough=args.get("writethrough", False),
             bitmaps=list(args.get("bitmaps", [])),
             allocation_depth=args.get("allocation-depth", False),
+            by_device=False,
         )
         return {}
 

@@ -508,10 +508,7 @@ DELIBERATE: dict[int, tuple[str, Any]] = {
         [{"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}]),
 }
 #: cases where fleece is known to differ, not on purpose (strict xfail)
-REFERENCE_BUGS: dict[int, str] = {
-    REFERENCE_CASES.index(("block-export-add", {"type": "nbd", "id": "e2", "node-name": "x"})):
-        "block-export-add looks node-name up as a device too; QEMU names device=''",
-}
+REFERENCE_BUGS: dict[int, str] = {}
 
 
 def _case_id(index: int, sent: Sent | None) -> str:
