@@ -143,7 +143,8 @@ class QMP:
     ``QEMUMonitorProtocol``); ``execute`` takes the arguments as one dict, as the schema spells
     them. It costs about 0.4 ms more per command than fleece's former hand-written client
     (0.76 vs 0.38 ms per round trip to ``fleece daemon``, 0.63 vs 0.30 ms to
-    qemu-storage-daemon): the ``first_byte`` figure, two commands long, includes it for both."""
+    qemu-storage-daemon): the ``first_byte`` figure, two commands long, includes it for both
+    (qemu-storage-daemon's went from 1.8 to 2.9-3.7 ms with it)."""
 
     def __init__(self, path: Path, timeout: float) -> None:
         self._qmp = QEMUMonitorProtocol(str(path), nickname="compare_qemu")
