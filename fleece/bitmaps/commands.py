@@ -141,6 +141,9 @@ class BitmapCommands:
         persistent: bool = False,
         disabled: bool = False,
     ) -> BitmapAction:
+        """Check ``block-dirty-bitmap-add``'s arguments and return the action that adds the
+        bitmap (and its undo, for a transaction). ``GenericError`` for a bad name,
+        granularity or node; nothing changes until the action is applied."""
         if not name:
             raise GenericError("Bitmap name cannot be empty")
         try:
@@ -200,6 +203,8 @@ class BitmapCommands:
         return {}
 
     def prepare_bitmap_remove(self, node: str, name: str) -> BitmapAction:
+        """The action that removes the bitmap, and its undo; ``GenericError`` when the
+        bitmap is unknown or busy. Nothing changes until it is applied."""
         bs, bitmap = self.lookup_bitmap(node, name)
         bitmap.check(CHECK_BUSY | CHECK_READONLY)
         registry = node_bitmaps(bs)
@@ -217,6 +222,8 @@ class BitmapCommands:
 
     # -- clear / enable / disable --------------------------------------------------------------
     def prepare_bitmap_clear(self, node: str, name: str) -> BitmapAction:
+        """The action that clears the bitmap, and its undo (the old bits back); errors as
+        :meth:`prepare_bitmap_remove`."""
         _, bitmap = self.lookup_bitmap(node, name)
         bitmap.check(CHECK_DEFAULT)
         saved: list[Any] = []
@@ -252,9 +259,13 @@ class BitmapCommands:
         return BitmapAction(f"block-dirty-bitmap-{verb} {name}", apply, undo)
 
     def prepare_bitmap_enable(self, node: str, name: str) -> BitmapAction:
+        """The action that makes the bitmap record writes, and its undo; errors as
+        :meth:`prepare_bitmap_remove`."""
         return self._prepare_toggle(node, name, False)
 
     def prepare_bitmap_disable(self, node: str, name: str) -> BitmapAction:
+        """The action that stops the bitmap recording, and its undo; errors as
+        :meth:`prepare_bitmap_remove`."""
         return self._prepare_toggle(node, name, True)
 
     @command("block-dirty-bitmap-enable", {"node": "str", "name": "str"})
@@ -271,6 +282,8 @@ class BitmapCommands:
 
     # -- merge ---------------------------------------------------------------------------------
     def prepare_bitmap_merge(self, node: str, target: str, bitmaps: list[Any]) -> BitmapAction:
+        """The action that ORs ``bitmaps`` into ``target``, and its undo; ``GenericError`` for
+        an unknown or busy bitmap or a granularity mismatch."""
         bs, dst = self.lookup_bitmap(node, target)
         sources: list[DirtyBitmap] = []
         for item in bitmaps:

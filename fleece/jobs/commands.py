@@ -91,6 +91,7 @@ class JobCommands:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def forget_job(self, job: Job) -> None:
+        """Drop ``job`` from the job table (its own dismissal calls this); no-op if it left."""
         with self._jobs_lock:
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
@@ -114,12 +115,14 @@ class JobCommands:
                 )
 
     def block_job(self, job_id: str) -> Job:
+        """The job ``job_id``; ``DeviceNotActive`` (QEMU's class for block jobs) if none."""
         job = self.jobs.get(job_id)
         if job is None:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
 
     def job(self, job_id: str) -> Job:
+        """The job ``job_id``; ``GenericError`` "Job not found" (the ``job-*`` verbs) if none."""
         job = self.jobs.get(job_id)
         if job is None:
             raise GenericError("Job not found")
@@ -369,76 +372,99 @@ class JobCommands:
     # -- queries -----------------------------------------------------------------------------
     @command("query-block-jobs", {})
     def query_block_jobs(self) -> list[dict[str, Any]]:
+        """QEMU's ``BlockJobInfo`` of every job that has not been dismissed."""
         return [job.block_info() for job in list(self.jobs.values())]
 
     @command("query-jobs", {})
     def query_jobs(self) -> list[dict[str, Any]]:
+        """QEMU's ``JobInfo`` of every job that has not been dismissed."""
         return [job.job_info() for job in list(self.jobs.values())]
 
     # -- block-job-* verbs (by device = job id) ----------------------------------------------
     @command("block-job-cancel", {"device": "str", "*force": "bool"})
     def block_job_cancel(self, device: str, force: bool = False) -> dict[str, Any]:
+        """Cancel the job (``force`` also while paused); it ends with ``BLOCK_JOB_CANCELLED``.
+        ``DeviceNotActive`` for an unknown job, ``GenericError`` when its state refuses."""
         self.block_job(device).cancel(force)
         return {}
 
     @command("block-job-pause", {"device": "str"})
     def block_job_pause(self, device: str) -> dict[str, Any]:
+        """Pause the job at its next checkpoint. Errors as :meth:`block_job_cancel`."""
         self.block_job(device).user_pause()
         return {}
 
     @command("block-job-resume", {"device": "str"})
     def block_job_resume(self, device: str) -> dict[str, Any]:
+        """Resume a job paused by the user. Errors as :meth:`block_job_cancel`."""
         self.block_job(device).user_resume()
         return {}
 
     @command("block-job-set-speed", {"device": "str", "speed": "int"})
     def block_job_set_speed(self, device: str, speed: int) -> dict[str, Any]:
+        """Limit the job to ``speed`` bytes per second (0: none). ``GenericError`` for a
+        negative speed; otherwise errors as :meth:`block_job_cancel`."""
         self.block_job(device).set_speed(speed)
         return {}
 
     @command("block-job-complete", {"device": "str"})
     def block_job_complete(self, device: str) -> dict[str, Any]:
+        """Complete a job that is ready (fleece's jobs never are: ``GenericError``)."""
         self.block_job(device).complete()
         return {}
 
     @command("block-job-finalize", {"id": "str"})
     def block_job_finalize(self, id: str) -> dict[str, Any]:
+        """Finalize a pending job (``auto-finalize: false``): commit and announce completion.
+        Errors as :meth:`block_job_cancel`."""
         self.block_job(id).user_finalize()
         return {}
 
     @command("block-job-dismiss", {"id": "str"})
     def block_job_dismiss(self, id: str) -> dict[str, Any]:
+        """Dismiss a concluded job (``auto-dismiss: false``). Errors as
+        :meth:`block_job_cancel`."""
         self.block_job(id).user_dismiss()
         return {}
 
     # -- job-* verbs -------------------------------------------------------------------------
     @command("job-pause", {"id": "str"})
     def job_pause(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_pause` of the ``job-*`` family; ``GenericError`` for an unknown job."""
         self.job(id).user_pause()
         return {}
 
     @command("job-resume", {"id": "str"})
     def job_resume(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_resume` of the ``job-*`` family; ``GenericError`` for an unknown
+        job."""
         self.job(id).user_resume()
         return {}
 
     @command("job-cancel", {"id": "str"})
     def job_cancel(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_cancel` of the ``job-*`` family; ``GenericError`` for an unknown
+        job."""
         self.job(id).cancel()
         return {}
 
     @command("job-complete", {"id": "str"})
     def job_complete(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_complete` of the ``job-*`` family."""
         self.job(id).complete()
         return {}
 
     @command("job-finalize", {"id": "str"})
     def job_finalize(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_finalize` of the ``job-*`` family; ``GenericError`` for an
+        unknown job."""
         self.job(id).user_finalize()
         return {}
 
     @command("job-dismiss", {"id": "str"})
     def job_dismiss(self, id: str) -> dict[str, Any]:
+        """:meth:`block_job_dismiss` of the ``job-*`` family; ``GenericError`` for an unknown
+        job."""
         self.job(id).user_dismiss()
         return {}
 

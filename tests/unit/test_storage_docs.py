@@ -24,3 +24,11 @@ def test_public_methods_have_docstrings(cls: type) -> None:
         if not (function.__doc__ or "").strip():
             missing.append(name)
     assert missing == []
+
+
+def test_every_public_method_of_storage_has_a_docstring_whichever_group_defines_it() -> None:
+    """The command groups mixed into ``Storage`` (jobs, exports, bitmaps, transactions) are
+    part of its public API too."""
+    missing = [name for name, function in inspect.getmembers(Storage, inspect.isfunction)
+               if not name.startswith("_") and not (function.__doc__ or "").strip()]
+    assert missing == []
