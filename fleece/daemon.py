@@ -598,7 +598,7 @@ class Daemon:
         assert self._stop is not None and self._loop is not None
         await self._stop.wait()
         loop = self._loop
-        await loop.run_in_executor(None, self.storage.cancel_all_jobs)
+        await loop.run_in_executor(None, self.storage.job_commands.cancel_all_jobs)
         self.storage.emit("SHUTDOWN", {"guest": False, "reason": self._reason})
         await self.qmp.flush()
         await loop.run_in_executor(None, self.storage.close)

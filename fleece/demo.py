@@ -36,12 +36,10 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from tqdm import tqdm
 
-from fleece.block.graph import BlockGraph
-from fleece.block.node import UserKind
-from fleece.block.perm import Perm
 from fleece.block.qcow2 import create
 from fleece.daemon import DaemonConfig, DaemonThread
 from fleece.nbd.client import NBDClient
+from fleece.storage import Storage
 from fleece.units import format_size
 
 CHUNK = 4 << 20  # the unit of sample data generation and of snapshot reads
@@ -80,19 +78,19 @@ class Model:
 
 
 def _make_sample_disk(path: Path, size: int, seed: int) -> None:
+    """Create the sample disk and fill it, through a ``Storage`` like any user of fleece."""
     create(str(path), size)
-    graph = BlockGraph()
-    node = graph.open_node({"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}})
-    user = node.add_user(UserKind.MONITOR, "the demo", Perm.CONSISTENT_READ | Perm.WRITE,
-                         Perm.CONSISTENT_READ)
-    try:
+    with Storage() as storage:
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "sample",
+                                         "file": {"driver": "file", "filename": str(path)}})
+        storage.execute("device_add", {"driver": "virtio-blk", "id": "sample",
+                                       "drive": "sample"})
+        disk = storage.device("sample")
         chunks = tqdm(range(size // CHUNK), desc="sample disk", unit="chunk", leave=False,
                       disable=None)
         for index in chunks:
-            node.pwrite(index * CHUNK, _chunk(seed, index))
-        node.flush()
-    finally:
-        user.release()
+            disk.pwrite(index * CHUNK, _chunk(seed, index))
+        disk.flush()
 
 
 class Guest:

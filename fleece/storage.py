@@ -30,41 +30,30 @@ from fleece.command_types import (
     NbdServerAddArgs,
     NbdServerStartArgs,
 )
-from fleece.commands import CommandSpec, command
-from fleece.errors import CommandNotFound, DeviceNotFound, GenericError, NodeNotFound
+from fleece.commands import Command, Nodes, command, command_table
+from fleece.errors import CommandNotFound, DeviceNotFound, GenericError
 from fleece.events import Event, EventBus
 from fleece.jobs.commands import JobCommands
 from fleece.nbd.commands import ExportCommands
-from fleece.qmp.schema import Schema, check_arguments
+from fleece.schema import Schema, check_arguments
 from fleece.transaction import TransactionCommands
 
 if TYPE_CHECKING:
     from fleece.jobs.job import Job
+    from fleece.nbd.server import NBDServer
+    from fleece.nbd.tls import TLSCredsX509
 
 #: the name of the thread that closes a ``Storage`` collected without ``close()``
 FINALIZER_THREAD = "fleece-storage-finalizer"
 
 
-class _JobHost:
-    """What a job reaches of its ``Storage`` (events, and its entry in the job table), without
-    a reference to the ``Storage`` itself: a running job does not keep a dropped one alive."""
-
-    def __init__(self, events: EventBus, jobs: dict[str, Job], lock: threading.Lock) -> None:
-        self._events = events
-        self._jobs = jobs
-        self._lock = lock
-
-    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
-        return self._events.emit(name, data)
-
-    def forget_job(self, job: Job) -> None:
-        with self._lock:
-            if self._jobs.get(job.id) is job:
-                del self._jobs[job.id]
-
-
-class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
+class Storage:
     """The block graph, devices, jobs and exports of one fleece instance.
+
+    Its own commands are the nodes' and devices'; the others belong to command groups it
+    builds and owns (``job_commands``, ``export_commands``, ``bitmap_commands``,
+    ``transaction_commands``), each given what it uses. :meth:`execute` is the one entry to
+    all of them.
 
     Thread-safe: commands may come from the QMP loop and from a harness's threads at once; they
     are serialised by one lock, while guest I/O through devices runs in parallel.
@@ -78,16 +67,16 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
         self.events = EventBus()
         self._lock = threading.RLock()
         self._closed = False
-        self._init_jobs()
-        self._init_exports()
-        self._init_bitmaps()
-        self._commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
-        for attr in dir(type(self)):
-            method = getattr(self, attr)
-            spec = getattr(method, "__qmp_command__", None)
-            if isinstance(spec, CommandSpec):
-                self._commands[spec.name] = (method, spec)
-        self._job_host = _JobHost(self.events, self.jobs, self._jobs_lock)
+        self.nodes = Nodes(self.graph, self.devices)
+        self.job_commands = JobCommands(self.nodes, self.events)
+        self.export_commands = ExportCommands(self.nodes, self.events)
+        self.bitmap_commands = BitmapCommands(self.nodes)
+        self.transaction_commands = TransactionCommands(
+            self.nodes, self.execute, self.job_commands, self.bitmap_commands)
+        self._commands: dict[str, Command] = {}
+        for group in (self, self.job_commands, self.export_commands, self.bitmap_commands,
+                      self.transaction_commands):
+            self._commands.update(command_table(group))
         self._built = True  # from here on, dropping it without close() is a leak (__del__)
         _OPEN.add(self)
 
@@ -171,13 +160,22 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
         """A node by device name or node name, as QEMU's ``device`` arguments take it.
 
         Raises :class:`fleece.errors.NodeNotFound` (QMP class ``GenericError``, as QEMU's)."""
-        device = self.devices.get(name)
-        if device is not None:
-            return device.node
-        node = self.graph.find(name)
-        if node is None:
-            raise NodeNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
-        return node
+        return self.nodes.find(name)
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        """The jobs not dismissed yet, by id (the job group's table; read, do not change)."""
+        return self.job_commands.jobs
+
+    @property
+    def nbd_server(self) -> NBDServer | None:
+        """The running NBD server (``nbd_server.addresses`` tells where it listens), or None."""
+        return self.export_commands.nbd_server
+
+    @property
+    def tls_objects(self) -> dict[str, TLSCredsX509]:
+        """The ``tls-creds-x509`` objects by id."""
+        return self.export_commands.tls_objects
 
     # -- block nodes -------------------------------------------------------------------------
     @command("blockdev-add", None)
@@ -299,8 +297,8 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
             if self._closed:
                 return
             self._closed = True
-            self.cancel_all_jobs()
-            self._close_exports()
+            self.job_commands.cancel_all_jobs()
+            self.export_commands.close()
             for device in list(self.devices.values()):
                 device.unplug()
             self.devices.clear()
@@ -342,12 +340,6 @@ class Storage(TransactionCommands, JobCommands, ExportCommands, BitmapCommands):
             threading.Thread(target=self.close, name=FINALIZER_THREAD).start()
         except RuntimeError:  # interpreter shutdown: no new threads
             self.close()
-
-    def _register_job(self, job: Job) -> None:
-        # Every job is registered before it starts: from here it reaches the Storage only
-        # through the host, so that a running job does not keep a dropped Storage alive.
-        job.storage = self._job_host
-        super()._register_job(job)
 
 
 #: every ``Storage`` built and not collected yet; those still open at exit are closed then

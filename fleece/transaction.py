@@ -10,17 +10,16 @@ bitmaps restored) and the error of the failing action is the transaction's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from fleece.block.graph import BlockGraph
+from fleece.bitmaps.commands import BitmapAction, BitmapCommands
 from fleece.block.node import BlockNode
-from fleece.commands import command
+from fleece.commands import Nodes, command, command_table
 from fleece.errors import GenericError, QMPError
-from fleece.jobs.job import Job
+from fleece.jobs.commands import JobCommands
 from fleece.jobs.state import JobStatus
-from fleece.qmp.schema import check_arguments
+from fleece.schema import check_arguments
 
 #: actions a transaction takes, and the command each runs
 ACTIONS = {
@@ -35,49 +34,42 @@ ACTIONS = {
     "block-dirty-bitmap-merge": "block-dirty-bitmap-merge",
 }
 BACKUPS = ("blockdev-backup", "drive-backup")
-#: bitmap actions run in two phases through the bitmap commands' ``prepare_bitmap_*``
-BITMAP_PREPARE = {
-    "block-dirty-bitmap-add": "prepare_bitmap_add",
-    "block-dirty-bitmap-remove": "prepare_bitmap_remove",
-    "block-dirty-bitmap-clear": "prepare_bitmap_clear",
-    "block-dirty-bitmap-enable": "prepare_bitmap_enable",
-    "block-dirty-bitmap-disable": "prepare_bitmap_disable",
-    "block-dirty-bitmap-merge": "prepare_bitmap_merge",
-}
-
 Undo = Callable[[], None]
+#: runs a command by name (``Storage.execute``)
+Execute = Callable[[str, dict[str, Any]], Any]
 
 
 class TransactionCommands:
-    """Mixed into ``Storage``."""
+    """``transaction``, given the nodes, the flat command entry it runs actions through, and
+    the job and bitmap groups whose actions it starts together or prepares in two phases."""
 
-    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        raise NotImplementedError
-
-    def schema(self, name: str) -> Any:
-        raise NotImplementedError
-
-    def find_node(self, name: str) -> BlockNode:
-        raise NotImplementedError
-
-    graph: BlockGraph
-    jobs: dict[str, Job]
-
-    if TYPE_CHECKING:  # JobCommands, mixed in after this class, provides it
-        @contextmanager
-        def jobs_started_after(self) -> Iterator[list[Job]]:
-            yield []
+    def __init__(self, nodes: Nodes, execute: Execute, jobs: JobCommands,
+                 bitmaps: BitmapCommands) -> None:
+        self.graph = nodes.graph
+        self.find_node = nodes.find
+        self.execute = execute
+        self.jobs = jobs
+        #: bitmap actions run in two phases (checked, then applied with an undo)
+        self.prepare: dict[str, Callable[..., BitmapAction]] = {
+            "block-dirty-bitmap-add": bitmaps.prepare_bitmap_add,
+            "block-dirty-bitmap-remove": bitmaps.prepare_bitmap_remove,
+            "block-dirty-bitmap-clear": bitmaps.prepare_bitmap_clear,
+            "block-dirty-bitmap-enable": bitmaps.prepare_bitmap_enable,
+            "block-dirty-bitmap-disable": bitmaps.prepare_bitmap_disable,
+            "block-dirty-bitmap-merge": bitmaps.prepare_bitmap_merge,
+        }
+        self._schemas = command_table(bitmaps)
 
     def undo_for(self, action: str, data: dict[str, Any]) -> Undo | None:
-        """How to take back ``action`` once it ran (prepared before it runs), or None when
-        nothing needs undoing. Command groups extend this (dirty bitmaps do)."""
+        """How to take back a backup ``action`` once it ran (prepared before it runs), or None
+        when nothing needs undoing (bitmap actions bring their own undo)."""
         if action in BACKUPS:
             job_id = data.get("job-id") or data.get("device")
             return lambda: self._undo_backup(str(job_id))
         return None
 
     def _undo_backup(self, job_id: str) -> None:
-        job = self.jobs.get(job_id)
+        job = self.jobs.jobs.get(job_id)
         if job is None:
             return
         job.discard()  # created inside this transaction, never started
@@ -106,14 +98,14 @@ class TransactionCommands:
             planned.append((kind, data))
         sources = self._backup_sources(planned)
         undo: list[Undo] = []
-        with self.jobs_started_after() as created, self.graph.drained(sources):
+        with self.jobs.jobs_started_after() as created, self.graph.drained(sources):
             try:
                 for kind, data in planned:
                     if kind == "abort":
                         raise GenericError("Transaction aborted using Abort action")
-                    if kind in BITMAP_PREPARE:
-                        check_arguments(self.schema(kind), data)
-                        prepare = getattr(self, BITMAP_PREPARE[kind])
+                    prepare = self.prepare.get(kind)
+                    if prepare is not None:
+                        check_arguments(self._schemas[kind][1].schema, data)
                         action = prepare(**{k.replace("-", "_"): v for k, v in data.items()})
                         action.apply()
                         undo.append(action.undo)

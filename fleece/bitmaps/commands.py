@@ -28,7 +28,7 @@ from fleece.block.dirty_bitmap import (
     node_bitmaps,
 )
 from fleece.block.node import BlockNode
-from fleece.commands import command
+from fleece.commands import Nodes, command
 from fleece.errors import DeviceNotFound, GenericError, QMPError
 
 BITMAP_MODES = ("on-success", "never", "always")
@@ -106,13 +106,12 @@ def check_backup_bitmap(
 
 
 class BitmapCommands:
-    """Mixed into ``Storage``: the ``block-dirty-bitmap-*`` commands."""
+    """The ``block-dirty-bitmap-*`` commands, given the nodes they look up (bitmaps live with
+    their nodes, :mod:`fleece.block.dirty_bitmap`). The ``prepare_bitmap_*`` methods are the
+    same actions in two phases, for ``transaction``."""
 
-    def find_node(self, name: str) -> BlockNode:
-        raise NotImplementedError
-
-    def _init_bitmaps(self) -> None:
-        """Nothing to set up: bitmaps live with their nodes (fleece.block.dirty_bitmap)."""
+    def __init__(self, nodes: Nodes) -> None:
+        self.find_node = nodes.find
 
     # -- lookups -------------------------------------------------------------------------------
     def _bitmap_node(self, node: str) -> BlockNode:

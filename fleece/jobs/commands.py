@@ -1,4 +1,8 @@
-"""The job commands of ``Storage``: backups, stream, commit, and the job verbs."""
+"""The job commands: backups, stream, commit, and the job verbs (a command group of ``Storage``).
+
+:class:`JobCommands` owns the job table. It is also what its jobs see of their owner (their
+:class:`~fleece.jobs.job.JobHost`: events and the table), so a running job does not keep the
+``Storage`` alive."""
 
 from __future__ import annotations
 
@@ -12,16 +16,14 @@ from fleece.bitmaps.commands import check_backup_bitmap
 from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES, CbwErrorPolicy
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
-from fleece.commands import command
+from fleece.commands import Nodes, command
 from fleece.errors import DeviceNotActive, DeviceNotFound, GenericError, NodeNotFound
 from fleece.jobs.backup import BackupJob, BitmapSyncMode, SyncMode
 from fleece.jobs.job import ErrorPolicy, Job
 from fleece.jobs.state import JobStatus
 
 if TYPE_CHECKING:
-    from fleece.block.device import Device
-    from fleece.block.graph import BlockGraph
-    from fleece.events import Event
+    from fleece.events import Event, EventBus
 
 ERROR_POLICY = tuple(policy.value for policy in ErrorPolicy)
 SYNC = (*(mode.value for mode in SyncMode), "incremental")
@@ -51,19 +53,12 @@ _BACKUP_ARGS: dict[str, Any] = {
 
 
 class JobCommands:
-    """Mixed into ``Storage``: owns ``self.jobs``."""
+    """The job commands, given the nodes they look up and the event bus; owns ``jobs``."""
 
-    graph: BlockGraph
-    devices: dict[str, Device]
-    _jobs_lock: threading.Lock
-
-    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
-        raise NotImplementedError
-
-    def find_node(self, name: str) -> BlockNode:
-        raise NotImplementedError
-
-    def _init_jobs(self) -> None:
+    def __init__(self, nodes: Nodes, events: EventBus) -> None:
+        self.graph = nodes.graph
+        self.find_node = nodes.find
+        self._events = events
         self.jobs: dict[str, Job] = {}
         self._jobs_lock = threading.Lock()
         #: inside a transaction: jobs created and not started yet (QEMU starts them together,
@@ -90,6 +85,10 @@ class JobCommands:
             self._unstarted.append(job)
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        """Send an event (for the jobs: they announce themselves through their host)."""
+        return self._events.emit(name, data)
+
     def forget_job(self, job: Job) -> None:
         """Drop ``job`` from the job table (its own dismissal calls this); no-op if it left."""
         with self._jobs_lock:

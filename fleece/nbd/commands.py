@@ -1,4 +1,5 @@
-"""The export commands of ``Storage``: the NBD server, its exports, and TLS credentials objects.
+"""The export commands (a command group of ``Storage``): the NBD server, its exports, and TLS
+credentials objects.
 
 QEMU's QMP: ``nbd-server-start``/``-add``/``-remove``/``-stop``, ``block-export-add``/``-del``,
 ``query-block-exports``, the ``BLOCK_EXPORT_DELETED`` event, and ``object-add``/``object-del`` for
@@ -12,13 +13,12 @@ from typing import Any
 
 from fleece.bitmaps.commands import export_bitmap
 from fleece.block.dirty_bitmap import DirtyBitmap, find_bitmap, publish, unpublish
-from fleece.block.graph import BlockGraph
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
 from fleece.block.root import Root
-from fleece.commands import command
+from fleece.commands import Nodes, command
 from fleece.errors import GenericError, QMPError
-from fleece.events import Event
+from fleece.events import EventBus
 from fleece.nbd.constants import MAX_NAME_LENGTH
 from fleece.nbd.server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
 from fleece.nbd.tls import TLSCredsX509, load_x509
@@ -27,17 +27,13 @@ _SERVER_USER = "nbd-server"
 
 
 class ExportCommands:
-    """Mixed into ``Storage``: owns ``self.nbd_server`` and ``self.tls_objects``."""
+    """The export commands, given the nodes they look up and the event bus; owns
+    ``nbd_server`` and ``tls_objects``."""
 
-    graph: BlockGraph
-
-    def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
-        raise NotImplementedError
-
-    def find_node(self, name: str) -> BlockNode:
-        raise NotImplementedError
-
-    def _init_exports(self) -> None:
+    def __init__(self, nodes: Nodes, events: EventBus) -> None:
+        self.graph = nodes.graph
+        self.find_node = nodes.find
+        self.emit = events.emit
         #: the running NBD server (``nbd_server.addresses`` tells where it listens), or None
         self.nbd_server: NBDServer | None = None
         self.tls_objects: dict[str, TLSCredsX509] = {}
@@ -116,7 +112,7 @@ class ExportCommands:
         for export in server.close():
             self._forget_export(export)
 
-    def _close_exports(self) -> None:
+    def close(self) -> None:
         """Shutdown: stop the server, if one runs, and drop every export."""
         if self.nbd_server is not None:
             self._stop_server(self.nbd_server)

@@ -346,9 +346,9 @@ def test_two_phase_actions_change_nothing_until_applied_and_undo(env: Env) -> No
     storage = env.storage
     env.x("block-dirty-bitmap-add", node="disk0", name="a")
     env.device.pwrite(0, b"a")
-    add = storage.prepare_bitmap_add("disk0", "new")
-    clear = storage.prepare_bitmap_clear("disk0", "a")
-    disable = storage.prepare_bitmap_disable("disk0", "a")
+    add = storage.bitmap_commands.prepare_bitmap_add("disk0", "new")
+    clear = storage.bitmap_commands.prepare_bitmap_clear("disk0", "a")
+    disable = storage.bitmap_commands.prepare_bitmap_disable("disk0", "a")
     assert [b["name"] for b in env.x("query-block")[0]["inserted"]["dirty-bitmaps"]] == ["a"]
     assert env.dirty("a") == [(0, 64 * KiB)]
     for action in (add, clear, disable):
@@ -360,7 +360,7 @@ def test_two_phase_actions_change_nothing_until_applied_and_undo(env: Env) -> No
     assert env.dirty("a") == [(0, 64 * KiB)] and env.info("a")["recording"] is True
     assert [b["name"] for b in env.x("query-block")[0]["inserted"]["dirty-bitmaps"]] == ["a"]
     with pytest.raises(GenericError, match="Bitmap already exists: a"):
-        storage.prepare_bitmap_add("disk0", "a")
+        storage.bitmap_commands.prepare_bitmap_add("disk0", "a")
 
 
 # -- busy bitmaps ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ What is tested:
 - :func:`fleece.qmp.framing.parse_request`: QEMU's dispatcher errors, word for word (not an
   object, lacks ``execute``, ``execute`` not a string, ``arguments`` not an object, an
   unexpected member, ``exec-oob`` without the capability), and the id echoed in each.
-- :mod:`fleece.qmp.schema`: missing, unexpected and mistyped arguments named as QEMU names them.
+- :mod:`fleece.schema`: missing, unexpected and mistyped arguments named as QEMU names them.
 - :func:`fleece.keyval.parse_keyval`: dotted keys, the ``,,`` escape, the implied key of
   ``--object``, duplicate keys, a key both value and object, empty elements, JSON input.
 """
@@ -47,7 +47,7 @@ from fleece.qmp.framing import (
     encode,
     parse_request,
 )
-from fleece.qmp.schema import check_arguments
+from fleece.schema import check_arguments
 
 pytestmark = pytest.mark.timeout(60)
 

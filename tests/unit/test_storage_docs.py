@@ -8,8 +8,12 @@ import inspect
 
 import pytest
 
+from fleece.bitmaps.commands import BitmapCommands
 from fleece.block.device import Device
+from fleece.jobs.commands import JobCommands
+from fleece.nbd.commands import ExportCommands
 from fleece.storage import Storage
+from fleece.transaction import TransactionCommands
 
 
 @pytest.mark.parametrize("cls", [Storage, Device], ids=lambda cls: cls.__name__)
@@ -26,9 +30,12 @@ def test_public_methods_have_docstrings(cls: type) -> None:
     assert missing == []
 
 
-def test_every_public_method_of_storage_has_a_docstring_whichever_group_defines_it() -> None:
-    """The command groups mixed into ``Storage`` (jobs, exports, bitmaps, transactions) are
-    part of its public API too."""
-    missing = [name for name, function in inspect.getmembers(Storage, inspect.isfunction)
+@pytest.mark.parametrize(
+    "group", [JobCommands, ExportCommands, BitmapCommands, TransactionCommands],
+    ids=lambda cls: cls.__name__)
+def test_every_public_method_of_the_command_groups_has_a_docstring(group: type) -> None:
+    """The command groups ``Storage`` owns (jobs, exports, bitmaps, transactions) are part of
+    its public API too."""
+    missing = [name for name, function in inspect.getmembers(group, inspect.isfunction)
                if not name.startswith("_") and not (function.__doc__ or "").strip()]
     assert missing == []

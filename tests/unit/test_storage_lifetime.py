@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
+from fleece.bitmaps.commands import BitmapCommands
 from fleece.block.qcow2 import create
+from fleece.commands import Nodes
 from fleece.events import Event
 from fleece.nbd.client import NBDClient
 from fleece.storage import FINALIZER_THREAD, Storage
@@ -124,12 +126,12 @@ def test_closed_storage_is_collected_quietly(tmp_path: Path) -> None:
 
 
 def test_half_built_storage_is_collected_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self: Storage) -> None:
+    def fail(self: BitmapCommands, nodes: Nodes) -> None:
         raise RuntimeError("no bitmaps today")
 
     def half_built() -> None:
         with pytest.raises(RuntimeError, match="no bitmaps today"):
             Storage()
 
-    monkeypatch.setattr(Storage, "_init_bitmaps", fail)
+    monkeypatch.setattr(BitmapCommands, "__init__", fail)
     _no_resource_warning(half_built)
