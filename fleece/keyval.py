@@ -141,7 +141,11 @@ def _listify(cur: dict[str, Any], path: list[str]) -> Any:
 
 
 def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, Any]:
-    """QEMU's ``keyval_parse``: nested dicts (and lists) of strings. :class:`KeyvalError`."""
+    """QEMU's ``keyval_parse``: nested dicts (and lists) of strings; text whose first character
+    is ``{`` is read as JSON instead (typed values, see :func:`parse_option`).
+    Raises :class:`KeyvalError`."""
+    if text.startswith("{"):
+        return parse_json_object(text)
     result: dict[str, Any] = {}
     pos = 0
     while pos < len(text):
