@@ -479,10 +479,6 @@ def _apply_one(storage: Storage, setup: _Setup, option: str, value: str, locatio
         refusal = _cache_refusal(args)
         if refusal:
             raise OptionError(option, value, refusal, location=location)
-        name = args.get("node-name")
-        if isinstance(name, str) and storage.graph.find(name) is not None:
-            raise OptionError(option, value, f"Duplicate nodes with node-name='{name}'",
-                              location=location)
         _execute(storage, option, value, location, "blockdev-add", args)
     elif option == "--drive":
         add_drive(storage, value, location)

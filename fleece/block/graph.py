@@ -158,7 +158,7 @@ class BlockGraph:
                 if not _NODE_NAME.fullmatch(name):
                     raise GenericError(f"Invalid node-name: '{name}'")
                 if name in self._nodes:
-                    raise GenericError(f"node-name '{name}' is already in use")
+                    raise GenericError(f"Duplicate nodes with node-name='{name}'")
                 auto = False
             node = BlockNode(self, name, driver_name, read_only=ro, auto_named=auto)
             node.force_share = force_share

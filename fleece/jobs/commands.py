@@ -212,7 +212,7 @@ class JobCommands:
         mode = args.get("mode", "absolute-paths")
         target_id = args.get("target-id")
         if target_id is not None and self.graph.find(target_id) is not None:
-            raise GenericError(f"node-name '{target_id}' is already in use")
+            raise GenericError(f"Duplicate nodes with node-name='{target_id}'")
         backing = self._backing_for(source, sync) if fmt == "qcow2" else None
         existed = os.path.exists(path)
         if mode == "absolute-paths":

@@ -133,6 +133,8 @@ class ExportCommands:
     ) -> None:
         """``by_device``: ``node_name`` may name a device too (``nbd-server-add device=``);
         otherwise only a node (``block-export-add node-name=``), as in QEMU."""
+        if not by_device:  # QEMU's block-export-add looks the node up before the server
+            self.graph.get(node_name)
         server = self._require_server()
         if any(e.name == name for e in server.exports.values()):
             raise GenericError(f"NBD server already has export named '{name}'")

@@ -310,7 +310,7 @@ def test_drive_backup_job_id_in_use(fleecing: Fleecing) -> None:
 def test_drive_backup_target_id_in_use(fleecing: Fleecing, name: str) -> None:
     fleecing.snapshot()
     other = str(fleecing.tmp / "other.qcow2")
-    with pytest.raises(GenericError, match=f"node-name '{name}' is already in use"):
+    with pytest.raises(GenericError, match=f"Duplicate nodes with node-name='{name}'"):
         fleecing.storage.execute("drive-backup", {"device": "virtio0", "target": other,
                                                   "format": "qcow2", "sync": "none",
                                                   "target-id": name, "job-id": "j2"})
