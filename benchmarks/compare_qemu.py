@@ -14,7 +14,9 @@ filled with random data:
    and time until its first byte arrives;
 3. with fleecing active: sequential 64 KiB writes over the first half (no cluster copied yet),
    nbdcopy of ``snap`` (half served from the target, half from the source), fio random 4 KiB
-   reads of ``snap``, random 4 KiB writes over the second half;
+   reads of ``snap``, random 4 KiB writes over the second half; then, with the copied
+   clusters of the second half scattered by those writes, fio random 256 KiB reads of that
+   half of ``snap`` and nbdcopy of the whole snapshot again;
 4. the daemon's peak RSS (``VmHWM``).
 
 A second check fleeces a sparse 1 TiB source the same way, reads and writes a few MiB, and
@@ -74,6 +76,8 @@ FIGURES = (
     Figure("copy_snapshot", "nbdcopy snapshot (half copied)", "MiB/s", target=1.0),
     Figure("copy_live", "nbdcopy live export", "MiB/s"),
     Figure("rand_read_snapshot", "rand 4k reads, snapshot", "IOPS", target=0.7),
+    Figure("read_scattered", "rand 256k reads, scattered snapshot", "MiB/s", target=1.0),
+    Figure("copy_scattered", "nbdcopy snapshot (scattered)", "MiB/s", target=1.0),
     Figure("first_byte", "blockdev-backup to 1st byte", "ms", higher_is_better=False),
     Figure("rss", "peak RSS (1 GiB scenario)", "MiB", higher_is_better=False),
     Figure("rss_1t", "peak RSS (1 TiB fleeced)", "MiB", higher_is_better=False),
@@ -260,6 +264,11 @@ def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> dict
         figures["rand_read_snapshot"] = r["iops"]
         w = fio(d.nbd, "live", "randwrite", "4k", 16, half, size - half, seconds)
         figures["rand_write_fleece"] = w["iops"]
+        # The random writes scattered the copied clusters of the second half, as guests do
+        # while a backup runs: the snapshot reads now alternate between target and source.
+        r = fio(d.nbd, "snap", "randread", "256k", 16, half, size - half, seconds)
+        figures["read_scattered"] = r["bw_bytes"] / MiB
+        figures["copy_scattered"] = nbdcopy_rate(d.nbd, "snap", size)
         figures["rss"] = vm_hwm_mib(d.pid)
     source.unlink()
     target.unlink()
