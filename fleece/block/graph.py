@@ -12,7 +12,7 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +35,8 @@ class BlockGraph:
         self._nodes: dict[str, BlockNode] = {}
         self._lock = threading.RLock()
         self._auto_names = itertools.count(1)
+        #: user-creatable objects by id (``tls-creds-x509``), for drivers that name one
+        self.objects: Mapping[str, object] = {}
 
     # -- lookup ------------------------------------------------------------------------------
     def nodes(self) -> list[BlockNode]:

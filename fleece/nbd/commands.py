@@ -19,8 +19,9 @@ from fleece.block.root import Root
 from fleece.commands import Nodes, command
 from fleece.errors import GenericError, QMPError
 from fleece.events import EventBus
+from fleece.nbd.backend import Export
 from fleece.nbd.constants import MAX_NAME_LENGTH
-from fleece.nbd.server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
+from fleece.nbd.server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, NBDServer
 from fleece.nbd.tls import TLSCredsX509, load_x509
 
 _SERVER_USER = "nbd-server"
@@ -37,6 +38,7 @@ class ExportCommands:
         #: the running NBD server (``nbd_server.addresses`` tells where it listens), or None
         self.nbd_server: NBDServer | None = None
         self.tls_objects: dict[str, TLSCredsX509] = {}
+        self.graph.objects = self.tls_objects  # a block driver names its tls-creds by id
         self._nbd_tls: TLSCredsX509 | None = None
 
     def _require_server(self) -> NBDServer:
@@ -78,6 +80,8 @@ class ExportCommands:
             creds = self.tls_objects.get(tls_creds)
             if creds is None:
                 raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if creds.endpoint != "server":
+                raise GenericError("Expecting TLS credentials with a server endpoint")
         if tls_authz is not None:
             if creds is None:
                 raise GenericError("tls-authz is not supported without tls-creds")

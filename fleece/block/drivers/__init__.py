@@ -15,6 +15,7 @@ DRIVER_MODULES = {
     "blkdebug": ("blkdebug", "BlkdebugDriver"),
     "copy-before-write": ("cbw_filter", "CopyBeforeWriteDriver"),
     "snapshot-access": ("snapshot_access", "SnapshotAccessDriver"),
+    "nbd": ("nbd", "NBDDriver"),
 }
 
 

@@ -1,0 +1,362 @@
+"""``nbd``: a node whose bytes live on a remote NBD server (QEMU's ``nbd`` block driver).
+
+Options are QEMU's ``BlockdevOptionsNbd``: ``server`` (a flat ``SocketAddress``: ``{"type":
+"unix", "path": ...}`` or ``{"type": "inet", "host": ..., "port": ...}``), ``export``,
+``tls-creds`` (a ``tls-creds-x509`` object with ``endpoint: client``), ``tls-hostname``,
+``reconnect-delay`` and ``open-timeout`` (seconds).
+
+Design note: one connection (:class:`fleece.nbd.client.NBDClient`, the client half of the
+protocol) and one lock; a request holds the lock from its send to its reply, so threads take
+turns and the connection is never shared mid-request. The connection has one state
+(:class:`Link`). When the server goes away (the socket fails, or the reply is cut), the request
+that saw it closes the connection and reconnects, holding the lock, for up to
+``reconnect-delay`` seconds since the loss (the requests behind it wait on the lock, as QEMU's
+wait for the reconnect), then sends itself again: every NBD command fleece sends is idempotent.
+Past the delay the link is ``FAILED``: that request and each later one try one connection and,
+when it fails, fail with ``EIO`` (the backup job then applies its ``on-target-error`` policy).
+An error the server replies with is the request's error, never a reason to reconnect.
+
+Block status asks ``base:allocation``: a hole or zero range on the server is reported so, and
+zeroes written here are ``NBD_CMD_WRITE_ZEROES`` (``NBD_CMD_FLAG_NO_HOLE`` unless the caller may
+unmap) rather than data. :meth:`NBDDriver.try_fast_zero` sends ``NBD_CMD_FLAG_FAST_ZERO``: it
+zeroes only when the server can do it faster than writing (for pre-zeroing a whole target).
+Discards are ``NBD_CMD_TRIM`` when the node was opened with ``discard: unmap`` (QEMU's rule:
+ignored otherwise).
+Multi-conn is not used.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, ClassVar, TypeVar
+
+from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.errors import GenericError
+from fleece.nbd.client import NBDClient, NBDError, NegotiationError
+from fleece.nbd.constants import (
+    BASE_ALLOCATION,
+    MAX_PAYLOAD,
+    AllocationFlag,
+    CmdFlag,
+    NBDErr,
+    TransmissionFlag,
+)
+from fleece.nbd.tls import TLSCredsX509, client_context
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: how often a reconnecting request tries the server again
+RETRY_INTERVAL = 0.1
+#: the longest a connect attempt may take (a server that accepts and then says nothing)
+CONNECT_TIMEOUT = 5.0
+#: the most bytes one WRITE_ZEROES, TRIM or BLOCK_STATUS asks about (the length is 32 bits)
+MAX_RANGE = 1 << 30
+
+
+class Link(enum.Enum):
+    """The connection's state: ``CONNECTED``; ``RECONNECTING`` (lost, still within
+    ``reconnect-delay``: requests wait); ``FAILED`` (lost for longer: requests try one
+    connection, else fail with ``EIO``); ``CLOSED`` (the node closed)."""
+
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+class _Lost(Exception):
+    """The connection broke under a request (not an error the server replied with)."""
+
+
+class NBDDriver(Driver):
+    name: ClassVar[str] = "nbd"
+
+    _client: NBDClient | None = None
+    _size = 0
+    link = Link.CLOSED
+
+    def open(self, options: Options) -> None:
+        self.address = _socket_address(options.raw("server"))
+        self.export = options.str("export", "") or ""
+        creds_id = options.str("tls-creds")
+        self.tls_hostname = options.str("tls-hostname")
+        self.reconnect_delay = options.int("reconnect-delay", 0, minimum=0) or 0
+        open_timeout = options.int("open-timeout", 0, minimum=0) or 0
+        options.finish()  # unknown options are refused before any connection, as QEMU's
+        self._tls: ssl.SSLContext | None = None
+        if creds_id is not None:
+            creds = self.node.graph.objects.get(creds_id)
+            if not isinstance(creds, TLSCredsX509):
+                raise GenericError(f"No TLS credentials with id '{creds_id}'")
+            if creds.endpoint != "client":
+                raise GenericError("Expecting TLS credentials with a client endpoint")
+            hostname = self.tls_hostname
+            if hostname is None and self.address[0] == "inet":
+                hostname = self.address[1]
+            self._tls = client_context(creds.dir, creds.verify_peer, hostname)
+            self._tls_name = hostname
+        elif self.tls_hostname is not None:
+            raise GenericError("tls-hostname is set but tls-creds is not")
+        self._lock = threading.Lock()
+        deadline = time.monotonic() + open_timeout
+        while True:
+            try:
+                client = self._connect()
+                break
+            except (OSError, NegotiationError) as exc:
+                if time.monotonic() >= deadline:
+                    raise GenericError(f"Failed to connect to '{self._where()}': "
+                                       f"{_reason(exc)}") from None
+                time.sleep(RETRY_INTERVAL)
+        if not self.node.read_only and client.flags & TransmissionFlag.READ_ONLY:
+            client.close()
+            raise GenericError(f"export '{self.export}' of '{self._where()}' is read-only; "
+                               "open the node with read-only: true")
+        self._client = client
+        self._size = client.size
+        self.flags = client.flags
+        self._max = min(MAX_PAYLOAD, client.block_size[2] if client.block_size else MAX_PAYLOAD)
+        self.link = Link.CONNECTED
+        self._lost_at = 0.0
+        log.debug("nbd node %r: %s, %d bytes, flags 0x%x", self.node.name, self.filename(),
+                  self._size, int(client.flags))
+
+    # -- the connection ----------------------------------------------------------------------
+    def _where(self) -> str:
+        kind, host, port = self.address
+        return host if kind == "unix" else f"{host}:{port}"
+
+    def _connect(self) -> NBDClient:
+        kind, host, port = self.address
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect(host)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            client = NBDClient(sock, self.export, tls=self._tls,
+                               server_hostname=getattr(self, "_tls_name", None))
+            client.sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    def _drop(self) -> None:
+        """Forget a broken connection (lock held)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with suppress(OSError):
+                client.sock.close()
+
+    def _reconnect(self) -> NBDClient:
+        """A connection, made again (lock held): retried until ``reconnect-delay`` seconds
+        after the loss, once when that has passed. ``EIO`` when there is none."""
+        while True:
+            try:
+                client = self._connect()
+            except (OSError, NegotiationError) as exc:
+                waited = time.monotonic() - self._lost_at
+                if self.link is Link.RECONNECTING and waited < self.reconnect_delay:
+                    time.sleep(min(RETRY_INTERVAL, self.reconnect_delay - waited))
+                    continue
+                if self.link is Link.RECONNECTING:
+                    log.warning("nbd node %r: no connection to %s for %d s, failing requests",
+                                self.node.name, self._where(), self.reconnect_delay)
+                self.link = Link.FAILED
+                raise OSError(errno.EIO, f"nbd node '{self.node.name}': no connection to "
+                              f"'{self._where()}': {_reason(exc)}") from None
+            if client.size != self._size:
+                client.close()
+                self.link = Link.FAILED
+                raise OSError(errno.EIO, f"nbd node '{self.node.name}': the export's size "
+                              f"changed from {self._size} to {client.size}")
+            log.info("nbd node %r: reconnected to %s", self.node.name, self._where())
+            self._client = client
+            self.link = Link.CONNECTED
+            return client
+
+    def _call(self, request: Callable[..., T], *args: Any) -> T:
+        """``request(client, *args)`` on the connection, reconnecting as the module note says.
+        Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
+        with self._lock:
+            while True:
+                if self.link is Link.CLOSED:
+                    raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is closed")
+                client = self._client if self.link is Link.CONNECTED else None
+                if client is None:
+                    client = self._reconnect()
+                try:
+                    return request(client, *args)
+                except NBDError:
+                    raise
+                except (OSError, ValueError, KeyError, struct.error) as exc:
+                    # not OSError: a reply the client could not make sense of (a cut stream)
+                    log.warning("nbd node %r: connection to %s lost: %s", self.node.name,
+                                self._where(), exc)
+                    self._drop()
+                    self.link = Link.RECONNECTING
+                    self._lost_at = time.monotonic()
+
+    # -- the vtable --------------------------------------------------------------------------
+    def size(self) -> int:
+        return self._size
+
+    def filename(self) -> str:
+        kind, host, port = self.address
+        if kind == "unix":
+            return f"nbd+unix:///{self.export}?socket={host}"
+        return f"nbd://{host}:{port}/{self.export}"
+
+    def preadv(self, offset: int, buf: memoryview) -> None:
+        at = 0
+        while at < len(buf):
+            chunk = min(len(buf) - at, self._max)
+            data = self._call(NBDClient.pread, offset + at, chunk)
+            buf[at:at + chunk] = data
+            at += chunk
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        at = 0
+        while at < len(data):
+            chunk = min(len(data) - at, self._max)
+            self._call(NBDClient.pwrite, offset + at, data[at:at + chunk])
+            at += chunk
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        if not self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
+            super().pwrite_zeroes(offset, length, may_unmap)
+            return
+        flags = CmdFlag(0) if may_unmap else CmdFlag.NO_HOLE
+        for at, n in _ranges(offset, length):
+            self._call(NBDClient.zero, at, n, flags)
+
+    def try_fast_zero(self, offset: int, length: int) -> bool:
+        """Zero the range only if the server can do it faster than writing zeroes
+        (``NBD_CMD_FLAG_FAST_ZERO``); False when it cannot, or lacks the flag. ``OSError``
+        for other failures."""
+        need = TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
+        if self.flags & need != need:
+            return False
+        try:
+            for at, n in _ranges(offset, length):
+                self._call(NBDClient.zero, at, n, CmdFlag.FAST_ZERO)
+        except NBDError as exc:
+            if exc.errno == NBDErr.ENOTSUP:
+                return False
+            raise
+        return True
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        if not self.flags & TransmissionFlag.SEND_TRIM:
+            return  # a hint the server does not take
+        for at, n in _ranges(offset, length):
+            self._call(NBDClient.trim, at, n)
+
+    def flush(self) -> None:
+        if self.flags & TransmissionFlag.SEND_FLUSH and not self.node.read_only:
+            self._call(NBDClient.flush)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        length = min(length, MAX_RANGE)
+        extents = self._call(_allocation, offset, length)
+        if not extents:  # no base:allocation: everything is data
+            return BlockStatus(offset, length, Status.DATA | Status.ALLOCATED)
+        extent_length, kind = extents[0]
+        if extent_length <= 0:
+            raise OSError(errno.EIO, f"nbd node '{self.node.name}': empty block status extent")
+        flags = Status.ALLOCATED
+        if kind & AllocationFlag.ZERO:
+            flags |= Status.ZERO
+        if not kind & AllocationFlag.HOLE or not kind & AllocationFlag.ZERO:
+            flags |= Status.DATA  # a hole that does not read as zeroes is data all the same
+        return BlockStatus(offset, min(length, extent_length), flags)
+
+    def image_info(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self.link = Link.CLOSED
+            client, self._client = self._client, None
+            if client is not None:
+                client.close()
+
+
+def _allocation(client: NBDClient, offset: int, length: int) -> list[tuple[int, int]]:
+    """The ``base:allocation`` extents from ``offset``; empty when it was not negotiated."""
+    if BASE_ALLOCATION not in client.contexts:
+        return []
+    return client.block_status(offset, length, BASE_ALLOCATION)
+
+
+def _ranges(offset: int, length: int) -> list[tuple[int, int]]:
+    """``[offset, offset + length)`` in pieces of at most ``MAX_RANGE`` bytes."""
+    return [(at, min(MAX_RANGE, offset + length - at))
+            for at in range(offset, offset + length, MAX_RANGE)]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _socket_address(value: Any) -> tuple[str, str, str]:
+    """QEMU's flat ``SocketAddress`` as ``(kind, path or host, port)``; ``GenericError``."""
+    if value is None:
+        raise GenericError("Parameter 'server' is missing")
+    if not isinstance(value, dict):
+        raise GenericError("Invalid parameter type for 'server', expected: object")
+    server = dict(value)
+    kind = server.pop("type", None)
+    if kind is None:
+        raise GenericError("Parameter 'server.type' is missing")
+    if kind == "unix":
+        path = server.pop("path", None)
+        if not isinstance(path, str):
+            raise GenericError("Parameter 'server.path' is missing")
+        for flag in ("abstract", "tight"):
+            server.pop(flag, None)
+        address = ("unix", path, "")
+    elif kind == "inet":
+        host, port = server.pop("host", None), server.pop("port", None)
+        if not isinstance(host, str):
+            raise GenericError("Parameter 'server.host' is missing")
+        if port is None:
+            raise GenericError("Parameter 'server.port' is missing")
+        if isinstance(port, int) and not isinstance(port, bool):
+            port = str(port)
+        if not isinstance(port, str) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise GenericError(f"Parameter 'server.port' expects a port number, got {port!r}")
+        for key in ("numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"):
+            server.pop(key, None)
+        address = ("inet", host, port)
+    elif kind in ("vsock", "fd"):
+        raise GenericError(f"server.type '{kind}' is not supported by fleece's nbd driver "
+                           "(it has unix and inet)")
+    else:
+        raise GenericError(f"Parameter 'server.type' does not accept value '{kind}'")
+    if server:
+        raise GenericError(f"Parameter 'server.{sorted(server)[0]}' is unexpected")
+    return address

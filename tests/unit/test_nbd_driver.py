@@ -1,0 +1,252 @@
+"""The ``nbd`` block driver against fleece's own NBD server (a second ``Storage``): options,
+I/O, block status, zeroes and trims, threads, and reconnecting within and past
+``reconnect-delay``. Real servers (qemu-nbd, nbdkit) are in ``tests/interop``."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleece.block.drivers.nbd import Link, NBDDriver
+from fleece.block.node import BlockNode
+from fleece.errors import GenericError
+from fleece.storage import Storage
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+class Remote:
+    """A ``Storage`` serving a sparse raw image as writable export ``disk``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.image = tmp / "remote.raw"
+        with self.image.open("wb") as f:
+            f.truncate(SIZE)
+        self.sock = str(tmp / "remote.sock")
+        self.storage: Storage | None = None
+        self.start()
+
+    def start(self) -> None:
+        storage = Storage()
+        storage.execute("blockdev-add", {"driver": "raw", "node-name": "disk", "discard": "unmap",
+                                         "file": {"driver": "file", "discard": "unmap",
+                                                  "filename": str(self.image)}})
+        storage.execute("nbd-server-start",
+                        {"addr": {"type": "unix", "data": {"path": self.sock}}})
+        storage.execute("nbd-server-add", {"device": "disk", "writable": True})
+        self.storage = storage
+
+    def stop(self) -> None:
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[Remote]:
+    server = Remote(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def local() -> Iterator[Storage]:
+    with Storage() as storage:
+        yield storage
+
+
+def _add(storage: Storage, remote: Remote, **extra: Any) -> BlockNode:
+    storage.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "disk",
+                                     "server": {"type": "unix", "path": remote.sock}, **extra})
+    node = storage.graph.get("nbd0")
+    assert isinstance(node.driver, NBDDriver)
+    return node
+
+
+def test_read_write_size_and_filename(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote)
+    assert node.size == SIZE
+    node.pwrite(MiB, b"\xab" * 65536)
+    assert node.pread(MiB - 4, 8) == b"\0" * 4 + b"\xab" * 4
+    big = bytes(range(256)) * (3 * MiB // 256)
+    node.pwrite(2 * MiB, big)
+    assert node.pread(2 * MiB, len(big)) == big
+    node.flush()
+    with remote.image.open("rb") as f:
+        f.seek(2 * MiB)
+        assert f.read(len(big)) == big
+    assert node.driver.filename() == f"nbd+unix:///disk?socket={remote.sock}"
+    info = local.execute("query-named-block-nodes", {})
+    assert any(n["node-name"] == "nbd0" and n["drv"] == "nbd" for n in info)
+
+
+def test_block_status_zeroes_and_trim(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote, discard="unmap")
+    first = node.block_status(0, SIZE)
+    assert first.zero and first.allocated  # a sparse image: the server says hole + zero
+    node.pwrite(0, b"x" * 65536)
+    status = node.block_status(0, SIZE)
+    assert status.data and not status.zero and status.length >= 65536
+    node.pwrite(MiB, b"y" * MiB)
+    node.pwrite_zeroes(MiB, MiB, may_unmap=True)
+    assert node.pread(MiB, MiB) == bytes(MiB)
+    assert node.block_status(MiB, MiB).zero
+    node.pwrite(4 * MiB, b"z" * MiB)
+    node.pdiscard(4 * MiB, MiB)  # a trim: the server may drop it; reads are then zeroes
+    assert node.block_status(4 * MiB, MiB).zero
+    assert isinstance(node.driver, NBDDriver)
+    node.pwrite(6 * MiB, b"w" * MiB)
+    assert node.driver.try_fast_zero(6 * MiB, MiB) in (True, False)  # the server decides
+    if node.pread(6 * MiB, 1) == b"\0":
+        assert node.pread(6 * MiB, MiB) == bytes(MiB)
+
+
+def test_threads_share_the_connection(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote)
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(16):
+                node.pwrite((i * 16 + j) * 65536, bytes([i + 1]) * 65536)
+                assert node.pread((i * 16 + j) * 65536, 65536) == bytes([i + 1]) * 65536
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(8):
+        assert node.pread(i * 16 * 65536, 16 * 65536) == bytes([i + 1]) * 16 * 65536
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "Parameter 'server' is missing"),
+        ({"server": {"type": "unix"}}, "Parameter 'server.path' is missing"),
+        ({"server": {"type": "inet", "host": "127.0.0.1"}}, "Parameter 'server.port' is missing"),
+        ({"server": {"type": "vsock", "cid": "1", "port": "2"}}, "not supported"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s", "x": 1}},
+         "Parameter 'server.x' is unexpected"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}},
+         "Failed to connect to '/nonexistent/s': No such file or directory"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "tls-hostname": "h"},
+         "tls-hostname is set but tls-creds is not"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "tls-creds": "nope"},
+         "No TLS credentials with id 'nope'"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "reconnect-delay": -1},
+         "at least 0"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "bogus": 1},
+         "Parameter 'bogus' is unexpected"),
+    ],
+)
+def test_bad_options(local: Storage, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(GenericError, match=message.replace(".", r"\.")):
+        local.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", **options})
+    assert local.graph.find("nbd0") is None
+
+
+def test_unknown_export_and_read_only_export(remote: Remote, local: Storage) -> None:
+    with pytest.raises(GenericError, match="Failed to connect"):
+        local.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "nope",
+                                       "server": {"type": "unix", "path": remote.sock}})
+    assert remote.storage is not None
+    remote.storage.execute("blockdev-add", {"driver": "null-co", "node-name": "ro",
+                                            "size": SIZE})
+    remote.storage.execute("nbd-server-add", {"device": "ro", "writable": False})
+    with pytest.raises(GenericError, match="read-only"):
+        local.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "ro",
+                                       "server": {"type": "unix", "path": remote.sock}})
+    local.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "ro",
+                                   "read-only": True,
+                                   "server": {"type": "unix", "path": remote.sock}})
+    assert local.graph.get("nbd0").pread(0, 4) == bytes(4)
+
+
+def test_open_timeout_waits_for_the_server(local: Storage, tmp_path: Path) -> None:
+    server = Remote(tmp_path)
+    server.stop()
+    starter = threading.Timer(0.4, server.start)
+    starter.start()
+    try:
+        node = _add(local, server, **{"open-timeout": 10})
+        assert node.size == SIZE
+    finally:
+        starter.join()
+        server.stop()
+
+
+def test_reconnect_within_the_delay(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote, **{"reconnect-delay": 10})
+    node.pwrite(0, b"a" * 65536)
+    remote.stop()
+    restarter = threading.Timer(0.5, remote.start)
+    restarter.start()
+    started = time.monotonic()
+    node.pwrite(65536, b"b" * 65536)  # waits for the server, then goes through
+    restarter.join()
+    assert time.monotonic() - started >= 0.3
+    assert node.pread(0, 131072) == b"a" * 65536 + b"b" * 65536
+    assert isinstance(node.driver, NBDDriver) and node.driver.link is Link.CONNECTED
+
+
+def test_past_the_delay_requests_fail_with_eio(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote, **{"reconnect-delay": 1})
+    remote.stop()
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        node.pwrite(0, b"a" * 4096)
+    assert failed.value.errno == errno.EIO
+    assert 0.9 <= time.monotonic() - started < 5
+    assert isinstance(node.driver, NBDDriver) and node.driver.link is Link.FAILED
+    started = time.monotonic()
+    with pytest.raises(OSError) as again:  # failed: at once, no waiting
+        node.pread(0, 4096)
+    assert again.value.errno == errno.EIO and time.monotonic() - started < 0.5
+    remote.start()  # back: the next request connects again
+    node.pwrite(0, b"c" * 4096)
+    assert node.pread(0, 4096) == b"c" * 4096
+
+
+def test_without_reconnect_delay_a_lost_server_fails_at_once(remote: Remote,
+                                                             local: Storage) -> None:
+    node = _add(local, remote)
+    remote.stop()
+    with pytest.raises(OSError) as failed:
+        node.pread(0, 4096)
+    assert failed.value.errno == errno.EIO
+
+
+def test_server_errors_are_not_connection_losses(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote, **{"reconnect-delay": 5})
+    assert isinstance(node.driver, NBDDriver)
+    driver = node.driver
+    from fleece.nbd.client import NBDClient
+
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:  # past the end: the server says EINVAL
+        driver._call(NBDClient.pread, SIZE - 4096, 8192)
+    assert failed.value.errno == errno.EINVAL
+    assert time.monotonic() - started < 1 and driver.link is Link.CONNECTED
+
+
+def test_blockdev_del_closes_the_connection(remote: Remote, local: Storage) -> None:
+    node = _add(local, remote)
+    local.execute("blockdev-del", {"node-name": "nbd0"})
+    assert node.closed
+    assert isinstance(node.driver, NBDDriver) and node.driver.link is Link.CLOSED
