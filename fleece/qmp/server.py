@@ -4,7 +4,9 @@ Each connection gets the greeting, must negotiate with ``qmp_capabilities``, the
 that run on ``Storage.execute`` in a worker thread (a command may block on I/O; the loop never
 does), one at a time per connection and in order, as QEMU runs them without out-of-band
 execution. Events go to every negotiated connection. Built in here: ``qmp_capabilities``,
-``query-version``, ``query-commands`` and ``quit``.
+``query-version``, ``query-commands`` and ``quit``. Sockets are bound and accepted as the NBD
+server's are (:mod:`fleece.listener`: owner-only unix sockets, a back-off and a spare
+descriptor at the open-file limit).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from fleece import __version__
 from fleece.errors import CommandNotFound, GenericError, QMPError
 from fleece.events import Event
+from fleece.listener import Listener, SpareDescriptor, bind_tcp, bind_unix
 from fleece.qmp.framing import BadRequest, Message, Splitter, encode, parse_request
 from fleece.storage import Storage
 
@@ -31,6 +34,11 @@ BUILTIN = ("qmp_capabilities", "query-version", "query-commands", "quit")
 #: the answer to a command that failed in a way fleece did not foresee (a bug); the details,
 #: traceback included, are in the daemon's log
 UNEXPECTED = "Command '{command}' failed unexpectedly; the daemon's log has the details"
+#: listen backlogs (those of asyncio's servers, which QMP used before it shared the NBD
+#: server's listener), and the stream buffer limit of a connection
+UNIX_BACKLOG = 16
+TCP_BACKLOG = 100
+STREAM_LIMIT = 64 * 1024
 
 
 def version_info() -> dict[str, Any]:
@@ -135,7 +143,11 @@ class QMPServer:
         self.on_quit = on_quit
         self.socket_mode = socket_mode
         self.connections: set[QMPConnection] = set()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
+        self._spare: SpareDescriptor | None = None
+        #: accept() is failing (logged once until a client is accepted again)
+        self._accept_failing = False
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -149,33 +161,51 @@ class QMPServer:
 
     async def listen_unix(self, path: str) -> None:
         """Listen on a unix socket that appears at ``path`` only once it accepts (bound and
-        listening under a temporary name, then renamed into place), owner-only by default."""
+        listening under a temporary name, then renamed into place), owner-only by default.
+        ``OSError`` when it cannot be bound."""
         self._attach()
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(temporary)
-            os.chmod(temporary, self.socket_mode)
-            sock.listen(16)
-            server = await asyncio.start_unix_server(self._serve, sock=sock)
-            os.replace(temporary, path)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        self._servers.append(server)
+        self._listen(bind_unix(path, self.socket_mode, UNIX_BACKLOG))
         self.addresses.append(f"unix:{path}")
 
     async def listen_tcp(self, host: str, port: int) -> None:
+        """Listen on every address ``host`` resolves to. ``OSError`` when it cannot."""
         self._attach()
-        server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        self._servers.append(server)
-        for sock in server.sockets:
+        for sock in await bind_tcp(host, port, TCP_BACKLOG):
+            self._listen(sock)
             bound = sock.getsockname()
             self.addresses.append(f"tcp:{bound[0]}:{bound[1]}")
+
+    def _listen(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        if self._spare is None:
+            self._spare = SpareDescriptor()
+        self._listeners.append(
+            Listener(self._loop, sock, self._accepted, self._accept_failed, self._spare))
+
+    def _accepted(self, sock: socket.socket, addr: object) -> None:
+        """A client connected (loop thread): serve it."""
+        if self._closing:
+            sock.close()
+            return
+        self._accept_failing = False
+        task = asyncio.ensure_future(self._connect(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if not self._accept_failing:
+            self._accept_failing = True
+            log.warning("QMP server: accept() failed: %s", exc)
+
+    async def _connect(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader, self._serve)
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, sock)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("QMP client: %s", exc)
+            sock.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = QMPConnection(self, reader, writer)
@@ -222,17 +252,18 @@ class QMPServer:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        for server in self._servers:
-            server.close()
+        self._closing = True
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for connection in list(self.connections):
             connection.writer.close()  # the reader then sees the end of the stream
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
         for address in self.addresses:
             if address.startswith("unix:"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address[5:])
-        self._servers.clear()
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None

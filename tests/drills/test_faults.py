@@ -31,8 +31,8 @@ import pytest
 from fleece.block.qcow2 import create
 from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient
+from fleece.nbd.connection import MAX_HELD_BYTES
 from fleece.nbd.constants import REQUEST_MAGIC, Cmd
-from fleece.nbd.server import MAX_HELD_BYTES
 from fleece.storage import Storage
 from tests.drills.support import KiB, MiB, pattern
 from tests.events import EventLog

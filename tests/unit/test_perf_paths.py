@@ -9,7 +9,7 @@ import pytest
 
 from fleece.block import nowait
 from fleece.block.rangelock import ClusterRangeLocks
-from fleece.nbd.server import IOPool
+from fleece.nbd.pool import IOPool
 
 
 def test_pool_runs_everything_before_shutdown_returns() -> None:
