@@ -153,6 +153,14 @@ class BlockGraph:
         cache = opts.raw("cache")
         if cache is not None and not isinstance(cache, dict):
             raise GenericError("Invalid parameter type for 'cache', expected: object")
+        # An option fleece accepts does what it says: these two it cannot do, so it refuses
+        # them rather than ignore them (the daemon's command line says the same).
+        if cache and cache.get("direct"):
+            raise GenericError("cache.direct=on is not supported: fleece does not open images "
+                               "with O_DIRECT")
+        if cache and cache.get("no-flush"):
+            raise GenericError("cache.no-flush=on is not supported: fleece always passes "
+                               "flushes on")
         with self._lock:
             if name is None:
                 name, auto = self._auto_name(), True

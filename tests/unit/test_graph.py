@@ -930,3 +930,23 @@ def test_extents_cover_the_range(map_chain: tuple[BlockNode, BlockNode, BlockNod
     ]
     with pytest.raises(OSError):
         top.block_status_above(65536 - 512, 1024)  # past the end
+
+
+@pytest.mark.parametrize(("key", "word"), [("direct", "O_DIRECT"), ("no-flush", "flushes")])
+def test_cache_options_fleece_cannot_honour_are_refused(tmp_path: Path, key: str,
+                                                        word: str) -> None:
+    """blockdev-add over QMP refuses cache.direct=on and cache.no-flush=on as the daemon's
+    command line does, instead of accepting and ignoring them; off is fine."""
+    from fleece.storage import Storage
+
+    image = tmp_path / "d.raw"
+    image.write_bytes(bytes(65536))
+    with Storage() as storage:
+        with pytest.raises(GenericError, match=f"cache.{key}=on is not supported.*{word}"):
+            storage.execute("blockdev-add", {"driver": "raw", "node-name": "d",
+                                             "cache": {key: True},
+                                             "file": {"driver": "file",
+                                                      "filename": str(image)}})
+        storage.execute("blockdev-add", {"driver": "raw", "node-name": "d",
+                                         "cache": {key: False},
+                                         "file": {"driver": "file", "filename": str(image)}})
