@@ -218,14 +218,9 @@ def test_sync_top_scan_and_the_filter_leave_no_window(
 
 
 # -- defect 4: backup start drains the source --------------------------------------------------
-def test_a_write_in_flight_when_the_backup_starts_is_before_the_instant(
-    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A guest write already inside the source when drive-backup runs either finishes before
-    the point in time (the drain waits for it) or is copied first; it never lands uncopied
-    after the snapshot was taken."""
-    disk0 = storage.graph.get("disk0")
-    pause = Pause(monkeypatch, disk0.driver, "pwritev", in_thread("guest"))
+def guest_write_of_cluster_8(storage: Storage) -> tuple[threading.Thread, dict[str, Any]]:
+    """A guest write of 0x99 over cluster 8 in a thread named "guest" (the name the pauses
+    look for); the dict gets its ``error``, if any, and when it ``finished``."""
     outcome: dict[str, Any] = {}
 
     def write() -> None:
@@ -237,6 +232,18 @@ def test_a_write_in_flight_when_the_backup_starts_is_before_the_instant(
 
     writer = threading.Thread(name="guest", target=write)
     writer.start()
+    return writer, outcome
+
+
+def test_a_write_in_flight_when_the_backup_starts_is_before_the_instant(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest write already inside the source when drive-backup runs either finishes before
+    the point in time (the drain waits for it) or is copied first; it never lands uncopied
+    after the snapshot was taken."""
+    disk0 = storage.graph.get("disk0")
+    pause = Pause(monkeypatch, disk0.driver, "pwritev", in_thread("guest"))
+    writer, outcome = guest_write_of_cluster_8(storage)
     assert pause.entered.wait(WAIT)
     backup = Run(lambda: fleece(storage, tmp_path))
     time.sleep(GRACE)
@@ -265,16 +272,7 @@ def test_a_guest_write_racing_the_jobs_end_does_not_fail(
     disk0 = storage.graph.get("disk0")
     # The copy reads the old data from the source: stop the guest's copy there.
     pause = Pause(monkeypatch, disk0.driver, "preadv", in_thread("guest"))
-    outcome: dict[str, Any] = {}
-
-    def write() -> None:
-        try:
-            storage.device("virtio0").pwrite(8 * CLUSTER, b"\x99" * CLUSTER)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    writer = threading.Thread(name="guest", target=write)
-    writer.start()
+    writer, outcome = guest_write_of_cluster_8(storage)
     assert pause.entered.wait(WAIT)
     cancel = Run(lambda: storage.execute("block-job-cancel", {"device": "job0"}))
     time.sleep(GRACE)
