@@ -13,6 +13,10 @@ the filter is removed, drained again, after every write that entered it has fini
 * ``sync=full`` also copies every other cluster, skipping ranges that read as zeroes.
 * ``sync=top`` copies only the clusters the source's top layer allocates; the target's own
   backing provides the rest.
+* ``discard-source`` (QEMU 9) discards on the source, through the job's filter, each run of
+  clusters the job copied once the target has it: a push backup from a ``snapshot-access`` node
+  (or a fleecing target) empties the fleecing image as it goes. Nothing but the job may write
+  such a source (checked by the command): a discard after a guest write would lose it.
 * ``sync=bitmap`` (and ``incremental``, its ``on-success`` form) copies exactly the clusters a
   dirty bitmap marks. A job given a bitmap *freezes* it at its start (a successor records the
   writes from then on) and, as ``bitmap-mode`` says, ends the freeze: ``on-success`` keeps only
@@ -87,6 +91,7 @@ class BackupJob(Job):
         target_size_limit: int = 0,
         on_cbw_error: CbwErrorPolicy = CbwErrorPolicy.BREAK_GUEST_WRITE,
         filter_node_name: str | None = None,
+        discard_source: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(storage, job_id, **options)
@@ -96,6 +101,8 @@ class BackupJob(Job):
         self.target_is_fresh = target_is_fresh
         self.sync_bitmap = sync_bitmap
         self.bitmap_mode = bitmap_mode
+        #: QEMU 9's discard-source: clusters the job copied are discarded on the source
+        self.discard_source = discard_source
         self._hook_failure: OSError | None = None
         self.len = source.size
         graph = source.graph
@@ -238,7 +245,32 @@ class BackupJob(Job):
 
     def _copy_chunk(self, first: int, end: int) -> None:
         """Copy the clusters of ``[first, end)`` not done yet, skipping those reading as zero
-        (each byte is counted by :meth:`_covered` as it is handled)."""
+        (each byte is counted by :meth:`_covered` as it is handled); with ``discard-source``,
+        then discard on the source what was copied."""
+        todo = ([(run, count) for run, count, done in self.cbw.done.runs(first, end) if not done]
+                if self.discard_source else [])
+        self._copy_todo(first, end)
+        for run, count in todo:
+            self._discard_copied(run, run + count)
+
+    def _discard_copied(self, first: int, end: int) -> None:
+        """discard-source: drop from the source the clusters of ``[first, end)`` the target
+        has now. The discard passes through the job's filter to the source; a
+        ``snapshot-access`` source drops them from the fleecing image, whose filter stops
+        copying them. A failed discard is only logged: it is a hint, the backup is whole."""
+        cluster = self.cbw.cluster_size
+        for run, count, done in self.cbw.done.runs(first, end):
+            if not done:
+                continue
+            offset = run * cluster
+            length = min((run + count) * cluster, self.len) - offset
+            try:
+                self.filter.pdiscard(offset, length)
+            except OSError as exc:
+                log.warning("backup job %r: discard-source of %d bytes at %d failed: %s",
+                            self.id, length, offset, exc)
+
+    def _copy_todo(self, first: int, end: int) -> None:
         if self.sync is SyncMode.BITMAP:
             # An incremental image must hold every dirty cluster, zeroes included: copied as
             # data, they are exactly its allocated clusters and hide the older backup's data.

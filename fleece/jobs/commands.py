@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from fleece.bitmaps.commands import check_backup_bitmap
 from fleece.block.cbw import COPY_AHEAD_BYTES, WRITE_BEHIND_BYTES, CbwErrorPolicy
+from fleece.block.dirty_bitmap import find_bitmap
 from fleece.block.drivers.file import locked_elsewhere
 from fleece.block.node import BlockNode
+from fleece.block.perm import Perm
 from fleece.commands import Nodes, command
 from fleece.errors import DeviceNotActive, DeviceNotFound, GenericError, NodeNotFound
 from fleece.jobs.backup import BackupJob, BitmapSyncMode, SyncMode
@@ -152,8 +154,8 @@ class JobCommands:
         fresh: bool,
         options: dict[str, Any],
     ) -> BackupJob:
-        checked = check_backup_bitmap(source, sync, options.get("bitmap"),
-                                      options.get("bitmap-mode"))
+        checked = check_backup_bitmap(_bitmap_holder(source, options.get("bitmap")), sync,
+                                      options.get("bitmap"), options.get("bitmap-mode"))
         sync = checked.sync
         if options.get("compress"):
             raise GenericError("Compression is not supported by fleece's backup target writer")
@@ -175,6 +177,7 @@ class JobCommands:
             target_size_limit=_size_limit(options.get("target-size-limit")),
             on_cbw_error=CbwErrorPolicy(options.get("on-cbw-error") or "break-guest-write"),
             filter_node_name=options.get("filter-node-name"),
+            discard_source=bool(options.get("discard-source")),
             sync_bitmap=checked.bitmap,
             bitmap_mode=BitmapSyncMode(checked.mode),
             speed=options.get("speed") or 0,
@@ -283,7 +286,7 @@ class JobCommands:
         job_id = args.get("job-id") or device
         self._check_job_id(job_id)
         if args.get("discard-source"):
-            raise GenericError("discard-source is not supported yet")
+            _check_discardable(source)
         self._backup_job(source, target, job_id=job_id, sync=args["sync"], fresh=False,
                          options=args)
         return {}
@@ -513,3 +516,28 @@ def _create_target(path: str, fmt: str, size: int, backing: BlockNode | None) ->
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _check_discardable(source: BlockNode) -> None:
+    """discard-source drops what the job copied from ``source``: nothing else may write it (a
+    guest write after the copy would be discarded). ``GenericError`` naming the writer."""
+    for root in source.roots():
+        if root.user.perm & Perm.WRITE:
+            raise GenericError(
+                f"discard-source needs a source nothing else writes (a snapshot-access node or "
+                f"a fleecing target); '{source.name}' is written: {root.user.description}"
+            )
+
+
+def _bitmap_holder(source: BlockNode, name: str | None) -> BlockNode:
+    """Where a backup of ``source`` finds its bitmap: ``source`` itself, or, for a snapshot
+    (``snapshot-access`` over a copy-before-write filter) without such a bitmap, the live disk
+    the snapshot is of, whose bitmap tracks the guest's writes (a push backup's
+    ``sync=incremental``)."""
+    if name is None or find_bitmap(source, name) is not None:
+        return source
+    below = source.file_child()
+    cbw = below.driver.copy_before_write() if below is not None else None
+    if cbw is not None and find_bitmap(cbw.source, name) is not None:
+        return cbw.source
+    return source
