@@ -1,0 +1,371 @@
+"""Push backup with fleecing (#16) against real NBD servers: qemu-nbd, nbdkit memory and a
+second fleece ``Storage``.
+
+The scheme is QEMU's: the guest writes through a ``copy-before-write`` filter whose target is a
+local fleecing image, and a backup job copies the ``snapshot-access`` node over the filter to an
+``nbd`` node on the remote server. A guest thread writes throughout; the pushed image must equal,
+byte for byte (``qemu-img compare``), the disk's content at the instant the filter went in.
+The remote server is killed and restarted mid-job within ``reconnect-delay`` (the job
+completes) and left dead past it (the job fails; the guest never sees an error). TLS uses client
+certificates made by certtool.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleece.block.qcow2 import create
+from fleece.storage import Storage
+from tests.events import EventLog
+from tests.peers import PEER_ENV, make_ca, make_cert, require
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+
+
+class Guest:
+    """A thread writing 4 KiB blocks of random data through device virtio0 until stopped;
+    ``pause()`` holds it between two writes."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.device = storage.device("virtio0")
+        self.errors: list[BaseException] = []
+        self.writes = 0
+        self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(16)
+        while not self._stop.is_set():
+            if not self._go.is_set():
+                self._idle.set()
+                self._go.wait()
+                continue
+            self._idle.clear()
+            try:
+                self.device.pwrite(rng.randrange(SIZE // 4096) * 4096, rng.randbytes(4096))
+                self.writes += 1
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
+            time.sleep(0.0005)
+
+    def pause(self) -> None:
+        self._go.clear()
+        self._idle.wait(5)
+
+    def resume(self) -> None:
+        self._go.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._go.set()
+        self._thread.join(10)
+
+
+class Local:
+    """The fleecing side: a qcow2 disk with data as device virtio0, a guest writing to it, and
+    the filter scheme set up at :meth:`snapshot` (whose content is saved to ``expected.raw``)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.storage = Storage()
+        self.log = EventLog()
+        self.storage.subscribe(self.log)
+        disk = str(tmp / "disk.qcow2")
+        create(disk, SIZE)
+        self.x("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                "file": {"driver": "file", "filename": disk}})
+        self.x("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "src"})
+        device = self.storage.device("virtio0")
+        rng = random.Random(7)
+        for offset in range(0, SIZE, 2 * MiB):  # half data, half never written (zeroes)
+            device.pwrite(offset, rng.randbytes(MiB))
+        self.guest = Guest(self.storage)
+        self.expected = tmp / "expected.raw"
+
+    def x(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        return self.storage.execute(command, args or {})
+
+    def snapshot(self) -> None:
+        """The point in time: the guest held, its content saved, the filter and
+        snapshot-access added (fleecing image: a sparse raw file), the guest let go."""
+        fleecing = self.tmp / "fleecing.raw"
+        with fleecing.open("wb") as f:
+            f.truncate(SIZE)
+        self.guest.pause()
+        try:
+            self.expected.write_bytes(self.storage.device("virtio0").pread(0, SIZE))
+            self.x("blockdev-add", {"driver": "raw", "node-name": "fl-img", "discard": "unmap",
+                                    "file": {"driver": "file", "filename": str(fleecing),
+                                             "discard": "unmap"}})
+            self.x("blockdev-add", {"driver": "copy-before-write", "node-name": "fl",
+                                    "file": "src", "target": "fl-img"})
+            self.x("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                    "file": "fl"})
+        finally:
+            self.guest.resume()
+
+    def add_nbd(self, sock: str, **extra: Any) -> None:
+        self.x("blockdev-add", {"driver": "nbd", "node-name": "push",
+                                "server": {"type": "unix", "path": sock}, **extra})
+
+    def push(self, **extra: Any) -> None:
+        self.x("blockdev-backup", {"device": "acc", "target": "push", "sync": "full",
+                                   "job-id": "push0", **extra})
+
+    def wait_done(self, timeout: float = 30) -> dict[str, Any]:
+        return self.log.wait("BLOCK_JOB_COMPLETED", timeout, device="push0")
+
+    def close(self) -> None:
+        self.guest.stop()
+        self.storage.close()
+        assert not self.guest.errors, self.guest.errors
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[Local]:
+    side = Local(tmp_path)
+    try:
+        yield side
+    finally:
+        side.close()
+
+
+class Server:
+    """A peer NBD server process on a unix socket, restartable on the same socket."""
+
+    def __init__(self, argv: list[str], sock: str) -> None:
+        self.argv = argv
+        self.sock = sock
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=PEER_ENV)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                pytest.fail(f"{self.argv[0]} did not start: {err}")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def qemu_nbd(image: Path, sock: str, fmt: str, *extra: str) -> Server:
+    return Server([require("qemu-nbd"), "-t", "-f", fmt, "-k", sock, *extra, str(image)], sock)
+
+
+def compare(expected: Path, target: str, fmt: str) -> None:
+    result = subprocess.run(
+        [require("qemu-img"), "compare", "-f", "raw", "-F", fmt, str(expected), target],
+        capture_output=True, text=True, env=PEER_ENV, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_push_to_qemu_nbd_qcow2_with_discard_source(local: Local, tmp_path: Path) -> None:
+    image = tmp_path / "backup.qcow2"
+    subprocess.run([require("qemu-img"), "create", "-q", "-f", "qcow2", str(image), str(SIZE)],
+                   check=True, env=PEER_ENV)
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "qcow2")
+    try:
+        local.snapshot()
+        local.add_nbd(server.sock)
+        local.push(**{"discard-source": True, "speed": 64 * MiB})
+        jobs = local.x("query-block-jobs")
+        assert [j["device"] for j in jobs] == ["push0"] and jobs[0]["len"] == SIZE
+        assert "error" not in local.wait_done()
+        assert local.guest.writes > 0
+        # discard-source: what was pushed left the fleecing image
+        fleecing = os.stat(tmp_path / "fleecing.raw").st_blocks * 512
+        assert fleecing <= 2 * MiB, fleecing
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "qcow2")
+    # zero ranges went as write-zeroes: the backup's half never written is not allocated
+    info = subprocess.run([require("qemu-img"), "info", "--output=json", str(image)],
+                          capture_output=True, text=True, env=PEER_ENV, check=True).stdout
+    import json
+
+    assert json.loads(info)["actual-size"] < SIZE * 3 // 4
+
+
+def test_push_to_nbdkit_memory(local: Local, tmp_path: Path) -> None:
+    sock = str(tmp_path / "k.sock")
+    server = Server([require("nbdkit"), "-f", "-U", sock, "memory", str(SIZE)], sock)
+    try:
+        local.snapshot()
+        local.add_nbd(sock)
+        local.push()
+        assert "error" not in local.wait_done()
+        compare(local.expected, f"nbd+unix:///?socket={sock}", "raw")
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+
+
+def test_push_to_fleece_and_incremental(local: Local, tmp_path: Path) -> None:
+    image = tmp_path / "remote.raw"
+    with image.open("wb") as f:
+        f.truncate(SIZE)
+    remote = Storage()
+    sock = str(tmp_path / "f.sock")
+    try:
+        remote.execute("blockdev-add", {"driver": "raw", "node-name": "r",
+                                        "file": {"driver": "file", "filename": str(image)}})
+        remote.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        remote.execute("nbd-server-add", {"device": "r", "writable": True})
+        # a full push, with bitmap b0 tracking the guest from the same instant
+        local.guest.pause()
+        local.x("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
+        local.snapshot()
+        local.guest.resume()
+        local.add_nbd(sock)
+        local.push()
+        assert "error" not in local.wait_done()
+        compare(local.expected, str(image), "raw")
+        # then an incremental push of what the guest wrote since, from a new snapshot
+        local.guest.pause()
+        local.x("blockdev-del", {"node-name": "acc"})
+        local.x("device_del", {"id": "virtio0"})  # the filter goes once nobody is on it
+        for node in ("fl", "fl-img"):
+            local.x("blockdev-del", {"node-name": node})
+        local.x("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "src"})
+        local.guest.device = local.storage.device("virtio0")
+        local.snapshot()
+        local.guest.pause()
+        local.x("blockdev-backup", {"device": "acc", "target": "push", "sync": "incremental",
+                                    "bitmap": "b0", "job-id": "push1", "auto-dismiss": False})
+        local.guest.resume()
+        done = local.log.wait("BLOCK_JOB_COMPLETED", 30, device="push1")
+        assert "error" not in done
+        (job,) = local.x("query-block-jobs")
+        copied = job["fleecing"]["copied-bytes"]  # only what the guest dirtied since b0
+        assert 0 < copied < SIZE // 4, copied
+        local.x("job-dismiss", {"id": "push1"})
+        compare(local.expected, str(image), "raw")
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path) -> None:
+    image = tmp_path / "backup.raw"
+    with image.open("wb") as f:
+        f.truncate(SIZE)
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw")
+    try:
+        local.snapshot()
+        local.add_nbd(server.sock, **{"reconnect-delay": 10})
+        local.push(speed=16 * MiB)
+        time.sleep(0.5)
+        assert local.storage.jobs.get("push0") is not None  # mid-job
+        server.kill()
+        time.sleep(0.7)
+        server.start()
+        assert "error" not in local.wait_done()
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "raw")
+
+
+def test_remote_gone_past_reconnect_delay(local: Local, tmp_path: Path) -> None:
+    image = tmp_path / "backup.raw"
+    with image.open("wb") as f:
+        f.truncate(SIZE)
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw")
+    try:
+        local.snapshot()
+        local.add_nbd(server.sock, **{"reconnect-delay": 1})
+        local.push(speed=16 * MiB)
+        time.sleep(0.5)
+        assert local.storage.jobs.get("push0") is not None  # mid-job
+        server.kill()
+        done = local.wait_done()
+        assert "error" in done and done["offset"] < SIZE
+        writes = local.guest.writes
+        time.sleep(0.2)
+        assert local.guest.writes > writes and not local.guest.errors  # the guest goes on
+        snapshot = local.storage.graph.get("acc").pread(0, SIZE)  # the snapshot is intact
+        assert snapshot == local.expected.read_bytes()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    require("certtool")
+    root = tmp_path_factory.mktemp("pki")
+    good = make_ca(root / "ca", "fleece push CA")
+    bad = make_ca(root / "other-ca", "some other CA")
+    dirs = {"server": root / "server", "client": root / "client", "wrong": root / "wrong"}
+    for d in dirs.values():
+        d.mkdir()
+    make_cert(dirs["server"], good, "server")
+    make_cert(dirs["client"], good, "client")
+    make_cert(dirs["wrong"], bad, "client")
+    return dirs
+
+
+def test_push_over_tls_with_client_certificates(local: Local, tmp_path: Path,
+                                                certs: dict[str, Path]) -> None:
+    image = tmp_path / "backup.raw"
+    with image.open("wb") as f:
+        f.truncate(SIZE)
+    server = qemu_nbd(
+        image, str(tmp_path / "t.sock"), "raw",
+        "--object", f"tls-creds-x509,id=tls0,dir={certs['server']},endpoint=server,"
+                    "verify-peer=on",
+        "--tls-creds", "tls0",
+    )
+    try:
+        local.x("object-add", {"qom-type": "tls-creds-x509", "id": "bad", "endpoint": "client",
+                               "dir": str(certs["wrong"])})
+        with pytest.raises(Exception, match="Failed to connect"):
+            local.add_nbd(server.sock, **{"tls-creds": "bad"})
+        with pytest.raises(Exception, match="Failed to connect"):  # TLS is required
+            local.add_nbd(server.sock)
+        local.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "client",
+                               "dir": str(certs["client"])})
+        local.snapshot()
+        local.add_nbd(server.sock, **{"tls-creds": "tls0"})
+        local.push()
+        assert "error" not in local.wait_done()
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "raw")
