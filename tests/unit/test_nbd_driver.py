@@ -250,3 +250,18 @@ def test_blockdev_del_closes_the_connection(remote: Remote, local: Storage) -> N
     local.execute("blockdev-del", {"node-name": "nbd0"})
     assert node.closed
     assert isinstance(node.driver, NBDDriver) and node.driver.link is Link.CLOSED
+
+
+def test_discard_source_is_refused_for_a_disk_the_guest_writes(local: Storage,
+                                                               tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:
+        f.truncate(SIZE)
+    local.execute("blockdev-add", {"driver": "raw", "node-name": "src",
+                                   "file": {"driver": "file", "filename": str(disk)}})
+    local.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "src"})
+    local.execute("blockdev-add", {"driver": "null-co", "node-name": "sink", "size": SIZE})
+    with pytest.raises(GenericError, match="discard-source needs a source nothing else writes"):
+        local.execute("blockdev-backup", {"device": "src", "target": "sink", "sync": "full",
+                                          "discard-source": True})
+    assert not local.jobs
