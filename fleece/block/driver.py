@@ -200,6 +200,11 @@ class Driver:
     def flush(self) -> None:
         """Make completed writes durable."""
 
+    def prepare_writes(self) -> None:
+        """Writes are about to come (a backup's target): do now, off their path, what their
+        first ones would otherwise wait for (a format's cluster reservation and its sync).
+        Nothing, by default."""
+
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """Status of the first extent at ``offset``, at most ``length`` bytes, in this layer."""
         return BlockStatus(offset, length, Status.DATA | Status.ALLOCATED)

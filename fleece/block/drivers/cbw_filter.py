@@ -74,6 +74,9 @@ class CopyBeforeWriteDriver(Driver):
         target_cluster = self.target.driver.image_info().get("cluster-size", 0)
         cluster = max(MIN_CLUSTER, min_cluster,
                       target_cluster if isinstance(target_cluster, int) else 0)
+        # Before the drained section, not in it: the copies to come should not pay for the
+        # target's first allocation (a sync) in the guest's write path.
+        self.target.driver.prepare_writes()
         self.cbw = CopyBeforeWrite(self.file, self.target, cluster, copy_ahead=copy_ahead,
                                    write_behind=write_behind, on_error=on_error,
                                    timeout=float(timeout), size_limit=limit)

@@ -752,6 +752,14 @@ class Qcow2Driver(Driver):
         grown to cover the reservation at once, so a pointer never reaches past its end, even
         when the data write that would have grown it is lost. What is left of it is freed on
         close; a crash leaks it, which ``qemu-img check -r leaks`` repairs."""
+        self._reserve_room(count)
+        nxt, end = self._reserve
+        self._reserve = (nxt + count, end)
+        return nxt
+
+    def _reserve_room(self, count: int) -> None:
+        """Make the reservation hold at least ``count`` clusters (lock held): a new one when
+        the old is (nearly) used up, the rest of the old freed."""
         nxt, end = self._reserve
         if end - nxt < count:
             cb = self._cb
@@ -769,8 +777,17 @@ class Qcow2Driver(Driver):
             if end << cb > file_end:
                 self._io.write((end << cb) - 512, _ZEROES[:512])  # grows the file (sparse)
                 self._order.wrote_target()
-        self._reserve = (nxt + count, end)
-        return nxt
+            self._reserve = (nxt, end)
+
+    def prepare_writes(self) -> None:
+        """Reserve clusters for the writes to come and make the reservation durable now:
+        the first writes (a backup's first copies into its target) then map clusters without
+        a sync in the guest's path. A read-only image does nothing."""
+        if self.node.read_only or self._file is None:
+            return
+        with self._lock:
+            self._reserve_room(1)
+        self._order.sync()
 
     def _release_reserve(self, shrink: bool = False) -> None:
         """Free the unused rest of the reservation (lock held); with ``shrink``, cut the file
@@ -821,8 +838,11 @@ class Qcow2Driver(Driver):
         cluster = self._new_clusters(1)
         self._meta.add(cluster)
         offset = cluster << self._cb
-        self._io.write(offset, _ZEROES[: self._cs])
-        self._order.wrote_target()
+        if cluster < self._fresh:  # a reused cluster: its zeroes must be on disk first
+            self._io.write(offset, _ZEROES[: self._cs])
+            self._order.wrote_target()
+        # A fresh one (never written, beyond the old end of the file) already reads as
+        # zeroes, an empty table, even if a power loss takes every write after this one.
         entry = offset | OFLAG_COPIED
         self._order.before_pointer()
         self._io.write(self.header.l1_table_offset + 8 * l1_index, struct.pack(">Q", entry))
