@@ -3,6 +3,11 @@
 - ``python examples/harness.py``: the in-process hypervisor harness (vCPU threads writing through
   ``Storage().device("virtio0")`` while the snapshot is exported over NBD and checked) exits 0
   and reports the snapshot identical, the live disk matching, ``pit0`` gone and the target kept.
+- ``python examples/push_backup.py`` (push backup with fleecing: a guest thread writing while
+  the snapshot-access node is pushed with ``blockdev-backup discard-source=true`` to qemu-nbd, and
+  with ``--server fleece`` to a second ``Storage``) exits 0 and reports the pushed image equal
+  to the point in time, the guest having written during the push, the fleecing image emptied by
+  ``discard-source`` and the live disk matching.
 - ``python -m fleece demo --size 64M`` exits 0 and prints its report: ``the snapshot verified``,
   ``gone from the graph``, ``kept``; the read with fleece's own NBD client is labelled so, and
   nbdcopy's copy of the snapshot is ``identical (sha256)``, with its rate. Without nbdcopy on
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +58,24 @@ def test_harness_example_exits_0(tmp_path: Path) -> None:
     assert "target kept" in out
     assert out.rstrip().endswith("harness: the snapshot verified")
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "fleece"])
+def test_push_backup_example_exits_0(tmp_path: Path, server: str) -> None:
+    if server == "qemu-nbd":
+        require("qemu-nbd")
+    script = ROOT / "examples" / "push_backup.py"
+    proc = run_python(str(script), "--server", server, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert f"backup server {server}; the push of 32 MiB completed" in out
+    assert "pushed image equals the point in time: True" in out
+    assert "live disk matches the guest's writes: True" in out
+    left = re.search(r"(\d+) KiB of it left after discard-source", out)
+    assert left is not None and int(left.group(1)) <= 2048, out
+    assert "the guest wrote 0 blocks" not in out
+    assert out.rstrip().endswith("push_backup: the pushed image verified")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_64m_exits_0_and_reports(tmp_path: Path) -> None:
