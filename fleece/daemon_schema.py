@@ -33,7 +33,7 @@ def _opt(name: str, qtype: object) -> Member:
 
 
 #: the drivers fleece opens (``fleece.block.drivers``)
-FLEECE_DRIVERS = ("blkdebug", "copy-before-write", "file", "null-co", "qcow2", "raw",
+FLEECE_DRIVERS = ("blkdebug", "copy-before-write", "file", "nbd", "null-co", "qcow2", "raw",
                   "snapshot-access")
 #: QEMU 7.2's BlockdevDriver values
 QEMU_DRIVERS = (
@@ -143,6 +143,13 @@ SOCKET_ADDRESS = Union(
         "vsock": (Member("cid", STR), Member("port", STR)),
         "fd": (Member("str", STR),),
     },
+)
+
+#: BlockdevOptionsNbd: a node served by a remote NBD server (push backup's target)
+_BRANCHES["nbd"] = (
+    Member("server", SOCKET_ADDRESS), _opt("export", STR), _opt("tls-creds", STR),
+    _opt("tls-hostname", STR), _opt("x-dirty-bitmap", STR), _opt("reconnect-delay", UINT32),
+    _opt("open-timeout", UINT32),
 )
 
 #: NbdServerOptions

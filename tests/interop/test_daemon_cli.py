@@ -194,3 +194,40 @@ def test_help_has_the_options_and_examples() -> None:
                              timeout=START_TIMEOUT)
     assert version.returncode == 0
     assert version.stdout.startswith("fleece daemon version ")
+
+
+@pytest.mark.parametrize("daemon", ["qemu-storage-daemon", "fleece"])
+def test_blockdev_nbd_serves_a_remote_disk(tmp_path: Path, daemon: str) -> None:
+    """``--blockdev nbd,...`` (a node on a remote NBD server, qemu-nbd here) exported again:
+    what a client writes through the daemon lands in the remote image, on both daemons."""
+    remote = tmp_path / "remote.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(remote), "4M")
+    server = subprocess.Popen(["qemu-nbd", "-t", "-k", str(tmp_path / "remote.sock"),
+                               "-f", "qcow2", "-x", "rem", str(remote)], env=PEER_ENV)
+    proc: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (tmp_path / "remote.sock").exists():
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
+        options = [
+            "--blockdev", f"nbd,node-name=n,server.type=unix,"
+                          f"server.path={tmp_path / 'remote.sock'},export=rem",
+            "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+            "--export", "nbd,id=e,node-name=n,writable=on",
+            "--pidfile", str(tmp_path / "d.pid"),
+        ]
+        argv = ["qemu-storage-daemon", *options] if daemon == "qemu-storage-daemon" \
+            else fleece_argv(*options)
+        proc = subprocess.Popen(argv, env=PEER_ENV, text=True)
+        _wait_pidfile(tmp_path / "d.pid", proc)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 64k 1M",
+            f"nbd+unix:///n?socket={tmp_path / 'nbd.sock'}")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(START_TIMEOUT)
+        server.send_signal(signal.SIGTERM)
+        server.wait(START_TIMEOUT)
+    assert "read 1048576/1048576" in run("qemu-io", "-f", "qcow2", "-c", "read -P 0x6b 64k 1M",
+                                         str(remote)).stdout

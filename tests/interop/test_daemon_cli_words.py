@@ -90,6 +90,8 @@ SAME: dict[str, list[str]] = {
     "export writable=onn": ["--blockdev", RAW, "--export", "nbd,id=e,node-name=f,writable=onn"],
     "export writable=1": ["--blockdev", RAW, "--export", "nbd,id=e,node-name=f,writable=1"],
     "export unknown node": ["--export", "nbd,id=e,node-name=nope"],
+    "nbd node, no server": [
+        "--blockdev", "nbd,node-name=n,server.type=unix,server.path={tmp}/none.sock"],
     "export without id": ["--export", "nbd"],
     "export type unknown": ["--export", "bogus,id=e"],
     "export without NBD server": ["--blockdev", RAW, "--export", "nbd,id=e,node-name=f"],
@@ -178,12 +180,10 @@ DELIBERATE: dict[str, tuple[list[str], str, str]] = {
         "--chardev socket,path={tmp}/p.sock,server=on,wait=off,id=c: duplicate yank instance",
     ),
     "driver fleece lacks": (
-        ["--blockdev", "nbd,node-name=n,server.type=unix,server.path={tmp}/none.sock"],
-        "--blockdev nbd,node-name=n,server.type=unix,server.path={tmp}/none.sock: Driver 'nbd' "
-        "is not supported by fleece (it has blkdebug, copy-before-write, file, null-co, qcow2, "
-        "raw, snapshot-access)",
-        "--blockdev nbd,node-name=n,server.type=unix,server.path={tmp}/none.sock: Failed to "
-        "connect to '{tmp}/none.sock': No such file or directory",
+        ["--blockdev", "null-aio,node-name=n", "--nbd-server", UNIX],
+        "--blockdev null-aio,node-name=n: Driver 'null-aio' is not supported by fleece (it has "
+        "blkdebug, copy-before-write, file, nbd, null-co, qcow2, raw, snapshot-access)",
+        QEMU_RUNS,
     ),
 }
 

@@ -123,8 +123,9 @@ def test_visit_converts_keyval_strings() -> None:
     ("raw,file=f,offset=1M", "Parameter 'offset' expects integer"),
     ("blkdebug,image=i,max-transfer=0x80000000", "Parameter 'max-transfer' expects int32_t"),
     ("nosuch", "Parameter 'driver' does not accept value 'nosuch'"),
-    ("nbd", "Driver 'nbd' is not supported by fleece (it has blkdebug, copy-before-write, file, "
-            "null-co, qcow2, raw, snapshot-access)"),
+    ("ssh", "Driver 'ssh' is not supported by fleece (it has blkdebug, copy-before-write, file, "
+            "nbd, null-co, qcow2, raw, snapshot-access)"),
+    ("nbd,export=e", "Parameter 'server' is missing"),
     ('{"driver": "file", "filename": "x", "read-only": "on"}',
      "Invalid parameter type for 'read-only', expected: boolean"),
     ('{"driver": "raw", "file": 5}', "Invalid parameter type for 'file', expected: BlockdevRef"),
