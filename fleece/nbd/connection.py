@@ -47,9 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the per-connection budget (see Connection): reading pauses at this many requests in flight
-#: (QEMU: 16) ...
-MAX_IN_FLIGHT = 128
+#: the per-connection budget (see Connection): reading pauses at this many requests in flight,
+#: as QEMU serves at most MAX_NBD_REQUESTS (16) requests of a client at once (nbd/server.c) ...
+MAX_IN_FLIGHT = 16
 #: ... or this many bytes held: payloads of requests in flight and replies the client has not
 #: read yet (the request that crosses it may add its own length, 32 MiB at most)
 MAX_HELD_BYTES = 8 * 1024 * 1024
@@ -107,7 +107,7 @@ class Connection(asyncio.BufferedProtocol):
     **The per-connection budget.** Reading from the client pauses while any of these holds, and
     resumes once none does (the first two below half their limit):
 
-    - ``MAX_IN_FLIGHT`` requests are in flight (QEMU allows 16);
+    - ``MAX_IN_FLIGHT`` (16, as in QEMU) requests are in flight;
     - the bytes held for it reach ``MAX_HELD_BYTES``: payloads of its requests in flight plus
       its replies that the socket has not taken yet, wherever they wait (the direct sender's
       queue, the transport's buffer, on their way to the loop). The request that crosses the
