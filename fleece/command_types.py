@@ -180,8 +180,10 @@ BlockJobInfo = TypedDict(
         "auto-dismiss": bool,
         "error": NotRequired[str],
         "fleecing": NotRequired[dict[str, Any]],
+        "snapshot": NotRequired[dict[str, Any]],
     },
 )
 """One entry of ``query-block-jobs`` (QEMU's ``BlockJobInfo``); ``device`` is the job's id.
 fleece adds ``fleecing`` to a backup job's entry: its copy-before-write state (clusters copied,
-target use and limit, broken or not)."""
+target use and limit, broken or not); and ``snapshot`` to a push from a snapshot-access node:
+the fleecing image it reads (``fleecing-image``, ``copied-bytes``, ``actual-size``)."""

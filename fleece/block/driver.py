@@ -250,6 +250,11 @@ class Driver:
         """The copy-before-write state a filter keeps (its snapshot), or None."""
         return None
 
+    def snapshot_of(self) -> CopyBeforeWrite | None:
+        """The copy-before-write state whose snapshot this node reads (snapshot-access), or
+        None: a push backup from it reports what the fleecing image holds."""
+        return None
+
     def stop_writing_child(self) -> None:
         """A filter being removed stops needing write permission on its filtered child, so
         the users going back to that child can take it. Only filters that write override it."""

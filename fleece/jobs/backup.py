@@ -198,6 +198,14 @@ class BackupJob(Job):
     def block_info(self) -> dict[str, Any]:
         info = super().block_info()
         info["fleecing"] = self.fleecing_info()
+        snapshot = self.source.driver.snapshot_of()
+        if snapshot is not None:  # a push from a snapshot: what its fleecing image holds now
+            image = snapshot.target
+            info["snapshot"] = {
+                "fleecing-image": image.name,
+                "copied-bytes": snapshot.copied_bytes,
+                "actual-size": image.info()["image"].get("actual-size", 0),
+            }
         return info
 
     @property

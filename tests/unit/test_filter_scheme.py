@@ -275,3 +275,22 @@ def test_backup_job_reports_fleecing_space_and_honours_a_limit(disk: Disk) -> No
     nodes = {n["node-name"]: n for n in disk.storage.execute("query-named-block-nodes")}
     assert nodes["pit0"]["fleecing"]["copied-bytes"] == 2 * 64 * KiB
     assert disk.storage.graph.get("pit0").pread(0, SIZE) == disk.expected
+
+
+def test_a_push_from_snapshot_access_reports_the_fleecing_image(disk: Disk) -> None:
+    """query-block-jobs of a backup whose source is a snapshot-access node says what the
+    fleecing image holds (issue 16): its name, the bytes copied into it, its size on disk."""
+    disk.target()
+    disk.fleece()
+    disk.guest_writes()
+    disk.target("push")
+    disk.storage.execute("blockdev-backup", {"device": "acc", "target": "push", "sync": "full",
+                                             "job-id": "push", "speed": 1,
+                                             "auto-dismiss": False})
+    (job,) = disk.storage.execute("query-block-jobs")
+    assert job["device"] == "push"
+    assert job["snapshot"]["fleecing-image"] == "tgt"
+    assert job["snapshot"]["copied-bytes"] == 6 * 64 * KiB
+    # zero clusters copied as zeroes take no space: three of the six held data
+    assert job["snapshot"]["actual-size"] == 3 * 64 * KiB
+    disk.storage.execute("block-job-cancel", {"device": "push"})

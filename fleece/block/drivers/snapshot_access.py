@@ -36,6 +36,9 @@ class SnapshotAccessDriver(Driver):
         self.cbw = cbw
         self.node.discard_unmap = True  # a discard is how a reader gives clusters back
 
+    def snapshot_of(self) -> CopyBeforeWrite | None:
+        return self.cbw
+
     def size(self) -> int:
         return self.cbw.size
 
