@@ -3,11 +3,15 @@
 ``ClusterBitmap`` is the compiled class from :mod:`fleece._fast.bitmap` unless
 ``FLEECE_NO_EXTENSIONS`` is set or the extension did not build, in which case it is the pure twin
 from :mod:`fleece._pure.bitmap`. Both have the same names, results and errors.
+
+Both twins import numpy (about 20 MiB of a daemon's memory), so the twin is loaded when one of
+these names is first asked for, not when this module is imported: a daemon that never tracks
+clusters (no copy-before-write, no dirty bitmap, no qcow2 image) never loads numpy.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleece._impl import load_twin
 
@@ -16,7 +20,13 @@ if TYPE_CHECKING:
 
     IMPLEMENTATION: str
 else:
-    _twin, IMPLEMENTATION = load_twin("bitmap")
-    ClusterBitmap = _twin.ClusterBitmap
+
+    def __getattr__(name: str) -> Any:
+        if name not in ("ClusterBitmap", "IMPLEMENTATION"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        twin, implementation = load_twin("bitmap")
+        globals().update(ClusterBitmap=twin.ClusterBitmap, IMPLEMENTATION=implementation)
+        return globals()[name]
+
 
 __all__ = ["IMPLEMENTATION", "ClusterBitmap"]

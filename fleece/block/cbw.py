@@ -46,14 +46,18 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
+from typing import TYPE_CHECKING
 
-from fleece.bitmap import ClusterBitmap
+from fleece import bitmap as cluster_bitmap
+from fleece import cbw_plan
 from fleece.block import nowait
 from fleece.block.direct import DirectWrite
 from fleece.block.node import BlockNode
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.block.write_behind import Landing, WriteBehind
-from fleece.cbw_plan import plan_runs
+
+if TYPE_CHECKING:
+    from fleece.bitmap import ClusterBitmap
 
 
 class CbwErrorPolicy(enum.Enum):
@@ -119,7 +123,7 @@ class CopyBeforeWrite:
         self.cluster_size = cluster_size
         self.size = source.size
         self.nclusters = (self.size + cluster_size - 1) // cluster_size
-        self.done = ClusterBitmap(self.nclusters) if done is None else done
+        self.done = cluster_bitmap.ClusterBitmap(self.nclusters) if done is None else done
         if len(self.done) != self.nclusters:
             raise ValueError(
                 f"done bitmap has {len(self.done)} clusters, the source needs {self.nclusters}"
@@ -156,7 +160,7 @@ class CopyBeforeWrite:
         #: why the snapshot broke, or None while it is valid
         self.broken: str | None = None
         #: clusters the snapshot still holds (a discard through snapshot-access drops them)
-        self.access = ClusterBitmap(self.nclusters)
+        self.access = cluster_bitmap.ClusterBitmap(self.nclusters)
         self.access.set_range(0, self.nclusters)
 
     # -- installation ------------------------------------------------------------------------
@@ -278,7 +282,7 @@ class CopyBeforeWrite:
         """Copy the clusters of ``[first, end)`` not yet done; returns the bytes copied."""
         copied = 0
         with self.locks.locked(first, end, exclusive=True):
-            for run_first, count in plan_runs(self.done, first, end, self._max_run):
+            for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
                 copied += self._copy_run(run_first, count)
         return copied
 
@@ -364,7 +368,7 @@ class CopyBeforeWrite:
                 self._copy_piece_behind(behind, piece_first, piece_count, zero)
 
     def _planned_pieces(self, first: int, end: int) -> Iterator[tuple[int, int, bool]]:
-        for run_first, count in plan_runs(self.done, first, end, self._max_run):
+        for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
             yield from self._pieces(run_first, count)
 
     def _copy_piece_behind(self, behind: WriteBehind, run_first: int, count: int,
@@ -442,7 +446,7 @@ class CopyBeforeWrite:
         """
         handled = 0
         with self.locks.locked(first, end, exclusive=True):
-            for run_first, count in plan_runs(self.done, first, end, self._max_run):
+            for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
                 for zero_first, zero_end in self._zero_clusters(run_first, run_first + count):
                     offset = zero_first * self.cluster_size
                     length = min(zero_end * self.cluster_size, self.size) - offset

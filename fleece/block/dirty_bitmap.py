@@ -22,10 +22,11 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from fleece.bitmap import ClusterBitmap
+from fleece import bitmap as cluster_bitmap
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
+    from fleece.bitmap import ClusterBitmap
     from fleece.block.node import BlockNode
 
 #: QEMU's bounds: granularity is a power of two from 512 bytes to 2 GiB (a QAPI uint32)
@@ -64,7 +65,7 @@ class DirtyBitmap:
         self.size = size
         self.granularity = granularity
         self.shift = granularity.bit_length() - 1
-        self.bits = ClusterBitmap(-(-size // granularity))
+        self.bits = cluster_bitmap.ClusterBitmap(-(-size // granularity))
         self.disabled = disabled
         self.persistent = persistent
         #: loaded from an image that was not closed properly: unusable but removable

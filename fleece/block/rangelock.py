@@ -12,15 +12,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from fleece.cbw_plan import RangeLockTable
+from fleece import cbw_plan
 
 
 class ClusterRangeLocks:
     """Thread-safe range locks over cluster numbers."""
 
     def __init__(self) -> None:
-        self._table = RangeLockTable()
-        self._waiting = RangeLockTable()  # exclusive requests waiting for their turn
+        self._table = cbw_plan.RangeLockTable()
+        self._waiting = cbw_plan.RangeLockTable()  # exclusive requests waiting for their turn
         self.mutex = threading.Condition(threading.Lock())
 
     @contextmanager

@@ -1,0 +1,46 @@
+"""What only one command needs is imported when that command runs (issue 14, item 5).
+
+An idle daemon (``python -m fleece daemon --qmp ...``) imports its command layer, the QMP and
+NBD servers, but not numpy (about 20 MiB): the cluster bitmap and the copy-before-write planner
+load their twin, and numpy with it, when the first bitmap is made. Checked in a fresh
+interpreter, as the daemon starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fleece.bitmap
+import fleece.cbw_plan
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys\n{statement}\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=60).stdout
+    return set(out.split())
+
+
+def test_the_daemon_imports_no_numpy_until_a_bitmap_is_made() -> None:
+    loaded = _modules_after("import fleece.daemon, fleece.storage, fleece.nbd.server")
+    assert "fleece.storage" in loaded
+    assert "numpy" not in loaded
+    made = _modules_after("from fleece.storage import Storage\n"
+                          "from fleece.bitmap import ClusterBitmap\nClusterBitmap(8)")
+    assert "numpy" in made
+
+
+def test_the_lazy_names_resolve_once_and_stay() -> None:
+    cls = fleece.bitmap.ClusterBitmap
+    assert vars(fleece.bitmap)["ClusterBitmap"] is cls
+    assert fleece.bitmap.IMPLEMENTATION in ("fast", "pure")
+    assert fleece.cbw_plan.plan_runs is vars(fleece.cbw_plan)["plan_runs"]
+    table = fleece.cbw_plan.RangeLockTable()
+    assert table is not None
+    try:
+        fleece.bitmap.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as exc:
+        assert "NoSuchName" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
