@@ -19,11 +19,24 @@ filled with random data:
    half of ``snap`` and nbdcopy of the whole snapshot again;
 4. the daemon's peak RSS (``VmHWM``).
 
+A push scenario (issue #16, push backup with fleecing), per daemon and repeat, on a fresh copy
+of the same source: the filter scheme (``blockdev-add`` ``copy-before-write`` ``fl`` with
+``file=src`` and ``target`` a fresh local qcow2 fleecing image, ``snapshot-access`` ``acc`` over
+it), the filter exported writable for the guest (``guest``), a local ``qemu-nbd`` serving a
+fresh raw image on a unix socket as the backup server (``blockdev-add driver=nbd``), then
+``blockdev-backup device=acc target=push sync=full`` while fio writes 64 KiB sequentially
+(iodepth 8) through ``guest`` from right after the command until ``BLOCK_JOB_COMPLETED`` (fio is
+stopped by SIGINT then, so its figure covers the push only). Figures: the push throughput (source
+size / time from ``blockdev-backup`` to ``BLOCK_JOB_COMPLETED``) and the guest's write
+throughput during it. On the first repeat the pushed image is compared (``qemu-img compare``)
+with the source as it was when the filter went in: the guest's writes must not appear in it.
+
 A second check fleeces a sparse 1 TiB source the same way, reads and writes a few MiB, and
 reports the peak RSS (fleece's must stay under 100 MiB). Run::
 
     python benchmarks/compare_qemu.py [--size 1G] [--repeat 2] [--fio-seconds 3] [--json]
                                       [--plot docs/compare_qemu.png] [--only fleece|qemu]
+                                      [--no-push] [--no-rss-1t]
 
 Prints, for each figure, the best of ``--repeat`` runs for each daemon and the ratio fleece /
 QEMU (for times and memory, a ratio above 1 means fleece is better too: it is QEMU / fleece).
@@ -35,6 +48,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +92,8 @@ FIGURES = (
     Figure("rand_read_snapshot", "rand 4k reads, snapshot", "IOPS", target=0.7),
     Figure("read_scattered", "rand 256k reads, scattered snapshot", "MiB/s", target=1.0),
     Figure("copy_scattered", "nbdcopy snapshot (scattered)", "MiB/s", target=1.0),
+    Figure("push", "push backup (guest writing)", "MiB/s", target=1.0),
+    Figure("push_guest_write", "seq 64k writes during push", "MiB/s", target=1.0),
     Figure("first_byte", "blockdev-backup to 1st byte", "ms", higher_is_better=False),
     Figure("rss", "peak RSS (1 GiB scenario)", "MiB", higher_is_better=False),
     Figure("rss_1t", "peak RSS (1 TiB fleeced)", "MiB", higher_is_better=False),
@@ -158,6 +174,25 @@ class QMP:
     def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
         """The command's return value; ``qemu.qmp.ExecuteError`` when it fails."""
         return self._qmp.cmd(name, **(arguments or {}))
+
+    def wait_event(self, name: str, timeout: float, **data: Any) -> dict[str, Any]:
+        """The first event ``name`` whose data has the items ``data`` (events before it are
+        dropped); ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {name} {data} within {timeout} s")
+            try:
+                # a float: qemu.qmp's legacy client takes an int (or True) as "wait forever"
+                event = self._qmp.pull_event(wait=float(left))
+            except TimeoutError:  # asyncio.TimeoutError since Python 3.11
+                continue
+            if event is None or event.get("event") != name:
+                continue
+            got: dict[str, Any] = event.get("data") or {}
+            if all(got.get(key) == value for key, value in data.items()):
+                return got
 
     def close(self) -> None:
         self._qmp.close()
@@ -272,6 +307,105 @@ def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> dict
         figures["rss"] = vm_hwm_mib(d.pid)
     source.unlink()
     target.unlink()
+    return figures
+
+
+@contextmanager
+def qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
+    """A local ``qemu-nbd`` serving the raw ``image`` (export ``""``) on ``sock``."""
+    with suppress(FileNotFoundError):
+        sock.unlink()
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(image)],
+                            env=PEER_ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("qemu-nbd did not start")
+            time.sleep(0.01)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fio_until(sock: Path, export: str, rw: str, bs: str, iodepth: int, size: int,
+              done: Callable[[], None], limit: int = 120) -> dict[str, Any]:
+    """fio over the export (``ioengine=nbd``, looping over ``size`` bytes) from now until
+    ``done()`` returns, then stopped with SIGINT (fio then reports what it did until then);
+    the job's read or write section."""
+    argv = ["fio", "--name=job", "--ioengine=nbd", f"--uri={nbd_uri(sock, export)}",
+            f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}",
+            f"--runtime={limit}", "--time_based", "--output-format=json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=PEER_ENV)
+    try:
+        done()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    if "{" not in out:
+        sys.stderr.write(err)
+        raise RuntimeError(f"fio exited {proc.returncode} without a report")
+    section: dict[str, Any] = json.loads(out[out.index("{"):])["jobs"][0]
+    return section["write" if "write" in rw else "read"]  # type: ignore[no-any-return]
+
+
+def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> dict[str, float]:
+    """The push scenario on one daemon (see the module's docstring); its two figures. With
+    ``verify``, ``qemu-img compare`` checks the pushed image against ``base`` (the source's
+    content when the filter went in) and raises ``CalledProcessError`` if it differs."""
+    source, fleecing = work / f"{kind}-push-src.qcow2", work / f"{kind}-fleecing.qcow2"
+    backup, sock = work / f"{kind}-backup.raw", work / f"{kind}-backup.sock"
+    shutil.copyfile(base, source)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleecing), str(size)])
+    run(["qemu-img", "create", "-q", "-f", "raw", str(backup), str(size)])
+    figures: dict[str, float] = {}
+    try:
+        with qemu_nbd(backup, sock), daemon(kind, work) as d:
+            add_qcow2(d.qmp, "src", source)
+            add_qcow2(d.qmp, "fl-img", fleecing)
+            d.qmp.execute("blockdev-add", {"driver": "copy-before-write", "node-name": "fl",
+                                           "file": "src", "target": "fl-img"})
+            d.qmp.execute("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                           "file": "fl"})
+            export(d.qmp, "guest", "fl", writable=True)
+            d.qmp.execute("blockdev-add", {"driver": "nbd", "node-name": "push",
+                                           "server": {"type": "unix", "path": str(sock)},
+                                           "export": ""})
+            finished = 0.0
+
+            def wait_push() -> None:
+                nonlocal finished
+                got = d.qmp.wait_event("BLOCK_JOB_COMPLETED", 300, device="push0")
+                finished = time.perf_counter()
+                if "error" in got:
+                    raise RuntimeError(f"{kind}: the push failed: {got['error']}")
+
+            start = time.perf_counter()
+            d.qmp.execute("blockdev-backup", {"device": "acc", "target": "push",
+                                              "sync": "full", "job-id": "push0"})
+            w = fio_until(d.nbd, "guest", "write", "64k", 8, size, wait_push)
+            figures["push"] = size / (finished - start) / MiB
+            figures["push_guest_write"] = w["bw_bytes"] / MiB
+            if w["io_bytes"] == 0:
+                raise RuntimeError(f"{kind}: the guest wrote nothing during the push")
+            d.qmp.execute("blockdev-del", {"node-name": "push"})  # flushes, disconnects
+        if verify:
+            run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(base),
+                 str(backup)])
+            print(f"{kind}: the pushed image equals the source at the instant (qemu-img "
+                  f"compare); push {finished - start:.2f} s, fio wrote for "
+                  f"{w['runtime'] / 1000:.2f} s of it", file=sys.stderr)
+    finally:
+        for path in (source, fleecing, backup):
+            with suppress(FileNotFoundError):
+                path.unlink()
     return figures
 
 
@@ -407,11 +541,12 @@ def main() -> int:
                         help="length of each time-based fio run")
     parser.add_argument("--only", choices=DAEMONS, help="run one daemon only")
     parser.add_argument("--no-rss-1t", action="store_true", help="skip the 1 TiB RSS check")
+    parser.add_argument("--no-push", action="store_true", help="skip the push scenario")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the ratios here")
     parser.add_argument("--workdir", type=Path, help="where images go (default: a temp dir)")
     args = parser.parse_args()
-    for tool in ("nbdcopy", "fio", "qemu-storage-daemon", "qemu-img"):
+    for tool in ("nbdcopy", "fio", "qemu-storage-daemon", "qemu-img", "qemu-nbd"):
         if shutil.which(tool, path=PEER_ENV["PATH"]) is None:
             print(f"{tool} is not installed", file=sys.stderr)
             return 1
@@ -427,6 +562,11 @@ def main() -> int:
             for kind in kinds:
                 steps.append((kind, partial(scenario, kind, work, base, args.size,
                                             args.fio_seconds)))
+        if not args.no_push:
+            for repeat in range(args.repeat):
+                for kind in kinds:
+                    steps.append((kind, partial(push, kind, work, base, args.size,
+                                                verify=repeat == 0)))
         if not args.no_rss_1t:
             for kind in kinds:
                 steps.append((kind, partial(rss_1t_figures, kind, work)))
