@@ -58,6 +58,13 @@ BlockdevAddArgs = TypedDict(
         "image": BlockdevRef,
         "config": str,
         "inject-error": list[dict[str, object]],
+        # nbd (a remote server: push backup's target)
+        "server": dict[str, str],
+        "export": str,
+        "tls-creds": str,
+        "tls-hostname": str,
+        "reconnect-delay": int,
+        "open-timeout": int,
     },
     total=False,
 )
@@ -127,8 +134,9 @@ _BlockdevBackupTarget = TypedDict(
 
 
 class BlockdevBackupArgs(_BackupCommon, _BlockdevBackupTarget, total=False):
-    """``blockdev-backup``: back ``device`` up into the node ``target`` (``discard-source`` is
-    refused: not supported yet). Returns :data:`Empty`."""
+    """``blockdev-backup``: back ``device`` up into the node ``target`` (``discard-source``
+    discards what was copied from the source: for a push from a snapshot-access node, from the
+    fleecing image). Returns :data:`Empty`."""
 
 
 class SocketAddressLegacy(TypedDict):
