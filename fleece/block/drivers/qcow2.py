@@ -100,6 +100,8 @@ _SMALL_SLICE = 16  # up to this many clusters, a Python loop beats numpy
 #: each one used up doubles the next, up to the maximum (and to the virtual disk's size).
 _RESERVE_BYTES = 16 << 20
 _RESERVE_MAX_BYTES = 256 << 20
+#: the first reservation of an image about to receive a stream of writes (prepare_writes)
+_PREPARED_RESERVE_BYTES = 64 << 20
 _RESERVE_MAX_CLUSTERS = 32768
 _MAX_BEYOND_EOF = 1 << 30  # an in-place write further past the end of the file is corruption
 
@@ -786,6 +788,9 @@ class Qcow2Driver(Driver):
         if self.node.read_only or self._file is None:
             return
         with self._lock:
+            # Copies come in a stream: start where a stream's reservations would have grown
+            # to, so the first minutes of a backup map clusters without a sync of their own.
+            self._reserve_size = max(self._reserve_size, _PREPARED_RESERVE_BYTES >> self._cb)
             self._reserve_room(1)
         self._order.sync()
 
