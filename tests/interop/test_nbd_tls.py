@@ -18,26 +18,11 @@ import pytest
 from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient, NegotiationError
 from fleece.storage import Storage
-from tests.peers import PEER_ENV, make_ca, make_cert, require
+from tests.peers import PEER_ENV, require
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(20)]
 
 CONTENT = bytes(range(256)) * 4096  # 1 MiB
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    require("certtool")
-    root = tmp_path_factory.mktemp("pki")
-    good = make_ca(root / "ca", "fleece test CA")
-    bad = make_ca(root / "other-ca", "some other CA")
-    dirs = {"server": root / "server", "client": root / "client", "wrong": root / "wrong"}
-    for d in dirs.values():
-        d.mkdir()
-    make_cert(dirs["server"], good, "server")
-    make_cert(dirs["client"], good, "client")
-    make_cert(dirs["wrong"], bad, "client")
-    return dirs
 
 
 @pytest.fixture

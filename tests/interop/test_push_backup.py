@@ -27,7 +27,7 @@ import pytest
 from fleece.block.qcow2 import create
 from fleece.storage import Storage
 from tests.events import EventLog
-from tests.peers import PEER_ENV, make_ca, make_cert, require
+from tests.peers import PEER_ENV, require
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -324,21 +324,6 @@ def test_remote_gone_past_reconnect_delay(local: Local, tmp_path: Path) -> None:
         assert snapshot == local.expected.read_bytes()
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    require("certtool")
-    root = tmp_path_factory.mktemp("pki")
-    good = make_ca(root / "ca", "fleece push CA")
-    bad = make_ca(root / "other-ca", "some other CA")
-    dirs = {"server": root / "server", "client": root / "client", "wrong": root / "wrong"}
-    for d in dirs.values():
-        d.mkdir()
-    make_cert(dirs["server"], good, "server")
-    make_cert(dirs["client"], good, "client")
-    make_cert(dirs["wrong"], bad, "client")
-    return dirs
 
 
 def test_push_over_tls_with_client_certificates(local: Local, tmp_path: Path,
