@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,14 @@ def fleece_daemon(qmp: Path, options: list[str], log_dir: Path) -> DaemonProcess
     they run it under load)."""
     return DaemonProcess(fleece_argv("--qmp", f"unix:{qmp}", *options), qmp, log_dir,
                          start_timeout=20.0, exit_timeout=20.0)
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes from ``sock``; ``ConnectionError`` if it closes first."""
+    out = b""
+    while len(out) < size:
+        data = sock.recv(size - len(out))
+        if not data:
+            raise ConnectionError("closed")
+        out += data
+    return out

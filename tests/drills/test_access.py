@@ -41,6 +41,7 @@ from tests.drills.support import (
     make_ca,
     make_cert,
     pattern,
+    recv_exact,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -181,16 +182,6 @@ def raw_handshake(sock_path: str) -> socket.socket:
     assert len(recv_exact(sock, 18)) == 18
     sock.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
     return sock
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    out = b""
-    while len(out) < size:
-        data = sock.recv(size - len(out))
-        if not data:
-            raise ConnectionError("closed")
-        out += data
-    return out
 
 
 def option_replies(sock: socket.socket, opt: int, data: bytes) -> list[tuple[int, bytes]]:

@@ -50,7 +50,15 @@ from fleece.nbd.client import NBDClient
 from fleece.nbd.constants import IHAVEOPT, REQUEST_MAGIC, Cmd, Opt, Rep
 from fleece.storage import Storage
 from tests.daemons import DaemonProcess
-from tests.drills.support import MiB, RawQMP, fleece_daemon, make_ca, make_cert, pattern
+from tests.drills.support import (
+    MiB,
+    RawQMP,
+    fleece_daemon,
+    make_ca,
+    make_cert,
+    pattern,
+    recv_exact,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,16 +208,6 @@ def raw(path: str, timeout: float = 5.0) -> socket.socket:
     sock.settimeout(timeout)
     sock.connect(path)
     return sock
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    out = b""
-    while len(out) < size:
-        data = sock.recv(size - len(out))
-        if not data:
-            raise ConnectionError("closed")
-        out += data
-    return out
 
 
 def option(opt: int, data: bytes = b"") -> bytes:
