@@ -106,9 +106,7 @@ class Local:
     def snapshot(self) -> None:
         """The point in time: the guest held, its content saved, the filter and
         snapshot-access added (fleecing image: a sparse raw file), the guest let go."""
-        fleecing = self.tmp / "fleecing.raw"
-        with fleecing.open("wb") as f:
-            f.truncate(SIZE)
+        fleecing = sparse_raw(self.tmp / "fleecing.raw")
         self.guest.pause()
         try:
             self.expected.write_bytes(self.storage.device("virtio0").pread(0, SIZE))
@@ -183,6 +181,13 @@ class Server:
                 self.kill()
 
 
+def sparse_raw(path: Path) -> Path:
+    """A sparse raw file of ``SIZE`` bytes at ``path``."""
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
 def qemu_nbd(image: Path, sock: str, fmt: str, *extra: str) -> Server:
     return Server([require("qemu-nbd"), "-t", "-f", fmt, "-k", sock, *extra, str(image)], sock)
 
@@ -238,9 +243,7 @@ def test_push_to_nbdkit_memory(local: Local, tmp_path: Path) -> None:
 
 
 def test_push_to_fleece_and_incremental(local: Local, tmp_path: Path) -> None:
-    image = tmp_path / "remote.raw"
-    with image.open("wb") as f:
-        f.truncate(SIZE)
+    image = sparse_raw(tmp_path / "remote.raw")
     remote = Storage()
     sock = str(tmp_path / "f.sock")
     try:
@@ -282,18 +285,28 @@ def test_push_to_fleece_and_incremental(local: Local, tmp_path: Path) -> None:
         remote.close()
 
 
-def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path) -> None:
-    image = tmp_path / "backup.raw"
-    with image.open("wb") as f:
-        f.truncate(SIZE)
+def push_then_kill_the_server(local: Local, tmp_path: Path, reconnect_delay: int
+                              ) -> tuple[Path, Server]:
+    """A speed-limited push to qemu-nbd (``reconnect-delay`` as given), whose server is
+    killed mid-job; the pushed image and the (dead) server."""
+    image = sparse_raw(tmp_path / "backup.raw")
     server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw")
     try:
         local.snapshot()
-        local.add_nbd(server.sock, **{"reconnect-delay": 10})
+        local.add_nbd(server.sock, **{"reconnect-delay": reconnect_delay})
         local.push(speed=16 * MiB)
         time.sleep(0.5)
         assert local.storage.jobs.get("push0") is not None  # mid-job
         server.kill()
+    except BaseException:
+        server.stop()
+        raise
+    return image, server
+
+
+def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path) -> None:
+    image, server = push_then_kill_the_server(local, tmp_path, reconnect_delay=10)
+    try:
         time.sleep(0.7)
         server.start()
         assert "error" not in local.wait_done()
@@ -304,17 +317,8 @@ def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path) -
 
 
 def test_remote_gone_past_reconnect_delay(local: Local, tmp_path: Path) -> None:
-    image = tmp_path / "backup.raw"
-    with image.open("wb") as f:
-        f.truncate(SIZE)
-    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw")
+    _, server = push_then_kill_the_server(local, tmp_path, reconnect_delay=1)
     try:
-        local.snapshot()
-        local.add_nbd(server.sock, **{"reconnect-delay": 1})
-        local.push(speed=16 * MiB)
-        time.sleep(0.5)
-        assert local.storage.jobs.get("push0") is not None  # mid-job
-        server.kill()
         done = local.wait_done()
         assert "error" in done and done["offset"] < SIZE
         writes = local.guest.writes
@@ -328,9 +332,7 @@ def test_remote_gone_past_reconnect_delay(local: Local, tmp_path: Path) -> None:
 
 def test_push_over_tls_with_client_certificates(local: Local, tmp_path: Path,
                                                 certs: dict[str, Path]) -> None:
-    image = tmp_path / "backup.raw"
-    with image.open("wb") as f:
-        f.truncate(SIZE)
+    image = sparse_raw(tmp_path / "backup.raw")
     server = qemu_nbd(
         image, str(tmp_path / "t.sock"), "raw",
         "--object", f"tls-creds-x509,id=tls0,dir={certs['server']},endpoint=server,"
