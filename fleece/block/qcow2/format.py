@@ -220,45 +220,55 @@ def parse_header(read: Callable[[int, int], bytes], file_size: int) -> Header:
     return h
 
 
+def _extension_area_end(h: Header, first: bytes) -> int:
+    """Where the header extension area of the header cluster ``first`` ends: at the backing
+    name, or the cluster's end."""
+    end = len(first)
+    if h.backing_file_offset and h.backing_file_offset < end:
+        end = h.backing_file_offset
+    return end
+
+
+def _extension_records(h: Header, first: bytes, end: int) -> Iterator[tuple[int, int, int]]:
+    """``(kind, data offset, length)`` of each record of the extension area up to ``end``,
+    the end marker included. It stops after the end marker or a record whose data runs past
+    ``end`` (yielded: the caller decides what that means)."""
+    pos = h.header_length
+    while pos + 8 <= end:
+        kind, length = struct.unpack_from(">II", first, pos)
+        yield kind, pos + 8, length
+        if kind == EXT_END or length > end - pos - 8:
+            return
+        pos += 8 + length + (-length % 8)
+
+
 def header_extensions(h: Header, first: bytes) -> Iterator[tuple[int, bytes]]:
     """The ``(kind, data)`` of each header extension in the header cluster ``first``, in order,
     up to the end marker, the backing name or the cluster's end (no end marker before that
     limit: QEMU accepts it, the area is simply full). ``ImageError`` for an extension that runs
     past the limit."""
-    end = len(first)
-    if h.backing_file_offset and h.backing_file_offset < end:
-        end = h.backing_file_offset
-    pos = h.header_length
-    while pos + 8 <= end:
-        kind, length = struct.unpack_from(">II", first, pos)
-        pos += 8
+    end = _extension_area_end(h, first)
+    for kind, at, length in _extension_records(h, first, end):
         if kind == EXT_END:
             return
-        if length > end - pos:
+        if length > end - at:
             raise ImageError(
                 f"Invalid qcow2 header extension 0x{kind:08x}: length {length} runs past the "
                 "end of the header area"
             )
-        yield kind, first[pos : pos + length]
-        pos += length + (-length % 8)
+        yield kind, first[at : at + length]
 
 
 def header_used(h: Header, first: bytes) -> int:
     """How many bytes at the start of the header cluster ``first`` the header ``h`` uses: the
     header, its extensions with their end marker, the backing name. The rest is free (a header
     rewrite may put new bytes there before the header points at them)."""
-    end = len(first)
-    if h.backing_file_offset and h.backing_file_offset < end:
-        end = h.backing_file_offset
-    pos = h.header_length
-    while pos + 8 <= end:
-        kind, length = struct.unpack_from(">II", first, pos)
-        pos += 8
-        if kind == EXT_END or length > end - pos:
+    end = _extension_area_end(h, first)
+    pos = end  # no end marker before the limit: the area is full
+    for kind, at, length in _extension_records(h, first, end):
+        if kind == EXT_END or length > end - at:
+            pos = at
             break
-        pos += length + (-length % 8)
-    else:
-        pos = end
     if h.backing_file_offset and h.backing_file_size:
         pos = max(pos, h.backing_file_offset + h.backing_file_size)
     return min(max(pos, h.header_length), len(first))
