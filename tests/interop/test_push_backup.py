@@ -356,3 +356,56 @@ def test_push_over_tls_with_client_certificates(local: Local, tmp_path: Path,
     finally:
         server.stop()
     compare(local.expected, str(image), "raw")
+
+
+def nbdkit_requests(log: Path) -> list[tuple[str, int, dict[str, str], str]]:
+    """The data requests an nbdkit ``--filter=log`` log file shows, in order of their calls:
+    ``(action, count, call fields, result)`` where the result is ``"0"`` or the error name."""
+    calls: dict[tuple[str, str], tuple[str, int, dict[str, str]]] = {}
+    order: list[tuple[str, str]] = []
+    results: dict[tuple[str, str], str] = {}
+    for line in log.read_text().splitlines():
+        words = line.split()[2:]  # after the date and time
+        if len(words) < 3 or not words[0].startswith("connection="):
+            continue
+        conn, action = words[0], words[1]
+        fields = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+        key = (conn, fields.get("id", ""))
+        if action in ("Write", "Zero", "Trim"):
+            calls[key] = (action, int(fields["count"], 16), fields)
+            order.append(key)
+        elif action.lstrip(".") in ("Write", "Zero", "Trim"):
+            results[key] = fields.get("error", fields.get("return", "?"))
+    return [(*calls[key], results.get(key, "?")) for key in order]
+
+
+@pytest.mark.parametrize("fastzeromode", ["default", "slow"])
+def test_zero_ranges_go_as_write_zeroes(local: Local, tmp_path: Path,
+                                        fastzeromode: str) -> None:
+    """The never-written half of the disk is pushed as WRITE_ZEROES, tried with FAST_ZERO
+    first; a server that refuses fast zeroes (``slow``) gets plain ones after its refusal."""
+    sock, log = str(tmp_path / "k.sock"), tmp_path / "nbdkit.log"
+    server = Server([require("nbdkit"), "-f", "-U", sock, "--filter=log", "--filter=nozero",
+                     "memory", str(SIZE), f"logfile={log}", "zeromode=plugin",
+                     f"fastzeromode={fastzeromode}"], sock)
+    try:
+        local.snapshot()
+        local.add_nbd(sock)
+        local.push()
+        assert "error" not in local.wait_done()
+        compare(local.expected, f"nbd+unix:///?socket={sock}", "raw")
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    requests = nbdkit_requests(log)
+    written = sum(n for action, n, _, result in requests if action == "Write" and result == "0")
+    zeroed = sum(n for action, n, _, result in requests if action == "Zero" and result == "0")
+    assert written <= SIZE // 2 + MiB, written  # only the data half went as data
+    assert zeroed >= SIZE // 2 - MiB, zeroed
+    fast = [(f["fast"], result) for action, _, f, result in requests if action == "Zero"]
+    if fastzeromode == "default":  # the memory plugin zeroes fast: every zero went so
+        assert fast and all(f == ("1", "0") for f in fast), fast
+    else:  # refused (once per connection at most), then plain zeroes only
+        refused = [f for f in fast if f == ("1", "ENOTSUP")]
+        assert 1 <= len(refused) <= 2 and ("1", "0") not in fast, fast
+        assert fast[len(refused):] and all(f == ("0", "0") for f in fast[len(refused):]), fast

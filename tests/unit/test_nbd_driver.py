@@ -16,12 +16,15 @@ import pytest
 from fleece.block.drivers.nbd import Link, NBDDriver
 from fleece.block.node import BlockNode
 from fleece.errors import GenericError
+from fleece.nbd.client import NBDClient
+from fleece.nbd.constants import Cmd, CmdFlag, TransmissionFlag
 from fleece.storage import Storage
 
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
 SIZE = 8 * MiB
+NO_FLAGS = CmdFlag(0)
 
 
 class Remote:
@@ -236,8 +239,6 @@ def test_server_errors_are_not_connection_losses(remote: Remote, local: Storage)
     node = _add(local, remote, **{"reconnect-delay": 5})
     assert isinstance(node.driver, NBDDriver)
     driver = node.driver
-    from fleece.nbd.client import NBDClient
-
     started = time.monotonic()
     with pytest.raises(OSError) as failed:  # past the end: the server says EINVAL
         driver._call(NBDClient.pread, SIZE - 4096, 8192)
@@ -265,3 +266,53 @@ def test_discard_source_is_refused_for_a_disk_the_guest_writes(local: Storage,
         local.execute("blockdev-backup", {"device": "src", "target": "sink", "sync": "full",
                                           "discard-source": True})
     assert not local.jobs
+
+
+def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Cmd, CmdFlag, int, int]]:
+    """Every request the driver's clients send, as ``(command, flags, offset, length)``."""
+    sent: list[tuple[Cmd, CmdFlag, int, int]] = []
+    submit = NBDClient.submit
+
+    def recording(self: NBDClient, command: Cmd, offset: int = 0, length: int = 0,
+                  flags: CmdFlag = NO_FLAGS, payload: Any = None) -> int:
+        sent.append((Cmd(command), CmdFlag(flags), offset,
+                     len(payload) if payload is not None else length))
+        return submit(self, command, offset, length, flags, payload)
+
+    monkeypatch.setattr(NBDClient, "submit", recording)
+    return sent
+
+
+def test_write_zeroes_try_fast_zero_first(remote: Remote, local: Storage,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _add(local, remote)
+    sent = _record(monkeypatch)
+    node.pwrite(0, b"q" * (2 * MiB))
+    sent.clear()
+    # may unmap: fleece's server zeroes fast (a hole), so the fast request is the only one
+    node.pwrite_zeroes(0, MiB, may_unmap=True)
+    assert sent == [(Cmd.WRITE_ZEROES, CmdFlag.FAST_ZERO, 0, MiB)]
+    assert node.pread(0, MiB) == bytes(MiB)
+    sent.clear()
+    # no hole allowed: the server answers the fast request ENOTSUP; a plain one follows
+    node.pwrite_zeroes(MiB, 65536, may_unmap=False)
+    assert sent == [(Cmd.WRITE_ZEROES, CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE, MiB, 65536),
+                    (Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE, MiB, 65536)]
+    assert node.pread(MiB, 65536 + 4) == bytes(65536) + b"q" * 4
+    sent.clear()
+    # the refusal is remembered: no second fast try for the same kind of request
+    node.pwrite_zeroes(MiB + 65536, 65536, may_unmap=False)
+    assert sent == [(Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE, MiB + 65536, 65536)]
+    sent.clear()
+    node.pwrite_zeroes(2 * MiB, 65536, may_unmap=True)  # still fast where it was fast
+    assert sent == [(Cmd.WRITE_ZEROES, CmdFlag.FAST_ZERO, 2 * MiB, 65536)]
+
+
+def test_write_zeroes_without_fast_zero_is_plain(remote: Remote, local: Storage,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _add(local, remote)
+    assert isinstance(node.driver, NBDDriver)
+    node.driver.flags &= ~TransmissionFlag.SEND_FAST_ZERO  # as a server not advertising it
+    sent = _record(monkeypatch)
+    node.pwrite_zeroes(0, MiB, may_unmap=True)
+    assert sent == [(Cmd.WRITE_ZEROES, NO_FLAGS, 0, MiB)]

@@ -18,8 +18,12 @@ An error the server replies with is the request's error, never a reason to recon
 
 Block status asks ``base:allocation``: a hole or zero range on the server is reported so, and
 zeroes written here are ``NBD_CMD_WRITE_ZEROES`` (``NBD_CMD_FLAG_NO_HOLE`` unless the caller may
-unmap) rather than data. :meth:`NBDDriver.try_fast_zero` sends ``NBD_CMD_FLAG_FAST_ZERO``: it
-zeroes only when the server can do it faster than writing (for pre-zeroing a whole target).
+unmap) rather than data. When the server advertises ``SEND_FAST_ZERO``, each is first sent with
+``NBD_CMD_FLAG_FAST_ZERO``; a server that answers ``ENOTSUP`` (it would have to write the zeroes)
+gets the plain request at once, and no more fast tries with the same flags on this node (the
+answer depends on the kind of request, not its range, for the servers we know).
+:meth:`NBDDriver.try_fast_zero` zeroes only when the server can do it fast (for pre-zeroing a
+whole target).
 Discards are ``NBD_CMD_TRIM`` when the node was opened with ``discard: unmap`` (QEMU's rule:
 ignored otherwise).
 Multi-conn is not used.
@@ -129,6 +133,8 @@ class NBDDriver(Driver):
         self._max = min(MAX_PAYLOAD, client.block_size[2] if client.block_size else MAX_PAYLOAD)
         self.link = Link.CONNECTED
         self._lost_at = 0.0
+        #: the WRITE_ZEROES flags the server refused to do fast (ENOTSUP to FAST_ZERO)
+        self._slow_zero: set[CmdFlag] = set()
         log.debug("nbd node %r: %s, %d bytes, flags 0x%x", self.node.name, self.filename(),
                   self._size, int(client.flags))
 
@@ -246,6 +252,17 @@ class NBDDriver(Driver):
             return
         flags = CmdFlag(0) if may_unmap else CmdFlag.NO_HOLE
         for at, n in _ranges(offset, length):
+            if (self.flags & TransmissionFlag.SEND_FAST_ZERO
+                    and flags not in self._slow_zero):
+                try:
+                    self._call(NBDClient.zero, at, n, flags | CmdFlag.FAST_ZERO)
+                    continue
+                except NBDError as exc:
+                    if exc.errno != NBDErr.ENOTSUP:
+                        raise
+                    log.debug("nbd node %r: the server refuses fast zeroes with flags %r; "
+                              "plain ones from now on", self.node.name, flags)
+                    self._slow_zero.add(flags)
             self._call(NBDClient.zero, at, n, flags)
 
     def try_fast_zero(self, offset: int, length: int) -> bool:
