@@ -285,15 +285,16 @@ def test_push_to_fleece_and_incremental(local: Local, tmp_path: Path) -> None:
         remote.close()
 
 
-def push_then_kill_the_server(local: Local, tmp_path: Path, reconnect_delay: int
-                              ) -> tuple[Path, Server]:
-    """A speed-limited push to qemu-nbd (``reconnect-delay`` as given), whose server is
-    killed mid-job; the pushed image and the (dead) server."""
+def push_then_kill_the_server(local: Local, tmp_path: Path, reconnect_delay: int,
+                              multi_conn: int = 1) -> tuple[Path, Server]:
+    """A speed-limited push to qemu-nbd (``reconnect-delay`` and ``multi-conn`` as given),
+    whose server is killed mid-job; the pushed image and the (dead) server."""
     image = sparse_raw(tmp_path / "backup.raw")
-    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw")
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw", "-e", str(multi_conn))
     try:
         local.snapshot()
-        local.add_nbd(server.sock, **{"reconnect-delay": reconnect_delay})
+        local.add_nbd(server.sock, **{"reconnect-delay": reconnect_delay,
+                                      "multi-conn": multi_conn})
         local.push(speed=16 * MiB)
         time.sleep(0.5)
         assert local.storage.jobs.get("push0") is not None  # mid-job
@@ -304,8 +305,11 @@ def push_then_kill_the_server(local: Local, tmp_path: Path, reconnect_delay: int
     return image, server
 
 
-def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path) -> None:
-    image, server = push_then_kill_the_server(local, tmp_path, reconnect_delay=10)
+@pytest.mark.parametrize("multi_conn", [1, 4])
+def test_remote_restarted_within_reconnect_delay(local: Local, tmp_path: Path,
+                                                 multi_conn: int) -> None:
+    image, server = push_then_kill_the_server(local, tmp_path, reconnect_delay=10,
+                                              multi_conn=multi_conn)
     try:
         time.sleep(0.7)
         server.start()
@@ -409,3 +413,53 @@ def test_zero_ranges_go_as_write_zeroes(local: Local, tmp_path: Path,
         refused = [f for f in fast if f == ("1", "ENOTSUP")]
         assert 1 <= len(refused) <= 2 and ("1", "0") not in fast, fast
         assert fast[len(refused):] and all(f == ("0", "0") for f in fast[len(refused):]), fast
+
+
+def nbdkit_calls(log: Path) -> dict[str, list[str]]:
+    """The calls (``Connect``, ``Write``, ``Flush``, ...) an nbdkit ``--filter=log`` log file
+    shows, per connection, in order."""
+    calls: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines():
+        words = line.split()[2:]
+        if len(words) >= 2 and words[0].startswith("connection=") and words[1][0] != ".":
+            calls.setdefault(words[0], []).append(words[1])
+    return calls
+
+
+def test_multi_conn_push_to_nbdkit_memory(local: Local, tmp_path: Path) -> None:
+    """``multi-conn: 4`` to a server that offers it: four connections carry the push, each
+    flushed at its end, and the pushed image is the point in time."""
+    sock, log = str(tmp_path / "k.sock"), tmp_path / "nbdkit.log"
+    server = Server([require("nbdkit"), "-f", "-U", sock, "--filter=log", "memory", str(SIZE),
+                     f"logfile={log}"], sock)
+    try:
+        local.snapshot()
+        local.add_nbd(sock, **{"multi-conn": 4})
+        assert local.storage.graph.get("push").driver.connections == 4  # type: ignore[attr-defined]
+        local.push()
+        assert "error" not in local.wait_done()
+        local.x("blockdev-del", {"node-name": "push"})
+        compare(local.expected, f"nbd+unix:///?socket={sock}", "raw")
+    finally:
+        server.stop()
+    calls = nbdkit_calls(log)
+    writers = {conn for conn, actions in calls.items() if "Write" in actions}
+    assert len(writers) == 4, calls.keys()
+    for conn in writers:  # every connection's writes were flushed after the last of them
+        actions = calls[conn]
+        assert "Flush" in actions[len(actions) - actions[::-1].index("Write"):], conn
+
+
+def test_multi_conn_push_to_qemu_nbd(local: Local, tmp_path: Path) -> None:
+    image = sparse_raw(tmp_path / "backup.raw")
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw", "-e", "4")
+    try:
+        local.snapshot()
+        local.add_nbd(server.sock, **{"multi-conn": 4})
+        assert local.storage.graph.get("push").driver.connections == 4  # type: ignore[attr-defined]
+        local.push()
+        assert "error" not in local.wait_done()
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "raw")

@@ -156,6 +156,14 @@ def test_threads_share_the_connection(remote: Remote, local: Storage) -> None:
          "at least 0"),
         ({"server": {"type": "unix", "path": "/nonexistent/s"}, "bogus": 1},
          "Parameter 'bogus' is unexpected"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": 0},
+         "Parameter 'multi-conn' expects an integer from 1 to 16, got 0"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": 17},
+         "Parameter 'multi-conn' expects an integer from 1 to 16, got 17"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": "auto"},
+         "Invalid parameter type for 'multi-conn', expected: integer"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": True},
+         "Invalid parameter type for 'multi-conn', expected: integer"),
     ],
 )
 def test_bad_options(local: Storage, options: dict[str, Any], message: str) -> None:
@@ -316,3 +324,54 @@ def test_write_zeroes_without_fast_zero_is_plain(remote: Remote, local: Storage,
     sent = _record(monkeypatch)
     node.pwrite_zeroes(0, MiB, may_unmap=True)
     assert sent == [(Cmd.WRITE_ZEROES, NO_FLAGS, 0, MiB)]
+
+
+def test_multi_conn_spreads_requests_over_connections(remote: Remote, local: Storage,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only export of fleece's server advertises CAN_MULTI_CONN: ``multi-conn: 4``
+    opens four connections and the requests of threads go over all of them."""
+    assert remote.storage is not None
+    remote.storage.execute("nbd-server-add", {"device": "disk", "name": "ro",
+                                              "writable": False})
+    node = remote.storage.graph.get("disk")
+    node.pwrite(0, bytes(range(256)) * 4096)
+    local.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "ro",
+                                   "read-only": True, "multi-conn": 4,
+                                   "server": {"type": "unix", "path": remote.sock}})
+    nbd = local.graph.get("nbd0")
+    assert isinstance(nbd.driver, NBDDriver) and nbd.driver.connections == 4
+    used: set[int] = set()
+    submit = NBDClient.submit
+
+    def recording(self: NBDClient, *args: Any, **kwargs: Any) -> int:
+        used.add(id(self))
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(NBDClient, "submit", recording)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for i in range(16):
+                assert nbd.pread(i * 65536, 65536) == bytes(range(256)) * 256
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(used) == 4
+    local.execute("blockdev-del", {"node-name": "nbd0"})
+    assert nbd.driver.connections == 0
+
+
+def test_multi_conn_needs_the_server_to_offer_it(remote: Remote, local: Storage) -> None:
+    """A writable export of fleece's server does not advertise CAN_MULTI_CONN: one
+    connection, as asked for or not."""
+    node = _add(local, remote, **{"multi-conn": 4})
+    assert isinstance(node.driver, NBDDriver) and node.driver.connections == 1
+    node.pwrite(0, b"m" * 4096)
+    node.flush()
+    assert node.pread(0, 4096) == b"m" * 4096

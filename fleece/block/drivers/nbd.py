@@ -3,18 +3,25 @@
 Options are QEMU's ``BlockdevOptionsNbd``: ``server`` (a flat ``SocketAddress``: ``{"type":
 "unix", "path": ...}`` or ``{"type": "inet", "host": ..., "port": ...}``), ``export``,
 ``tls-creds`` (a ``tls-creds-x509`` object with ``endpoint: client``), ``tls-hostname``,
-``reconnect-delay`` and ``open-timeout`` (seconds).
+``reconnect-delay`` and ``open-timeout`` (seconds), and ``multi-conn`` (QEMU 9's spelling: how
+many connections to open, 1 to 16, default 1; more than one only when the server advertises
+``NBD_FLAG_CAN_MULTI_CONN``, else one and a log line saying so).
 
-Design note: one connection (:class:`fleece.nbd.client.NBDClient`, the client half of the
-protocol) and one lock; a request holds the lock from its send to its reply, so threads take
-turns and the connection is never shared mid-request. The connection has one state
-(:class:`Link`). When the server goes away (the socket fails, or the reply is cut), the request
-that saw it closes the connection and reconnects, holding the lock, for up to
+Design note: each connection (:class:`fleece.nbd.client.NBDClient`, the client half of the
+protocol) has a lock; a request holds one connection's lock from its send to its reply, so a
+connection is never shared mid-request. A request takes the first free connection from a
+rotating start (so even one thread's requests go round all of them), or waits for the one at
+that start. A flush goes to every connection in turn (the spec says one is enough with
+multi-conn; every one also covers a server that advertises it wrongly). The node's link has one
+state (:class:`Link`). When the server goes away (the socket fails, or the reply is cut), the
+request that saw it closes its connection and connects it again, holding its lock, for up to
 ``reconnect-delay`` seconds since the loss (the requests behind it wait on the lock, as QEMU's
 wait for the reconnect), then sends itself again: every NBD command fleece sends is idempotent.
-Past the delay the link is ``FAILED``: that request and each later one try one connection and,
-when it fails, fail with ``EIO`` (the backup job then applies its ``on-target-error`` policy).
-An error the server replies with is the request's error, never a reason to reconnect.
+Each connection finds out about a lost server by itself and reconnects alone; a loss seen while
+the link is ``CONNECTED`` starts a new delay. Past the delay the link is ``FAILED``: that request
+and each later one try one connection and, when it fails, fail with ``EIO`` (the backup job
+then applies its ``on-target-error`` policy). An error the server replies with is the request's
+error, never a reason to reconnect.
 
 Block status asks ``base:allocation``: a hole or zero range on the server is reported so, and
 zeroes written here are ``NBD_CMD_WRITE_ZEROES`` (``NBD_CMD_FLAG_NO_HOLE`` unless the caller may
@@ -26,7 +33,6 @@ answer depends on the kind of request, not its range, for the servers we know).
 whole target).
 Discards are ``NBD_CMD_TRIM`` when the node was opened with ``discard: unmap`` (QEMU's rule:
 ignored otherwise).
-Multi-conn is not used.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ RETRY_INTERVAL = 0.1
 CONNECT_TIMEOUT = 5.0
 #: the most bytes one WRITE_ZEROES, TRIM or BLOCK_STATUS asks about (the length is 32 bits)
 MAX_RANGE = 1 << 30
+#: the most connections ``multi-conn`` may ask for (QEMU 9's bound)
+MAX_MULTI_CONN = 16
 
 
 class Link(enum.Enum):
@@ -79,14 +87,19 @@ class Link(enum.Enum):
     CLOSED = "closed"
 
 
-class _Lost(Exception):
-    """The connection broke under a request (not an error the server replied with)."""
+class _Connection:
+    """One connection to the server (None while lost) and the lock a request holds on it
+    from its send to its reply."""
+
+    def __init__(self, client: NBDClient | None) -> None:
+        self.client = client
+        self.lock = threading.Lock()
 
 
 class NBDDriver(Driver):
     name: ClassVar[str] = "nbd"
 
-    _client: NBDClient | None = None
+    _conns: tuple[_Connection, ...] = ()
     _size = 0
     link = Link.CLOSED
 
@@ -97,6 +110,11 @@ class NBDDriver(Driver):
         self.tls_hostname = options.str("tls-hostname")
         self.reconnect_delay = options.int("reconnect-delay", 0, minimum=0) or 0
         open_timeout = options.int("open-timeout", 0, minimum=0) or 0
+        multi_conn = options.int("multi-conn", 1)
+        assert multi_conn is not None
+        if not 1 <= multi_conn <= MAX_MULTI_CONN:
+            raise GenericError(f"Parameter 'multi-conn' expects an integer from 1 to "
+                               f"{MAX_MULTI_CONN}, got {multi_conn}")
         options.finish()  # unknown options are refused before any connection, as QEMU's
         self._tls: ssl.SSLContext | None = None
         if creds_id is not None:
@@ -112,7 +130,7 @@ class NBDDriver(Driver):
             self._tls_name = hostname
         elif self.tls_hostname is not None:
             raise GenericError("tls-hostname is set but tls-creds is not")
-        self._lock = threading.Lock()
+        self._state = threading.Lock()  # link, _lost_at and _next
         deadline = time.monotonic() + open_timeout
         while True:
             try:
@@ -127,7 +145,24 @@ class NBDDriver(Driver):
             client.close()
             raise GenericError(f"export '{self.export}' of '{self._where()}' is read-only; "
                                "open the node with read-only: true")
-        self._client = client
+        clients = [client]
+        if multi_conn > 1 and not client.flags & TransmissionFlag.CAN_MULTI_CONN:
+            log.info("nbd node %r: %s does not offer multi-conn; one connection, not %d",
+                     self.node.name, self._where(), multi_conn)
+        elif multi_conn > 1:
+            try:
+                while len(clients) < multi_conn:
+                    more = self._connect()
+                    clients.append(more)
+                    if more.size != client.size or more.flags != client.flags:
+                        raise NegotiationError("the export changed between connections")
+            except (OSError, NegotiationError) as exc:
+                for each in clients:
+                    each.close()
+                raise GenericError(f"Failed to connect to '{self._where()}' (connection "
+                                   f"{len(clients)} of {multi_conn}): {_reason(exc)}") from None
+        self._conns = tuple(_Connection(each) for each in clients)
+        self._next = 0
         self._size = client.size
         self.flags = client.flags
         self._max = min(MAX_PAYLOAD, client.block_size[2] if client.block_size else MAX_PAYLOAD)
@@ -165,61 +200,101 @@ class NBDDriver(Driver):
             raise
         return client
 
-    def _drop(self) -> None:
-        """Forget a broken connection (lock held)."""
-        client, self._client = self._client, None
+    @property
+    def connections(self) -> int:
+        """How many connections to the server are open now."""
+        return sum(conn.client is not None for conn in self._conns)
+
+    def _lost(self, conn: _Connection, exc: BaseException) -> None:
+        """``conn`` broke under a request (its lock held): close it; a loss seen while the
+        link is up starts the ``reconnect-delay``."""
+        log.warning("nbd node %r: connection to %s lost: %s", self.node.name, self._where(),
+                    exc)
+        client, conn.client = conn.client, None
         if client is not None:
             with suppress(OSError):
                 client.sock.close()
+        with self._state:
+            if self.link is Link.CONNECTED:
+                self.link = Link.RECONNECTING
+                self._lost_at = time.monotonic()
 
-    def _reconnect(self) -> NBDClient:
-        """A connection, made again (lock held): retried until ``reconnect-delay`` seconds
+    def _reconnect(self, conn: _Connection) -> NBDClient:
+        """``conn`` connected again (its lock held): retried until ``reconnect-delay`` seconds
         after the loss, once when that has passed. ``EIO`` when there is none."""
         while True:
             try:
                 client = self._connect()
             except (OSError, NegotiationError) as exc:
-                waited = time.monotonic() - self._lost_at
-                if self.link is Link.RECONNECTING and waited < self.reconnect_delay:
+                with self._state:
+                    if self.link is Link.CONNECTED:  # news to this node: a loss
+                        self.link = Link.RECONNECTING
+                        self._lost_at = time.monotonic()
+                    waited = time.monotonic() - self._lost_at
+                    retry = self.link is Link.RECONNECTING and waited < self.reconnect_delay
+                    if not retry and self.link is Link.RECONNECTING:
+                        log.warning("nbd node %r: no connection to %s for %d s, failing "
+                                    "requests", self.node.name, self._where(),
+                                    self.reconnect_delay)
+                        self.link = Link.FAILED
+                if retry:
                     time.sleep(min(RETRY_INTERVAL, self.reconnect_delay - waited))
                     continue
-                if self.link is Link.RECONNECTING:
-                    log.warning("nbd node %r: no connection to %s for %d s, failing requests",
-                                self.node.name, self._where(), self.reconnect_delay)
-                self.link = Link.FAILED
                 raise OSError(errno.EIO, f"nbd node '{self.node.name}': no connection to "
                               f"'{self._where()}': {_reason(exc)}") from None
             if client.size != self._size:
                 client.close()
-                self.link = Link.FAILED
+                with self._state:
+                    self.link = Link.FAILED
                 raise OSError(errno.EIO, f"nbd node '{self.node.name}': the export's size "
                               f"changed from {self._size} to {client.size}")
             log.info("nbd node %r: reconnected to %s", self.node.name, self._where())
-            self._client = client
-            self.link = Link.CONNECTED
+            conn.client = client
+            with self._state:
+                if self.link is not Link.CLOSED:
+                    self.link = Link.CONNECTED
             return client
 
+    def _take(self) -> _Connection:
+        """A connection, its lock held: the first free one from a rotating start, else the
+        one at the start once it is free."""
+        conns = self._conns
+        with self._state:
+            start = self._next
+            self._next = (start + 1) % len(conns)
+        for i in range(len(conns)):
+            conn = conns[(start + i) % len(conns)]
+            if conn.lock.acquire(blocking=False):
+                return conn
+        conns[start].lock.acquire()
+        return conns[start]
+
+    def _on(self, conn: _Connection, request: Callable[..., T], *args: Any) -> T:
+        """``request(client, *args)`` on ``conn`` (its lock held), reconnecting as the module
+        note says. Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
+        while True:
+            if self.link is Link.CLOSED:
+                raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is closed")
+            client = conn.client
+            if client is None:
+                client = self._reconnect(conn)
+            try:
+                return request(client, *args)
+            except NBDError:
+                raise
+            except (OSError, ValueError, KeyError, struct.error) as exc:
+                # not OSError: a reply the client could not make sense of (a cut stream)
+                self._lost(conn, exc)
+
     def _call(self, request: Callable[..., T], *args: Any) -> T:
-        """``request(client, *args)`` on the connection, reconnecting as the module note says.
-        Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
-        with self._lock:
-            while True:
-                if self.link is Link.CLOSED:
-                    raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is closed")
-                client = self._client if self.link is Link.CONNECTED else None
-                if client is None:
-                    client = self._reconnect()
-                try:
-                    return request(client, *args)
-                except NBDError:
-                    raise
-                except (OSError, ValueError, KeyError, struct.error) as exc:
-                    # not OSError: a reply the client could not make sense of (a cut stream)
-                    log.warning("nbd node %r: connection to %s lost: %s", self.node.name,
-                                self._where(), exc)
-                    self._drop()
-                    self.link = Link.RECONNECTING
-                    self._lost_at = time.monotonic()
+        """``request(client, *args)`` on one connection (see :meth:`_on`)."""
+        if not self._conns:
+            raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is not open")
+        conn = self._take()
+        try:
+            return self._on(conn, request, *args)
+        finally:
+            conn.lock.release()
 
     # -- the vtable --------------------------------------------------------------------------
     def size(self) -> int:
@@ -288,8 +363,11 @@ class NBDDriver(Driver):
             self._call(NBDClient.trim, at, n)
 
     def flush(self) -> None:
-        if self.flags & TransmissionFlag.SEND_FLUSH and not self.node.read_only:
-            self._call(NBDClient.flush)
+        if not self.flags & TransmissionFlag.SEND_FLUSH or self.node.read_only:
+            return
+        for conn in self._conns:  # each connection's completed writes
+            with conn.lock:
+                self._on(conn, NBDClient.flush)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         length = min(length, MAX_RANGE)
@@ -310,14 +388,15 @@ class NBDDriver(Driver):
         return {}
 
     def close(self) -> None:
-        lock = getattr(self, "_lock", None)
-        if lock is None:
+        if not self._conns:
             return
-        with lock:
-            self.link = Link.CLOSED
-            client, self._client = self._client, None
-            if client is not None:
-                client.close()
+        with self._state:
+            self.link = Link.CLOSED  # requests still waiting for a connection fail
+        for conn in self._conns:
+            with conn.lock:
+                client, conn.client = conn.client, None
+                if client is not None:
+                    client.close()
 
 
 def _allocation(client: NBDClient, offset: int, length: int) -> list[tuple[int, int]]:
