@@ -17,6 +17,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _multi_conn(text: str) -> int:
+    """``fleece demo --multi-conn``: the nbd driver's bound, 1 to 16."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer from 1 to 16, got {text!r}") from None
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"from 1 to 16, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleece",
@@ -35,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=None,
                       help="keep the demo's files in this folder (default: a temporary one)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic guest")
+    demo.add_argument("--push", action="store_true",
+                      help="show push backup instead: the snapshot pushed over NBD to a local "
+                           "backup server while the guest writes, then checked")
+    demo.add_argument("--push-server", choices=("qemu-nbd", "fleece"), default=None,
+                      help="with --push: the backup server (default: qemu-nbd when installed, "
+                           "else a second fleece Storage)")
+    demo.add_argument("--multi-conn", type=_multi_conn, default=None, metavar="N",
+                      help="with --push: the nbd node's multi-conn, 1 to 16 (default 1)")
     return parser
 
 
@@ -237,11 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["daemon"]:
         return daemon_main(args_list[1:])
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
     if args.command == "demo":
         from fleece.demo import run_demo
 
-        return run_demo(size=args.size, folder=args.dir, seed=args.seed)
+        if not args.push and (args.multi_conn is not None or args.push_server is not None):
+            parser.error("--multi-conn and --push-server need --push")
+        return run_demo(size=args.size, folder=args.dir, seed=args.seed, push=args.push,
+                        push_server=args.push_server, multi_conn=args.multi_conn or 1)
     raise AssertionError(args.command)
 
 

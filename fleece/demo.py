@@ -17,6 +17,26 @@
    from the graph and the target file kept on disk.
 
 The exit status is 0 only when the snapshot verified.
+
+``fleece demo --push`` shows the other half of fleecing, push backup (QEMU's "push backup with
+fleecing", what Proxmox does), on the same sample disk and guest:
+
+1. A backup server on a unix socket in the folder, serving a fresh raw image: ``qemu-nbd`` (with
+   ``-e N`` for ``--multi-conn N``) when installed, else (or with ``--push-server fleece``) a
+   second ``Storage`` with a writable ``nbd-server-add``.
+2. Two guest vCPUs write all over the disk. Frozen for a moment, the filter scheme goes in over
+   QMP: ``blockdev-add`` of the fleecing image ``fl-img`` (a sparse raw file), of
+   ``copy-before-write fl`` above ``disk0`` with ``target=fl-img``, and of
+   ``snapshot-access acc`` over ``fl``. That is the point in time.
+3. ``blockdev-add driver=nbd node-name=push server=... multi-conn=N`` and ``blockdev-backup
+   device=acc target=push sync=full discard-source=true``, while the guest keeps writing (its
+   first write to each cluster copies the old data into ``fl-img``, locally), until
+   ``BLOCK_JOB_COMPLETED``.
+4. The check: the backup server's image equals the point-in-time content byte for byte, and the
+   live disk equals the guest's writes. The report gives the push's rate and connections, what
+   the guest wrote meanwhile, and what ``discard-source`` left of the fleecing image.
+
+Its exit status is 0 only when the pushed image verified.
 """
 
 from __future__ import annotations
@@ -30,6 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +216,20 @@ def _wait_event(qmp: QEMUMonitorProtocol, name: str) -> dict[str, Any]:
             return event
 
 
-def run_demo(*, size: int, folder: str | None, seed: int) -> int:
-    """Run the demo; returns the exit status (0 only when the snapshot verified)."""
+def run_demo(*, size: int, folder: str | None, seed: int, push: bool = False,
+             push_server: str | None = None, multi_conn: int = 1) -> int:
+    """Run the demo (``push``: the push backup one, to ``push_server``, ``qemu-nbd`` or
+    ``fleece``, None for the first installed, over ``multi_conn`` connections); returns the
+    exit status (0 only when the snapshot, or the pushed image, verified)."""
     if size < CHUNK or size % CHUNK:
         print(f"fleece demo: --size must be a multiple of {format_size(CHUNK)}, got {size}")
         return 2
     with tempfile.TemporaryDirectory(prefix="fleece-demo-") as tmp:
         work = Path(folder) if folder else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if push:
+            server = push_server or ("qemu-nbd" if shutil.which("qemu-nbd") else "fleece")
+            return _run_push(work, size, seed, server, multi_conn)
         return _run(work, size, seed)
 
 
@@ -294,3 +321,188 @@ def _scenario(daemon: DaemonThread, qmp: QEMUMonitorProtocol, model: Model, work
                 and still_serving and "pit0" not in nodes and kept)
     print(f"fleece demo: {'the snapshot verified' if verified else 'FAILED'}")
     return verified
+
+
+# -- fleece demo --push ------------------------------------------------------------------------
+@contextmanager
+def _qemu_nbd(image: Path, sock: Path, connections: int) -> Iterator[str]:
+    """``qemu-nbd`` serving the raw ``image`` on ``sock`` to up to ``connections`` clients
+    (more than one: it advertises multi-conn); yields the export name. ``RuntimeError`` when
+    it does not start."""
+    qemu_nbd = shutil.which("qemu-nbd")
+    if qemu_nbd is None:
+        raise RuntimeError("qemu-nbd not installed (apt-get install qemu-utils)")
+    proc = subprocess.Popen([qemu_nbd, "-t", "-f", "raw", "-e", str(connections), "-k",
+                             str(sock), str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + QMP_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"qemu-nbd did not start: {err.strip()}")
+            time.sleep(0.01)
+        yield ""
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(QMP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@contextmanager
+def _fleece_server(image: Path, sock: Path) -> Iterator[str]:
+    """A second ``Storage`` serving the raw ``image`` writable on ``sock``; yields the export
+    name."""
+    with Storage() as remote:
+        remote.execute("blockdev-add", {"driver": "raw", "node-name": "backup",
+                                        "file": {"driver": "file", "filename": str(image)}})
+        remote.execute("nbd-server-start",
+                       {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        remote.execute("nbd-server-add", {"device": "backup", "writable": True})
+        yield "backup"
+
+
+def _sparse(path: Path, size: int) -> None:
+    with path.open("wb") as f:
+        f.truncate(size)
+
+
+def _differing_chunks(path: Path, model: Model) -> int:
+    """How many chunks of the raw image at ``path`` differ from ``model``."""
+    bad = 0
+    with path.open("rb") as f:
+        for offset, want in model.chunks():
+            f.seek(offset)
+            if f.read(CHUNK) != want:
+                bad += 1
+    return bad
+
+
+def _run_push(work: Path, size: int, seed: int, server: str, multi_conn: int) -> int:
+    disk, backup = work / "disk.qcow2", work / "backup.raw"
+    qmp_path, backup_sock = str(work / "qmp.sock"), work / "backup.sock"
+    print(f"fleece demo --push: a {format_size(size)} sample disk of random data at {disk}")
+    _make_sample_disk(disk, size, seed)
+    _sparse(backup, size)
+    serve = (_fleece_server(backup, backup_sock) if server == "fleece"
+             else _qemu_nbd(backup, backup_sock, multi_conn))
+    daemon = DaemonThread(DaemonConfig(
+        qmp=[f"unix:{qmp_path}"],
+        blockdev=[f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}"],
+    ))
+    try:
+        with serve as export:
+            daemon.start()
+            try:
+                with QEMUMonitorProtocol(qmp_path, nickname="fleece-demo") as qmp:
+                    qmp.connect()
+                    qmp.settimeout(QMP_TIMEOUT)
+                    ok = _push_scenario(daemon, qmp, Model(size, seed), work, server,
+                                        str(backup_sock), export, multi_conn)
+            finally:
+                daemon.stop()
+    except RuntimeError as exc:
+        print(f"fleece demo --push: {exc}")
+        return 1
+    return 0 if ok else 1
+
+
+def _push_scenario(daemon: DaemonThread, qmp: QEMUMonitorProtocol, model: Model, work: Path,
+                   server: str, sock: str, export: str, multi_conn: int) -> bool:
+    size = model.size
+    fleecing, backup = work / "fleecing.raw", work / "backup.raw"
+    _sparse(fleecing, size)
+    _execute(qmp, "device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
+    device = daemon.storage.device("virtio0")
+    guest = Guest(device.pwrite, model, model.seed)
+    guest.start_background(2, 0, size // WRITE)
+    try:
+        with guest.freeze:  # fsfreeze: no guest write is in flight across the point in time
+            _execute(qmp, "blockdev-add", {
+                "driver": "raw", "node-name": "fl-img", "discard": "unmap",
+                "file": {"driver": "file", "filename": str(fleecing), "discard": "unmap"}})
+            _execute(qmp, "blockdev-add", {"driver": "copy-before-write", "node-name": "fl",
+                                           "file": "disk0", "target": "fl-img"})
+            _execute(qmp, "blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                           "file": "fl"})
+            frozen = model.snapshot()
+            written_before = guest.written
+        print("fleece demo --push: snapshot taken: copy-before-write fl (target fl-img) and "
+              "snapshot-access acc above disk0")
+        _execute(qmp, "blockdev-add", {"driver": "nbd", "node-name": "push", "export": export,
+                                       "server": {"type": "unix", "path": sock},
+                                       "multi-conn": multi_conn})
+        connections = getattr(daemon.storage.graph.get("push").driver, "connections", 1)
+        print(f"fleece demo --push: blockdev-backup device=acc target=push sync=full "
+              f"discard-source=true, to {server} over {connections} connection(s)")
+        started = time.perf_counter()
+        _execute(qmp, "blockdev-backup", {"device": "acc", "target": "push", "sync": "full",
+                                          "job-id": "push0", "discard-source": True})
+        completed = _wait_push(qmp, size)
+        seconds = time.perf_counter() - started
+        written_during = guest.written - written_before
+    finally:
+        guest.join()
+    (fleecing_info,) = [node["image"]["fleecing"]
+                        for node in _execute(qmp, "query-named-block-nodes")
+                        if node["node-name"] == "fl"]
+    fleecing_left = os.stat(fleecing).st_blocks * 512
+    _execute(qmp, "blockdev-del", {"node-name": "push"})  # flushes, disconnects
+    overwritten = sum(1 for offset in model.writes if frozen.writes.get(offset)
+                      is not model.writes[offset])
+    bad_pushed = _differing_chunks(backup, frozen)
+    live = device.pread(0, size)
+    bad_live = sum(1 for offset, want in model.chunks() if live[offset:offset + CHUNK] != want)
+    error = completed["data"].get("error")
+
+    server_line = ("fleece (a second Storage)" if server == "fleece"
+                   else "qemu-nbd" + (f" -e {multi_conn}" if multi_conn > 1 else ""))
+    conn_line = f"over {connections} connection{'s' if connections > 1 else ''}"
+    if connections < multi_conn:
+        conn_line += " (the server does not offer multi-conn)"
+    print()
+    print("fleece demo --push report")
+    print(f"  sample disk                  {format_size(size)} qcow2, random data")
+    print(f"  backup server                {server_line}, serving {backup}")
+    print(f"  push                         {format_size(size)} in {seconds:.2f} s "
+          f"({format_size(size / seconds)}/s), {conn_line}"
+          + (f"; FAILED: {error}" if error else ""))
+    print(f"  guest writes during push     {format_size(written_during)} from 2 vCPUs "
+          f"({overwritten} blocks of {format_size(WRITE)} differ from the point in time)")
+    print(f"  fleecing image               {format_size(fleecing_info['copied-bytes'])} copied, "
+          f"{format_size(fleecing_left)} left after discard-source")
+    print("  pushed image                 "
+          + ("equals the point in time byte for byte" if not bad_pushed
+             else f"{bad_pushed} chunks DIFFER from the point in time"))
+    print("  live disk                    "
+          + ("equals the guest's writes" if not bad_live else f"{bad_live} chunks DIFFER"))
+    verified = not error and not bad_pushed and not bad_live and written_during > 0
+    print(f"fleece demo: {'the pushed backup verified' if verified else 'FAILED'}")
+    return verified
+
+
+def _wait_push(qmp: QEMUMonitorProtocol, size: int) -> dict[str, Any]:
+    """The push job's ``BLOCK_JOB_COMPLETED`` event, with a progress bar meanwhile;
+    ``TimeoutError`` when the job makes no progress for ``QMP_TIMEOUT`` seconds."""
+    with tqdm(total=size, desc="push", unit="B", unit_scale=True, unit_divisor=1024,
+              leave=False, disable=None) as bar:
+        last, moved = 0, time.monotonic()
+        while True:
+            try:
+                event = qmp.pull_event(wait=0.2)
+            except TimeoutError:  # none yet
+                event = None
+            if event is not None and event.get("event") == "BLOCK_JOB_COMPLETED":
+                return event
+            jobs = [j for j in _execute(qmp, "query-block-jobs") if j["device"] == "push0"]
+            offset = jobs[0]["offset"] if jobs else last
+            if offset != last:
+                bar.update(offset - last)
+                last, moved = offset, time.monotonic()
+            elif time.monotonic() - moved > QMP_TIMEOUT:
+                raise TimeoutError(f"the push made no progress for {QMP_TIMEOUT} s")
