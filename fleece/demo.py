@@ -66,6 +66,7 @@ from fleece.units import format_size
 CHUNK = 4 << 20  # the unit of sample data generation and of snapshot reads
 WRITE = 64 * 1024  # the guest writes 64 KiB at a time
 QMP_TIMEOUT = 60.0  # seconds for a QMP command or an awaited event
+REQUEST_TIMEOUT = 10  # --push: a server silent this long fails the request, not the demo
 NBDCOPY_MISSING = "nbdcopy not installed, skipped (apt-get install libnbd-bin)"
 
 
@@ -436,7 +437,8 @@ def _push_scenario(daemon: DaemonThread, qmp: QEMUMonitorProtocol, model: Model,
               "snapshot-access acc above disk0")
         _execute(qmp, "blockdev-add", {"driver": "nbd", "node-name": "push", "export": export,
                                        "server": {"type": "unix", "path": sock},
-                                       "multi-conn": multi_conn})
+                                       "multi-conn": multi_conn,
+                                       "x-request-timeout": REQUEST_TIMEOUT})
         connections = getattr(daemon.storage.graph.get("push").driver, "connections", 1)
         print(f"fleece demo --push: blockdev-backup device=acc target=push sync=full "
               f"discard-source=true, to {server} over {connections} connection(s)")

@@ -463,3 +463,27 @@ def test_multi_conn_push_to_qemu_nbd(local: Local, tmp_path: Path) -> None:
     finally:
         server.stop()
     compare(local.expected, str(image), "raw")
+
+
+def test_request_timeout_against_a_server_that_hangs(local: Local, tmp_path: Path) -> None:
+    """A server that takes connections but never answers a write in time (nbdkit's delay
+    filter: 5 s per write, over ``x-request-timeout: 1``): each write times out, is sent once
+    more on a new connection, times out again and fails with EIO; the job reports it, the
+    guest never sees it, and nothing waits forever."""
+    sock = str(tmp_path / "k.sock")
+    server = Server([require("nbdkit"), "-f", "-U", sock, "--filter=delay", "memory",
+                     str(SIZE), "delay-write=5"], sock)
+    try:
+        local.snapshot()
+        local.add_nbd(sock, **{"x-request-timeout": 1})
+        started = time.monotonic()
+        local.push()
+        done = local.wait_done(timeout=20)
+        assert "error" in done and done["offset"] < SIZE, done
+        assert time.monotonic() - started < 10
+        writes = local.guest.writes
+        time.sleep(0.2)
+        assert local.guest.writes > writes and not local.guest.errors  # the guest goes on
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ I/O, block status, zeroes and trims, threads, and reconnecting within and past
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -156,6 +157,8 @@ def test_threads_share_the_connection(remote: Remote, local: Storage) -> None:
          "at least 0"),
         ({"server": {"type": "unix", "path": "/nonexistent/s"}, "bogus": 1},
          "Parameter 'bogus' is unexpected"),
+        ({"server": {"type": "unix", "path": "/nonexistent/s"}, "x-request-timeout": -1},
+         "Parameter 'x-request-timeout' expects a value of at least 0"),
         ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": 0},
          "Parameter 'multi-conn' expects an integer from 1 to 16, got 0"),
         ({"server": {"type": "unix", "path": "/nonexistent/s"}, "multi-conn": 17},
@@ -375,3 +378,133 @@ def test_multi_conn_needs_the_server_to_offer_it(remote: Remote, local: Storage)
     node.pwrite(0, b"m" * 4096)
     node.flush()
     assert node.pread(0, 4096) == b"m" * 4096
+
+
+class Proxy:
+    """A unix socket in front of ``remote``'s, forwarding both ways; :meth:`hang` makes the
+    connections open at that moment stop answering (a hung server: the socket stays open,
+    no reply comes), while new connections go through; ``hang(everything=True)`` hangs new
+    ones too, until :meth:`wake`."""
+
+    def __init__(self, remote: Remote, tmp: Path) -> None:
+        self.remote = remote
+        self.sock = str(tmp / "proxy.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.sock)
+        self._listener.listen(16)
+        self._hung: set[int] = set()
+        self._all_hung = False
+        self._links: list[tuple[int, socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.remote.sock)
+            with self._lock:
+                key = len(self._links)
+                self._links.append((key, client, server))
+            threading.Thread(target=self._pump, args=(key, client, server, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(key, server, client, True),
+                             daemon=True).start()
+
+    def _pump(self, key: int, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 20)
+                if not data:
+                    return
+                if replies and (key in self._hung or self._all_hung):
+                    continue  # swallowed: the client waits for a reply that never comes
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def hang(self, everything: bool = False) -> None:
+        with self._lock:
+            self._hung.update(key for key, _, _ in self._links)
+            self._all_hung = everything
+
+    def wake(self) -> None:
+        """New connections answer again (hung ones stay hung)."""
+        self._all_hung = False
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for _, a, b in self._links:
+                a.close()
+                b.close()
+
+
+@pytest.fixture
+def proxy(remote: Remote, tmp_path: Path) -> Iterator[Proxy]:
+    front = Proxy(remote, tmp_path)
+    try:
+        yield front
+    finally:
+        front.close()
+
+
+def _link(node: BlockNode) -> Link:
+    assert isinstance(node.driver, NBDDriver)
+    return node.driver.link
+
+
+def _add_via(storage: Storage, proxy: Proxy, **extra: Any) -> BlockNode:
+    storage.execute("blockdev-add", {"driver": "nbd", "node-name": "nbd0", "export": "disk",
+                                     "server": {"type": "unix", "path": proxy.sock}, **extra})
+    return storage.graph.get("nbd0")
+
+
+def test_request_timeout_fails_a_request_the_server_never_answers(proxy: Proxy,
+                                                                   local: Storage) -> None:
+    node = _add_via(local, proxy, **{"x-request-timeout": 1})
+    node.pwrite(0, b"t" * 4096)
+    proxy.hang(everything=True)  # sockets stay open; the server says nothing more
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:  # the request, then the one reconnect, time out
+        node.pread(0, 4096)
+    assert failed.value.errno == errno.EIO
+    assert 1.8 <= time.monotonic() - started < 4
+    assert _link(node) is Link.FAILED
+    proxy.wake()
+    assert node.pread(0, 4096) == b"t" * 4096  # a new connection answers
+    assert _link(node) is Link.CONNECTED
+
+
+def test_request_timeout_resends_on_a_new_connection(proxy: Proxy, local: Storage) -> None:
+    """Without reconnect-delay a timed-out request still gets its one reconnect: a server
+    whose one connection hung but that takes new ones answers it there."""
+    node = _add_via(local, proxy, **{"x-request-timeout": 1})
+    node.pwrite(0, b"u" * 4096)
+    proxy.hang()
+    started = time.monotonic()
+    assert node.pread(0, 4096) == b"u" * 4096
+    assert 0.9 <= time.monotonic() - started < 3
+
+
+def test_request_timeout_then_reconnect_within_the_delay(proxy: Proxy,
+                                                         local: Storage) -> None:
+    node = _add_via(local, proxy, **{"x-request-timeout": 1, "reconnect-delay": 10})
+    node.pwrite(0, b"r" * 4096)
+    proxy.hang()
+    started = time.monotonic()
+    node.pwrite(4096, b"s" * 4096)  # times out, reconnects, is sent again
+    assert 0.9 <= time.monotonic() - started < 5
+    assert node.pread(0, 8192) == b"r" * 4096 + b"s" * 4096
+    assert isinstance(node.driver, NBDDriver) and node.driver.link is Link.CONNECTED
+
+
+def test_request_timeout_is_off_by_default(proxy: Proxy, local: Storage) -> None:
+    """The default is 0: no timeout, as QEMU's nbd driver (which has no such option)."""
+    node = _add_via(local, proxy)
+    assert isinstance(node.driver, NBDDriver) and node.driver.request_timeout == 0
+    node.pwrite(0, b"w" * 4096)
+    assert node.pread(0, 4096) == b"w" * 4096

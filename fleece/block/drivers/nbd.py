@@ -5,7 +5,10 @@ Options are QEMU's ``BlockdevOptionsNbd``: ``server`` (a flat ``SocketAddress``:
 ``tls-creds`` (a ``tls-creds-x509`` object with ``endpoint: client``), ``tls-hostname``,
 ``reconnect-delay`` and ``open-timeout`` (seconds), and ``multi-conn`` (QEMU 9's spelling: how
 many connections to open, 1 to 16, default 1; more than one only when the server advertises
-``NBD_FLAG_CAN_MULTI_CONN``, else one and a log line saying so).
+``NBD_FLAG_CAN_MULTI_CONN``, else one and a log line saying so). ``x-request-timeout`` is fleece's
+own (QEMU has none): seconds a request may wait for the server to take or send a byte before
+its connection counts as lost (0, the default: forever, as QEMU), so a server that hangs with
+its socket open is handled like one that went away.
 
 Design note: each connection (:class:`fleece.nbd.client.NBDClient`, the client half of the
 protocol) has a lock; a request holds one connection's lock from its send to its reply, so a
@@ -21,7 +24,10 @@ Each connection finds out about a lost server by itself and reconnects alone; a 
 the link is ``CONNECTED`` starts a new delay. Past the delay the link is ``FAILED``: that request
 and each later one try one connection and, when it fails, fail with ``EIO`` (the backup job
 then applies its ``on-target-error`` policy). An error the server replies with is the request's
-error, never a reason to reconnect.
+error, never a reason to reconnect. A request that loses its connection again after a
+reconnect, ``reconnect-delay`` seconds after its first loss (at once without a delay), fails
+with ``EIO`` by itself: a server that takes connections but hangs on (or dies of) that request
+is not retried forever.
 
 Block status asks ``base:allocation``: a hole or zero range on the server is reported so, and
 zeroes written here are ``NBD_CMD_WRITE_ZEROES`` (``NBD_CMD_FLAG_NO_HOLE`` unless the caller may
@@ -110,6 +116,7 @@ class NBDDriver(Driver):
         self.tls_hostname = options.str("tls-hostname")
         self.reconnect_delay = options.int("reconnect-delay", 0, minimum=0) or 0
         open_timeout = options.int("open-timeout", 0, minimum=0) or 0
+        self.request_timeout = options.int("x-request-timeout", 0, minimum=0) or 0
         multi_conn = options.int("multi-conn", 1)
         assert multi_conn is not None
         if not 1 <= multi_conn <= MAX_MULTI_CONN:
@@ -180,21 +187,22 @@ class NBDDriver(Driver):
 
     def _connect(self) -> NBDClient:
         kind, host, port = self.address
+        timeout = min(CONNECT_TIMEOUT, self.request_timeout or CONNECT_TIMEOUT)
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.settimeout(CONNECT_TIMEOUT)
+                sock.settimeout(timeout)
                 sock.connect(host)
             except BaseException:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((host, int(port)), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             client = NBDClient(sock, self.export, tls=self._tls,
                                server_hostname=getattr(self, "_tls_name", None))
-            client.sock.settimeout(None)
+            client.sock.settimeout(self.request_timeout or None)
         except BaseException:
             sock.close()
             raise
@@ -272,6 +280,7 @@ class NBDDriver(Driver):
     def _on(self, conn: _Connection, request: Callable[..., T], *args: Any) -> T:
         """``request(client, *args)`` on ``conn`` (its lock held), reconnecting as the module
         note says. Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
+        first_loss: float | None = None
         while True:
             if self.link is Link.CLOSED:
                 raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is closed")
@@ -285,6 +294,15 @@ class NBDDriver(Driver):
             except (OSError, ValueError, KeyError, struct.error) as exc:
                 # not OSError: a reply the client could not make sense of (a cut stream)
                 self._lost(conn, exc)
+                now = time.monotonic()
+                if first_loss is None:
+                    first_loss = now
+                elif now - first_loss >= self.reconnect_delay:
+                    # the server takes connections but loses this request every time (it
+                    # hangs on it, or dies of it): this request gives up, the link stays
+                    raise OSError(errno.EIO, f"nbd node '{self.node.name}': the request "
+                                  f"failed on every connection to '{self._where()}' for "
+                                  f"{self.reconnect_delay} s: {_reason(exc)}") from None
 
     def _call(self, request: Callable[..., T], *args: Any) -> T:
         """``request(client, *args)`` on one connection (see :meth:`_on`)."""
