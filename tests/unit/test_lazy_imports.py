@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import fleece.bitmap
 import fleece.cbw_plan
@@ -29,6 +30,41 @@ def test_the_daemon_imports_no_numpy_until_a_bitmap_is_made() -> None:
     made = _modules_after("from fleece.storage import Storage\n"
                           "from fleece.bitmap import ClusterBitmap\nClusterBitmap(8)")
     assert "numpy" in made
+
+
+#: what an idle daemon must not have imported: numpy and what only one command or driver needs
+NOT_WHEN_IDLE = ("numpy", "numpy.ma", "fleece.block.drivers.qcow2", "fleece.block.qcow2.create",
+                 "fleece.block.qcow2.bitmaps", "fleece.nbd.client", "fleece.jobs.stream")
+
+IDLE_DAEMON = """
+import sys, tempfile, os
+from fleece.daemon import DaemonConfig, DaemonThread
+work = tempfile.mkdtemp()
+daemon = DaemonThread(DaemonConfig(qmp=[f"unix:{work}/qmp"],
+                                   nbd_server=[f"addr.type=unix,addr.path={work}/nbd"]))
+daemon.start()
+assert os.path.exists(f"{work}/qmp")
+"""
+
+
+def test_an_idle_daemon_imports_what_no_command_needs_yet() -> None:
+    loaded = _modules_after(IDLE_DAEMON)
+    assert "fleece.storage" in loaded and "fleece.nbd.server" in loaded
+    assert sorted(loaded.intersection(NOT_WHEN_IDLE)) == []
+
+
+def test_opening_a_qcow2_image_leaves_numpy_ma_out(tmp_path: Path) -> None:
+    """``np.unique`` and ``np.intersect1d`` import ``numpy.ma`` (1.2 MiB); the qcow2 metadata
+    checks of an open do without them."""
+    image = tmp_path / "a.qcow2"
+    loaded = _modules_after(
+        "from fleece.block.qcow2.create import create\n"
+        f"create({str(image)!r}, 1 << 30)\n"
+        "from fleece.storage import Storage\n"
+        f"Storage().execute('blockdev-add', {{'driver': 'qcow2', 'node-name': 'a', "
+        f"'file': {{'driver': 'file', 'filename': {str(image)!r}}}}})\n")
+    assert "fleece.block.drivers.qcow2" in loaded
+    assert "numpy.ma" not in loaded
 
 
 def test_the_lazy_names_resolve_once_and_stay() -> None:
