@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -38,6 +37,7 @@ from typing import Any
 
 from fleece.daemon_schema import BLOCKDEV, DRIVE, EXPORT, MONITOR, NBD_SERVER, OBJECT
 from fleece.errors import QMPError
+from fleece.heap import HeapTrimmer, limit_arenas, return_big_buffers
 from fleece.keyval import KeyvalError, QType, parse_option, visit
 from fleece.qmp.server import QMPServer
 from fleece.storage import Storage
@@ -736,30 +736,14 @@ def _daemonize() -> Callable[[], None] | None:
     return ready
 
 
-#: glibc's M_MMAP_THRESHOLD option, and the value the daemon fixes it at
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 512 * 1024
-
-
-def return_big_buffers() -> bool:
-    """Fix glibc's mmap threshold at 512 KiB for this process: every buffer that big (NBD
-    replies and payloads of 512 KiB and more, the sizes a hostile client would queue) gets its
-    own mapping, unmapped when freed, so what a departed client held goes back to the system
-    at once. glibc's default raises the threshold to the biggest buffer freed so far, after
-    which such buffers come from heaps (one per I/O thread) that keep freed pages: after a TLS
-    attack the daemon stayed 12-15 MiB above its baseline that way, with this under 1 MiB.
-    Not lower: at 256 KiB, nbdcopy's 256 KiB requests each paid a fresh mapping's page faults
-    (nbdcopy of the snapshot 916 MiB/s at 512 KiB, 532 at 256 KiB; docs/performance.md).
-    False where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
 def run_daemon(config: DaemonConfig) -> int:
     """Run the daemon in this process until it shuts down; returns the exit status."""
     return_big_buffers()
+    limit_arenas()
     on_ready = _daemonize() if config.daemonize else None
-    return asyncio.run(_main(config, on_ready))
+    trimmer = HeapTrimmer()  # after the fork: a thread does not survive it
+    trimmer.start()
+    try:
+        return asyncio.run(_main(config, on_ready))
+    finally:
+        trimmer.stop()
