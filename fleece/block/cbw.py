@@ -52,6 +52,7 @@ from fleece import bitmap as cluster_bitmap
 from fleece import cbw_plan
 from fleece.block import nowait
 from fleece.block.direct import DirectWrite
+from fleece.block.driver import HostMap
 from fleece.block.node import BlockNode
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.block.write_behind import Landing, WriteBehind
@@ -221,6 +222,37 @@ class CopyBeforeWrite:
         """
         return self.all_done(first, end) and not self.copies_pending
 
+    def snapshot_map(self, offset: int, length: int) -> HostMap | None:
+        """Where the snapshot's bytes from ``offset`` lie, for a reader below the graph (see
+        :class:`~fleece.block.driver.HostMap`): copied clusters in the target for good (no
+        copy pending), uncopied ones in the source for as long as their bits stay clear.
+        None while the snapshot is broken or the range is no longer all in it."""
+        if self.broken is not None:
+            return None
+        first, end = self.clusters(offset, length)
+        if first >= end:
+            return None
+        span = self.uniform_length(offset, length)
+        first, end = self.clusters(offset, span)
+        if self.access.count(first, end) != end - first:
+            return None
+        if not self.done.get(first):
+            return HostMap(span, self.source, offset, self.done, self.cluster_size)
+        if self.copies_pending or not self.all_done(first, end):
+            return None
+        return HostMap(span, self.target, offset)
+
+    def read_through_map(self, offset: int, length: int) -> HostMap | None:
+        """The target (backing scheme) reads ``[offset, offset + length)`` through to the
+        source: the source's bytes for the clusters not copied yet (see
+        :meth:`snapshot_map`)."""
+        if self.broken is not None:
+            return None
+        first, end = self.clusters(offset, length)
+        if first >= end or self.done.get(first) or offset + length > self.source.size:
+            return None
+        return HostMap(length, self.source, offset, self.done, self.cluster_size)
+
     # -- the write path ----------------------------------------------------------------------
     def before_write(self, offset: int, length: int) -> None:
         """Before a write to the source: copy what it would destroy. Raises ``OSError``."""
@@ -277,6 +309,7 @@ class CopyBeforeWrite:
         """Give up the snapshot (break-snapshot): its reads fail with EACCES from now on."""
         if self.broken is None:
             self.broken = reason
+            self.target.invalidate_routes()  # native reads of copied clusters stop too
 
     def copy_clusters(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not yet done; returns the bytes copied."""
@@ -590,3 +623,6 @@ class SnapshotGuard:
 
     def span(self, offset: int, length: int) -> int:
         return self.cbw.uniform_length(offset, length)
+
+    def read_through_map(self, offset: int, length: int) -> HostMap | None:
+        return self.cbw.read_through_map(offset, length)

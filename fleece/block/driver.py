@@ -13,12 +13,13 @@ import builtins
 import enum
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
+    from fleece.bitmap import ClusterBitmap
     from fleece.block.cbw import CopyBeforeWrite
     from fleece.block.direct import DirectWrite
     from fleece.block.node import BlockNode
@@ -58,6 +59,23 @@ class BlockStatus:
     @property
     def data(self) -> bool:
         return bool(self.flags & Status.DATA)
+
+
+class HostMap(NamedTuple):
+    """The first ``length`` bytes of a range are ``node``'s bytes from ``offset``, and stay so
+    until the node asked drops its routes (its own discards and zero writes, a drained section,
+    its close: see :mod:`fleece.block.route`).
+
+    ``unless_done``: a snapshot reading through to its source. The mapping then holds only for
+    the clusters (of ``cluster`` bytes) whose bit in that copied bitmap is clear, which a
+    reader checks before and after it reads (a copy sets the bit before the guest's write
+    reaches the source)."""
+
+    length: int
+    node: BlockNode
+    offset: int
+    unless_done: ClusterBitmap | None = None
+    cluster: int = 0
 
 
 class Options:
@@ -245,6 +263,17 @@ class Driver:
         """``(child, offset)`` when this node's bytes are the child's bytes from ``offset`` on,
         unchanged (``raw`` with an offset); None, the default, when they are not."""
         return None
+
+    def host_map(self, offset: int, length: int) -> HostMap | None:
+        """Where a reader that goes below the node (the native data plane) finds the start of
+        ``[offset, offset + length)`` (see :class:`HostMap`); None when it must be read
+        through the driver. The default follows :meth:`window`; formats map what they
+        allocate themselves, snapshots what they hold."""
+        window = self.window()
+        if window is None:
+            return None
+        child, base = window
+        return HostMap(length, child, base + offset)
 
     def copy_before_write(self) -> CopyBeforeWrite | None:
         """The copy-before-write state a filter keeps (its snapshot), or None."""

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fleece.block import direct, nowait
 from fleece.block.direct import DirectWrite
 from fleece.block.dirty_bitmap import NodeBitmaps
-from fleece.block.driver import BlockStatus, Driver, Status
+from fleece.block.driver import BlockStatus, Driver, HostMap, Status
 from fleece.block.perm import NO_PERM, ChildRole, Perm
 from fleece.block.rangelock import ClusterRangeLocks
 from fleece.errors import GenericError
 
 if TYPE_CHECKING:
+    from fleece._fast.dataplane import Route
     from fleece.block.graph import BlockGraph
     from fleece.block.root import Root
 
@@ -119,6 +121,11 @@ class ReadGuard(Protocol):
         step should cover: a step never needs to hold more than one kind of cluster."""
         ...
 
+    def read_through_map(self, offset: int, length: int) -> HostMap | None:
+        """Where the guarded node's backing has the bytes of a range it reads through to,
+        for a reader below the graph (see :class:`~fleece.block.driver.HostMap`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Serialiser:
@@ -171,6 +178,10 @@ class BlockNode:
         #: extra fields for query-named-block-nodes, computed when asked (fleecing cost, ...)
         self.extra_info: dict[str, Callable[[], Any]] = {}
         self._draining = 0  # threads waiting in drain(): only they need a notify
+        #: the routes (see :mod:`fleece.block.route`) that learned a mapping through this
+        #: node: dropped whenever this node's mapping may change
+        self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
+        self._routes_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<BlockNode {self.name!r} {self.driver_name}>"
@@ -290,6 +301,7 @@ class BlockNode:
         with self._lock:
             old = self.children.get(name)
             self.children[name] = link
+        self.invalidate_routes()  # what this node maps onto may have changed
         if old is not None:
             old.user.release()
         return link
@@ -297,6 +309,7 @@ class BlockNode:
     def detach_child(self, name: str) -> None:
         with self._lock:
             link = self.children.pop(name, None)
+        self.invalidate_routes()
         if link is not None:
             link.user.release()
 
@@ -345,8 +358,10 @@ class BlockNode:
         if not read_only:
             for link in storage:
                 link.node.reopen(False)
+        self.invalidate_routes()
         self.driver.reopen(read_only)
         self.read_only = read_only
+        self.invalidate_routes()
         for link in storage:
             perm, shared = self.driver.child_perm(link.role, read_only)
             link.node.update_user(link.user, perm, shared)
@@ -376,6 +391,7 @@ class BlockNode:
         with self._idle:
             self._drained += 1
             self._drainers.append(threading.get_ident())
+        self.invalidate_routes()  # a drained section may change the graph or the guards
         self.drain()
 
     def drain_end(self) -> None:
@@ -390,6 +406,7 @@ class BlockNode:
             if self.closed:
                 return
             self.closed = True
+        self.invalidate_routes()  # no native read may reach the descriptors being closed
         self.drain()
         try:
             if not self.read_only:
@@ -547,7 +564,7 @@ class BlockNode:
             return
         self._begin()
         try:
-            with self._write_hold(offset, length):
+            with self._write_hold(offset, length), self._remapping():
                 self.driver.pwrite_zeroes(offset, length, may_unmap)
         finally:
             self._written(offset, length)
@@ -561,11 +578,64 @@ class BlockNode:
             return
         self._begin()
         try:
-            with self._write_hold(offset, length):
+            with self._write_hold(offset, length), self._remapping():
                 self.driver.pdiscard(offset, length)
         finally:
             self._written(offset, length)
             self._end()
+
+    # -- routes (the native data plane's view: see fleece.block.route) -----------------------
+    def add_route(self, route: Route) -> None:
+        """Drop ``route``'s mappings whenever this node's mapping may change (from now on)."""
+        with self._routes_lock:
+            self._routes.add(route)
+
+    def invalidate_routes(self) -> None:
+        """Make every route through this node forget what it learned, and wait for the
+        native reads using it."""
+        if not self._routes:
+            return
+        with self._routes_lock:
+            routes = list(self._routes)
+        for route in routes:
+            route.invalidate()
+
+    @contextmanager
+    def _remapping(self) -> Iterator[None]:
+        """Around a request that may free or move what the node maps (a discard, a zero
+        write): routes forget before it (native reads in flight finish first) and again after
+        it (a learner that looked meanwhile may have seen the old mapping)."""
+        self.invalidate_routes()
+        try:
+            yield
+        finally:
+            self.invalidate_routes()
+
+    def host_map(self, offset: int, length: int) -> HostMap | None:
+        """Where the start of ``[offset, offset + length)`` lies below this node (see
+        :class:`~fleece.block.driver.HostMap`), asked under the node's read guard; None when
+        it must be read through the node. A guarded node (a fleecing target) that reads a
+        range through to its backing maps it onto the source, for the uncopied clusters."""
+        self.check_read(offset, length)
+        if not length:
+            return None
+        with self.request():
+            guard = self.read_guard
+            if guard is None:
+                return self.driver.host_map(offset, length)
+            length = guard.span(offset, length)
+            with guard.hold(offset, length):
+                found = self.driver.host_map(offset, length)
+                if found is not None:
+                    return found
+                status = self.driver.block_status(offset, length)
+                backing = self.backing()
+                if status.allocated or backing is None:
+                    return None
+                through = guard.read_through_map(offset, status.length)
+                if through is None or through.node is not backing:
+                    return None
+                return through
 
     def flush(self) -> None:
         with self.request():

@@ -10,9 +10,13 @@ runs against the new graph, and one that entered before runs to its end against 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-from fleece.block import nowait
+from fleece.block import nowait, route
 from fleece.block.node import BlockNode, NodeUser
+
+if TYPE_CHECKING:
+    from fleece._fast.dataplane import Route
 
 
 class Root:
@@ -25,6 +29,23 @@ class Root:
         self._in_flight = 0
         self._drained = 0
         self._drainers: list[int] = []  # threads with a drained section open: they go on
+        self._route: Route | None = None
+
+    # -- the native view -----------------------------------------------------------------------
+    def native_route(self) -> Route | None:
+        """The root's :class:`~fleece._fast.dataplane.Route` (made on first use), or None
+        without the compiled data plane. A drained section closes it."""
+        with self._cond:
+            if self._route is None:
+                self._route = route.new_route()
+                if self._route is not None and self._drained:
+                    self._route.close()  # as if it had been there when the section opened
+            return self._route
+
+    @property
+    def route(self) -> Route | None:
+        """The route if one was made (the learners' cue), else None."""
+        return self._route
 
     @property
     def node(self) -> BlockNode:
@@ -61,12 +82,16 @@ class Root:
         with self._cond:
             self._drained += 1
             self._drainers.append(threading.get_ident())
+            if self._route is not None:
+                self._route.close()  # no native request enters; those in flight finish
             self._cond.wait_for(lambda: not self._in_flight)
 
     def drain_end(self) -> None:
         with self._cond:
             self._drained -= 1
             self._drainers.remove(threading.get_ident())
+            if self._route is not None:
+                self._route.open()
             if not self._drained:
                 self._cond.notify_all()
 

@@ -15,10 +15,11 @@ unless the export's data hint says its range is data.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from fleece.block import nowait
+from fleece.block import nowait, route
 from fleece.block.driver import Status
 from fleece.block.node import BlockNode
 from fleece.block.root import Root
@@ -35,12 +36,13 @@ from fleece.nbd.constants import (
     nbd_error,
 )
 from fleece.nbd.proto import ExportInfo, Request, ServerConnection
-from fleece.nbd.sender import DirectSender
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from fleece.nbd.connection import Connection
+
+log = logging.getLogger(__name__)
 
 #: a structured read is sent as one data chunk when its range has more extents than this
 MAX_READ_PIECES = 16
@@ -55,6 +57,14 @@ SENDFILE_ABOVE = 64 * 1024
 SPARSE_READ_MIN = 128 * 1024
 
 Buffer = bytes | bytearray | memoryview
+
+
+class FileSender(Protocol):
+    """Who sends replies straight to the socket: may it send a read with ``sendfile``?"""
+
+    def sendfile(self, header: bytes, fd: int, offset: int, length: int) -> bool:
+        """Send ``header`` and ``length`` bytes of ``fd`` at ``offset``; False when the
+        caller must send the reply itself."""
 
 
 @dataclass(eq=False)
@@ -147,7 +157,7 @@ def _base_allocation(flags: Status) -> int:
 
 
 def execute(export: Export, request: Request, proto: ServerConnection,
-            contexts: dict[int, str], sender: DirectSender | None) -> list[Buffer]:
+            contexts: dict[int, str], sender: FileSender | None) -> list[Buffer]:
     """Run ``request`` on the export's node and return the reply's buffers (none when
     ``sender`` sent the reply itself, with ``sendfile``). ``proto`` builds the replies,
     ``contexts`` are the metadata contexts the client chose. An I/O error is answered to
@@ -169,7 +179,7 @@ def execute(export: Export, request: Request, proto: ServerConnection,
 
 
 def _perform(export: Export, node: BlockNode, request: Request, proto: ServerConnection,
-             contexts: dict[int, str], sender: DirectSender | None) -> list[Buffer]:
+             contexts: dict[int, str], sender: FileSender | None) -> list[Buffer]:
     cookie = request.cookie
     command, flags = request.command, request.flags
     offset, length = request.offset, request.length
@@ -178,10 +188,13 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         if direct and _sendfile_read(export, node, proto, sender, cookie, offset, length):
             return []
         if proto.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
-            return _sparse_read(export, node, proto, cookie, offset, length)
-        buf = bytearray(length)
-        node.pread_into(offset, buf)
-        return proto.read_reply(cookie, offset, buf)
+            reply = _sparse_read(export, node, proto, cookie, offset, length)
+        else:
+            buf = bytearray(length)
+            node.pread_into(offset, buf)
+            reply = proto.read_reply(cookie, offset, buf)
+        _teach_route(export, node, offset, length)
+        return reply
     if command == Cmd.WRITE:
         assert request.payload is not None
         node.pwrite(offset, request.payload)
@@ -210,8 +223,20 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
     return [proto.ok_reply(cookie)]
 
 
+def _teach_route(export: Export, node: BlockNode, offset: int, length: int) -> None:
+    """After Python served a read: let the export's native route learn where its range (and
+    what follows) lies, so the native data plane serves the next reads there itself."""
+    native = export.root.route
+    if native is None or nowait.active():
+        return
+    try:
+        route.learn(native, node, offset, length)
+    except Exception:  # learning is an optimisation: the read itself succeeded
+        log.debug("route learning failed at %d+%d", offset, length, exc_info=True)
+
+
 def _sendfile_read(export: Export, node: BlockNode, proto: ServerConnection,
-                   sender: DirectSender | None, cookie: int, offset: int, length: int) -> bool:
+                   sender: FileSender | None, cookie: int, offset: int, length: int) -> bool:
     """Answer a read of a raw file export with ``sendfile`` (no copy through Python)."""
     window = export.file_window
     if window is None or sender is None:

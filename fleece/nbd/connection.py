@@ -25,9 +25,10 @@ import logging
 import ssl
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleece.block import nowait
+from fleece.nbd import dataplane
 from fleece.nbd.backend import Buffer, Export, execute
 from fleece.nbd.constants import Cmd
 from fleece.nbd.proto import (
@@ -43,6 +44,7 @@ from fleece.nbd.proto import (
 from fleece.nbd.sender import DirectSender
 
 if TYPE_CHECKING:
+    from fleece._fast.dataplane import Plane
     from fleece.nbd.server import NBDServer
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,12 @@ def _tls_failure(exc: BaseException) -> str:
     return "TLS handshake rejected"
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    """Run ``callback(*args)`` in the loop from another thread (nothing once it closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
+
+
 class Connection(asyncio.BufferedProtocol):
     """One client: moves bytes between the transport and a :class:`ServerConnection`.
 
@@ -153,8 +161,10 @@ class Connection(asyncio.BufferedProtocol):
         self.backlog: list[Request] = []
         #: replies go straight to the socket from the I/O threads (plain sockets, once the
         #: client chose an export and the transport's buffer is empty); None: through the
-        #: asyncio transport
-        self.sender: DirectSender | None = None
+        #: asyncio transport. With the native data plane it is the plane, which also reads.
+        self.sender: DirectSender | Plane | None = None
+        #: the native data plane when it owns the socket (see fleece.nbd.dataplane)
+        self.plane: Plane | None = None
         #: bytes handed to the transport (with its buffer size: how much of them left)
         self.written = 0
         #: replies held while the transport asked us to stop writing, and their bytes
@@ -232,6 +242,7 @@ class Connection(asyncio.BufferedProtocol):
             self._deadline.cancel()
             self._deadline = None
         sender, self.sender = self.sender, None
+        self.plane = None
         if sender is not None:
             sender.close()
         self.proto.release()
@@ -312,6 +323,64 @@ class Connection(asyncio.BufferedProtocol):
             self.server.loop.call_later(0.01, self._close_when_sent)
             return
         transport.close()
+
+    def _take_over(self) -> DirectSender | Plane | None:
+        """Who sends the replies from now on: the native data plane (which reads requests
+        too) when it may take the socket, else a direct sender, else nobody (the
+        transport)."""
+        plane = self._native_plane()
+        if plane is not None:
+            return plane
+        return self._direct_sender()
+
+    def _native_plane(self) -> Plane | None:
+        """Start the native data plane on a plain socket whose transport has nothing
+        buffered, handing it the input not interpreted yet (None when it may not)."""
+        transport, export = self.transport, self.export
+        if (not dataplane.enabled() or self.server.tls is not None or transport is None
+                or export is None):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            return None
+        loop = self.server.loop
+        try:
+            plane = dataplane.start(
+                sock.fileno(), export, self.proto, self.peer,
+                on_input=lambda data: _call_soon(loop, self._feed, data),
+                on_error=lambda: _call_soon(loop, self.abort),
+                on_progress=lambda: _call_soon(loop, self._progress),
+                ceiling=self.server.fd_ceiling,
+            )
+        except OSError as exc:
+            log.debug("NBD client %s: no native data plane: %s", self.peer, exc)
+            return None
+        if plane is None:
+            return None
+        transport.pause_reading()  # the plane reads the socket from now on
+        self.plane = plane
+        if self.paused:
+            plane.pause_reading()
+        return plane
+
+    def _feed(self, data: bytes) -> None:
+        """Requests the native plane hands over (loop thread): into the protocol, as if read
+        from the socket, then let the plane go on."""
+        plane = self.plane
+        view = memoryview(data)
+        try:
+            while view and self.state is not ConnState.GONE:
+                with self.get_buffer(len(view)) as buf:  # released before the buffer grows
+                    n = min(len(buf), len(view))
+                    buf[:n] = view[:n]
+                view = view[n:]
+                self.buffer_updated(n)
+        except Exception:  # a bug must cost this connection, never the server
+            log.exception("NBD connection failure (client %s)", self.peer)
+            self.abort()
+            return
+        if plane is not None and self.state is not ConnState.GONE:
+            plane.feed_done()
 
     def _direct_sender(self) -> DirectSender | None:
         """A direct sender for a plain socket whose transport has nothing buffered (None over
@@ -420,7 +489,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._want_sender and self.sender is None and not self._outbox:
             transport = self.transport
             if transport is not None and not transport.get_write_buffer_size():
-                self.sender = self._direct_sender()
+                self.sender = self._take_over()
         if self.proto.output_blocked and not self._output_full():
             self._dispatch([])
         else:
@@ -453,7 +522,7 @@ class Connection(asyncio.BufferedProtocol):
             ):
                 return
             self.paused = True
-        transport.pause_reading()
+        (self.plane or transport).pause_reading()
 
     def _update_reading(self) -> None:
         """Pause or resume reading to keep the client within its budget (loop thread)."""
@@ -471,7 +540,7 @@ class Connection(asyncio.BufferedProtocol):
         for request in backlog:  # in order; any of them may pause the connection again
             self._submit(request)
         if not self.paused and self.transport is transport:  # still there, still ours
-            transport.resume_reading()
+            (self.plane or transport).resume_reading()
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Request):
@@ -491,7 +560,7 @@ class Connection(asyncio.BufferedProtocol):
             self._flush()
             if self.transport is not None:  # room for a few replies before they wait
                 self.transport.set_write_buffer_limits(high=TRANSMISSION_WRITE_HIGH)
-            self.sender = self._direct_sender()
+            self.sender = self._take_over()
         elif isinstance(event, StartTLS):
             if self.transport is not None:
                 self._flush()

@@ -331,6 +331,17 @@ class ServerConnection:
         self._blocked = False
         self._out = bytearray()
 
+    def take_input(self) -> bytes | None:
+        """Hand over the input received but not interpreted yet (transmission only), for a
+        reader that takes the socket over; None, keeping it, while a WRITE payload or a
+        refused one is half read (the reader must then stay)."""
+        if self._payload is not None or self._skip or self.phase is not Phase.TRANSMISSION:
+            return None
+        data = bytes(self._buf[self._start:self._end])
+        self._start = self._end = 0
+        self._blocked = False
+        return data
+
     def data_to_send(self) -> bytes:
         """The queued negotiation replies and error replies (empty when there are none)."""
         out = bytes(self._out)

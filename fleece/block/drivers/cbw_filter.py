@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from fleece.block.cbw import CbwErrorPolicy, CopyBeforeWrite
 from fleece.block.dirty_bitmap import find_bitmap
-from fleece.block.driver import BlockStatus, Driver, Options
+from fleece.block.driver import BlockStatus, Driver, HostMap, Options
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
@@ -100,6 +100,9 @@ class CopyBeforeWriteDriver(Driver):
 
     def copy_before_write(self) -> CopyBeforeWrite | None:
         return self.cbw
+
+    def host_map(self, offset: int, length: int) -> HostMap | None:
+        return HostMap(length, self.file, offset)  # reads pass through to the source
 
     def stop_writing_child(self) -> None:
         """Drop the write permission on ``file`` (the filter is being removed: the users that

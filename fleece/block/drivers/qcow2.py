@@ -53,7 +53,7 @@ import numpy.typing as npt
 
 from fleece.block.direct import DirectWrite
 from fleece.block.dirty_bitmap import DirtyBitmap, bitmaps_on, node_bitmaps
-from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.block.driver import BlockStatus, Driver, HostMap, Options, Status
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
 from fleece.block.qcow2.bitmaps import BitmapStore, LoadedBitmap, check_new_bitmap
@@ -1138,6 +1138,19 @@ class Qcow2Driver(Driver):
         child, which follows, makes every write that returned before durable. (Syncing here
         too would sync the file twice per flush; the write order not knowing of that sync
         costs at most one sync, when a pointer next depends on a target written before.)"""
+
+    def host_map(self, offset: int, length: int) -> HostMap | None:
+        """Data clusters this image owns alone (refcount 1, not compressed) are settled: they
+        are written in place and leave only by a discard or a zero write of the node."""
+        cb = self._cb
+        end = offset + length
+        with self._lock:
+            kind, first, count, host = next(self._runs(offset >> cb, ((end - 1) >> cb) + 1))
+        file = self._file
+        if kind != NORMAL or file is None:
+            return None
+        stop = min(end, (first + count) << cb)
+        return HostMap(stop - offset, file, host + offset - (first << cb))
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of the first uniform extent at ``offset``.

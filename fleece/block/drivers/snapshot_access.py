@@ -13,7 +13,7 @@ import errno
 from typing import ClassVar
 
 from fleece.block.cbw import CopyBeforeWrite
-from fleece.block.driver import BlockStatus, Driver, Options, Status
+from fleece.block.driver import BlockStatus, Driver, HostMap, Options, Status
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
 from fleece.errors import GenericError
@@ -38,6 +38,12 @@ class SnapshotAccessDriver(Driver):
 
     def snapshot_of(self) -> CopyBeforeWrite | None:
         return self.cbw
+
+    def host_map(self, offset: int, length: int) -> HostMap | None:
+        """Copied clusters are settled in the target (nothing writes them again, and a
+        discard or a broken snapshot drops the routes through the target); the others are
+        the source's, for as long as they stay uncopied."""
+        return self.cbw.snapshot_map(offset, length)
 
     def size(self) -> int:
         return self.cbw.size

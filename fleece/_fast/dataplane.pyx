@@ -1,0 +1,1055 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The native data plane: NBD transmission without the GIL for ranges whose mapping it knows.
+
+Design note: once a plain NBD connection enters transmission, a :class:`Plane` owns its socket
+(a duplicate of the transport's descriptor) in a thread of its own. That thread reads the
+requests, answers a READ by itself when the export's :class:`Route` maps the whole range onto
+host files (``pread`` into one buffer, header in front, one ``writev``), and hands every other
+request, as the bytes the client sent (a WRITE's payload as it arrives), to Python through
+one callback: the Python side feeds
+them to its sans-I/O protocol, which validates and runs them as before (writes, zeroes, trims,
+flushes, block status, errors, and the reads the route cannot map). Python answers through
+:meth:`Plane.send`, so all replies leave through this object's one lock and never interleave.
+
+The route is the native view of an export's node: sorted extents ``[start, end) -> (fd,
+host)``, learned by Python (which asks the drivers, ``Driver.host_map``) and dropped by Python
+whenever a mapping may change (a discard, a zero write, a drained section, the node's close).
+A native read counts itself in flight on the route from its look-up to the end of its
+``pread``; :meth:`Route.invalidate` clears the extents and waits for those reads, so a cluster
+that a discard frees cannot be reused under a reader. A generation number, bumped by every
+invalidation, makes a learner that raced with one drop what it learned.
+
+Back-pressure: the thread stops reading while Python holds a batch it has not fed yet, while
+Python paused the connection (its budget), and while more than ``OUTBOX_HIGH`` bytes of
+replies wait for the client; replies the socket does not take at once wait in an outbox that
+this thread flushes when the socket becomes writable.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+
+from fleece._fast.bitmap cimport ClusterBitmap
+from fleece._fast.nbdframe cimport get_u16, get_u32, get_u64, put_u16, put_u32, put_u64
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EAGAIN
+    int EINTR
+    int EWOULDBLOCK
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, long offset)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
+    int dup(int fd)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    int MSG_DONTWAIT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+    short POLLOUT
+    short POLLERR
+    short POLLHUP
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+
+cdef extern from *:
+    """
+    static unsigned long long fleece_native_served = 0;
+    static inline void fleece_count_native(void) {
+        __atomic_fetch_add(&fleece_native_served, 1, __ATOMIC_RELAXED);
+    }
+    static inline unsigned long long fleece_native_count(void) {
+        return __atomic_load_n(&fleece_native_served, __ATOMIC_RELAXED);
+    }
+    """
+    void fleece_count_native() nogil
+    unsigned long long fleece_native_count() nogil
+
+cdef extern from *:
+    """
+    static inline uint64_t fleece_load_word(const uint64_t *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    """
+    uint64_t fleece_load_word(const uint64_t *p) nogil
+
+
+# -- NBD wire constants (see fleece.nbd.constants; the spec fixes them) ------------------------
+cdef enum:
+    REQUEST_MAGIC = 0x25609513
+    SIMPLE_MAGIC = 0x67446698
+    STRUCTURED_MAGIC = 0x668E33EF
+    REQUEST_SIZE = 28
+    CMD_READ = 0
+    CMD_WRITE = 1
+    CMD_DISC = 2
+    FLAG_FUA = 1
+    FLAG_DF = 4
+    CHUNK_OFFSET_DATA = 1
+    REPLY_DONE = 1
+    MAX_PAYLOAD = 32 * 1024 * 1024
+    #: the receive buffer (it grows to hold one WRITE with its payload, then shrinks back)
+    INBUF_SIZE = 256 * 1024
+    #: stop taking requests while this many bytes of replies wait for the client (the
+    #: Python path's budget is 8 MiB of requests in flight and replies unsent)
+    OUTBOX_HIGH = 2 * 1024 * 1024
+    #: the largest reply buffer a plane keeps for reuse (qemu-img reads 2 MiB at a time)
+    SPARE_MAX = 2 * 1024 * 1024 + 64
+    #: a native read maps onto at most this many host extents (more: Python reads it)
+    MAX_SEGMENTS = 16
+    #: a route forgets everything it learned when it holds this many extents
+    MAX_EXTENTS = 1 << 16
+
+
+def native_requests():
+    """How many NBD requests the native planes served without Python, process-wide."""
+    return fleece_native_count()
+
+
+# -- the route ---------------------------------------------------------------------------------
+cdef struct Extent:
+    int64_t start
+    int64_t end
+    int64_t host
+    int fd
+    # A guarded extent (a snapshot's read-through to its source) holds only for clusters
+    # whose bit in ``done`` is clear; done is NULL for a settled one.
+    const uint64_t *done
+    int64_t done_bits
+    int64_t cluster
+
+
+cdef struct Segment:
+    int fd
+    int64_t host
+    int64_t length
+    int64_t guest
+    const uint64_t *done
+    int64_t done_bits
+    int64_t cluster
+
+
+cdef bint _any_done(const Segment *seg) noexcept nogil:
+    """Some cluster the segment covers is copied (read with acquire loads: a copy sets the
+    bit before the source is written)."""
+    cdef int64_t first = seg.guest // seg.cluster
+    cdef int64_t end = (seg.guest + seg.length + seg.cluster - 1) // seg.cluster
+    cdef int64_t w, lo, hi
+    cdef uint64_t word, mask
+    if end > seg.done_bits:
+        return True  # past the bitmap: not the snapshot's to vouch for
+    while first < end:
+        w = first >> 6
+        lo = first & 63
+        hi = min(64, end - (w << 6))
+        mask = (~<uint64_t>0) << lo
+        if hi < 64:
+            mask &= (<uint64_t>1 << hi) - 1
+        word = fleece_load_word(seg.done + w)
+        if word & mask:
+            return True
+        first = (w + 1) << 6
+    return False
+
+
+cdef class Route:
+    """What an export's (or a device's) node maps where, natively (see the module's note).
+
+    Thread-safe: every method takes the route's own mutex; :meth:`invalidate` and
+    :meth:`close` wait, without the GIL, for the native reads in flight.
+    """
+
+    cdef pthread_mutex_t _lock
+    cdef pthread_cond_t _idle
+    cdef Extent *_ext
+    cdef Py_ssize_t _n
+    cdef Py_ssize_t _cap
+    cdef long _in_flight
+    cdef unsigned long long _gen
+    cdef int _closed
+    cdef dict _guards  # the done bitmaps guarded extents point into, kept alive
+    cdef object __weakref__
+
+    def __cinit__(self):
+        pthread_mutex_init(&self._lock, NULL)
+        pthread_cond_init(&self._idle, NULL)
+        self._cap = 64
+        self._guards = {}
+        self._ext = <Extent *>malloc(self._cap * sizeof(Extent))
+        if self._ext == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self._ext)
+        pthread_cond_destroy(&self._idle)
+        pthread_mutex_destroy(&self._lock)
+
+    @property
+    def generation(self):
+        """Read before learning; :meth:`add` refuses what was learned under an older one."""
+        cdef unsigned long long gen
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            gen = self._gen
+            pthread_mutex_unlock(&self._lock)
+        return gen
+
+    def __len__(self):
+        return self._n
+
+    def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
+            int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0):
+        """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
+        ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
+        snapshot's read-through to its source). Ignored (False) when the route was
+        invalidated or closed since ``generation`` was read."""
+        if length <= 0 or start < 0 or host < 0 or fd < 0:
+            raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
+        cdef const uint64_t *done = NULL
+        cdef int64_t done_bits = 0
+        if unless_done is not None:
+            if cluster <= 0:
+                raise ValueError(f"bad cluster size {cluster}")
+            if unless_done.nbits == 0 or unless_done._ptr == NULL:
+                return False
+            self._guards[id(unless_done)] = unless_done
+            done, done_bits = unless_done._ptr, unless_done.nbits
+        cdef bint added
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            added = generation == self._gen and not self._closed
+            if added:
+                added = self._insert(start, start + length, fd, host, done, done_bits,
+                                     cluster)
+            pthread_mutex_unlock(&self._lock)
+        return added
+
+    cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
+                      const uint64_t *done, int64_t done_bits, int64_t cluster) noexcept nogil:
+        """Insert, replacing what the new extent overlaps (lock held)."""
+        cdef Py_ssize_t lo, hi, i, keep
+        cdef Extent *grown
+        if self._n >= MAX_EXTENTS:
+            self._n = 0  # forget everything: it is learned again as it is read
+        # first extent ending after start
+        lo = self._first_ending_after(start)
+        hi = lo
+        while hi < self._n and self._ext[hi].start < end:
+            hi += 1
+        # the overlapped extents [lo, hi) may stick out on either side: keep those parts
+        cdef Extent head, tail
+        cdef bint has_head = False, has_tail = False
+        if lo < hi and self._ext[lo].start < start:
+            head = self._ext[lo]
+            head.end = start
+            has_head = True
+        if lo < hi and self._ext[hi - 1].end > end:
+            tail = self._ext[hi - 1]
+            tail.host += end - tail.start
+            tail.start = end
+            has_tail = True
+        keep = has_head + 1 + has_tail
+        if self._n - (hi - lo) + keep > self._cap:
+            grown = <Extent *>realloc(self._ext, 2 * self._cap * sizeof(Extent))
+            if grown == NULL:
+                return False
+            self._ext = grown
+            self._cap *= 2
+        memmove(&self._ext[lo + keep], &self._ext[hi], (self._n - hi) * sizeof(Extent))
+        self._n += keep - (hi - lo)
+        i = lo
+        if has_head:
+            self._ext[i] = head
+            i += 1
+        self._ext[i].start = start
+        self._ext[i].end = end
+        self._ext[i].fd = fd
+        self._ext[i].host = host
+        self._ext[i].done = done
+        self._ext[i].done_bits = done_bits
+        self._ext[i].cluster = cluster
+        i += 1
+        if has_tail:
+            self._ext[i] = tail
+        return True
+
+    cdef Py_ssize_t _first_ending_after(self, int64_t offset) noexcept nogil:
+        cdef Py_ssize_t lo = 0, hi = self._n, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._ext[mid].end <= offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def invalidate(self):
+        """Forget every mapping, and wait until no native read uses one (GIL released)."""
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._n = 0
+            self._gen += 1
+            while self._in_flight:
+                pthread_cond_wait(&self._idle, &self._lock)
+            pthread_mutex_unlock(&self._lock)
+
+    def close(self):
+        """Admit no native request (a drained section): forget, and wait for those in flight."""
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._closed += 1
+            self._n = 0
+            self._gen += 1
+            while self._in_flight:
+                pthread_cond_wait(&self._idle, &self._lock)
+            pthread_mutex_unlock(&self._lock)
+
+    def open(self):
+        """End what :meth:`close` began (sections nest)."""
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            if self._closed:
+                self._closed -= 1
+            self._gen += 1
+            pthread_mutex_unlock(&self._lock)
+
+    cdef int acquire(self, int64_t offset, int64_t length, Segment *segs) noexcept nogil:
+        """Map ``[offset, offset + length)`` onto at most ``MAX_SEGMENTS`` host pieces and
+        count a read in flight (pair with :meth:`release`); -1 when the route cannot."""
+        cdef int count = 0
+        cdef int64_t pos = offset, end = offset + length, piece
+        cdef Py_ssize_t i
+        pthread_mutex_lock(&self._lock)
+        if self._closed:
+            pthread_mutex_unlock(&self._lock)
+            return -1
+        i = self._first_ending_after(offset)
+        while pos < end:
+            if i >= self._n or self._ext[i].start > pos or count == MAX_SEGMENTS:
+                pthread_mutex_unlock(&self._lock)
+                return -1
+            piece = min(self._ext[i].end, end) - pos
+            if count and segs[count - 1].fd == self._ext[i].fd and (
+                    segs[count - 1].host + segs[count - 1].length
+                    == self._ext[i].host + (pos - self._ext[i].start)) and (
+                    segs[count - 1].done == self._ext[i].done):
+                segs[count - 1].length += piece
+            else:
+                segs[count].fd = self._ext[i].fd
+                segs[count].host = self._ext[i].host + (pos - self._ext[i].start)
+                segs[count].length = piece
+                segs[count].guest = pos
+                segs[count].done = self._ext[i].done
+                segs[count].done_bits = self._ext[i].done_bits
+                segs[count].cluster = self._ext[i].cluster
+                count += 1
+            pos += piece
+            i += 1
+        self._in_flight += 1
+        pthread_mutex_unlock(&self._lock)
+        return count
+
+    cdef void release(self) noexcept nogil:
+        pthread_mutex_lock(&self._lock)
+        self._in_flight -= 1
+        if not self._in_flight:
+            pthread_cond_broadcast(&self._idle)
+        pthread_mutex_unlock(&self._lock)
+
+    cdef int read_into(self, int64_t offset, int64_t length, char *out) noexcept nogil:
+        """Fill ``out`` from the host files when the whole range is mapped: 0 on success,
+        -1 when the route cannot, or a positive errno.
+
+        A guarded segment is read only while none of its clusters is copied, checked before
+        and after the read: a guest write reaches such a source cluster only after the copy
+        set its bit, so a read that saw the bits clear on both sides read the point in time.
+        """
+        cdef Segment segs[MAX_SEGMENTS]
+        cdef int count = self.acquire(offset, length, segs)
+        cdef int i, error = 0
+        cdef int64_t done
+        cdef ssize_t n
+        if count < 0:
+            return -1
+        for i in range(count):
+            if segs[i].done != NULL and _any_done(&segs[i]):
+                error = -1
+                break
+            done = 0
+            while done < segs[i].length:
+                n = pread(segs[i].fd, out + done, segs[i].length - done, segs[i].host + done)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    error = errno
+                    break
+                if n == 0:
+                    error = 5  # EIO: the host file is shorter than its mapping
+                    break
+                done += n
+            if error:
+                break
+            if segs[i].done != NULL and _any_done(&segs[i]):
+                error = -1  # copied while we read: the source may hold the guest's data
+                break
+            out += segs[i].length
+        self.release()
+        return error
+
+    def pread_into(self, int64_t offset, buf):
+        """Fill ``buf`` (a writable buffer) natively: True when done, False when the route
+        does not map the whole range (the caller reads through the node). ``OSError`` when a
+        host read failed."""
+        cdef unsigned char[::1] view = buf
+        cdef int64_t length = view.shape[0]
+        cdef int rc
+        if length == 0:
+            return True
+        with nogil:
+            rc = self.read_into(offset, length, <char *>&view[0])
+        if rc < 0:
+            return False
+        if rc > 0:
+            raise OSError(rc, "native read of the host file failed")
+        return True
+
+
+# -- the per-connection plane ----------------------------------------------------------------
+cdef struct Chunk:
+    char *data
+    size_t length
+    size_t pos
+    Chunk *next
+
+
+cdef class Plane:
+    """One NBD connection's transmission phase, run by :meth:`run` in a thread of its own.
+
+    ``fd``: the connected, non-blocking socket (duplicated here; the duplicate is closed when
+    the thread ends). ``route``: the export's route. ``size``: the export's size.
+    ``structured``: structured replies were negotiated. ``on_input(bytes)``: requests for
+    Python, called in the plane's thread with the GIL; Python calls :meth:`feed_done` once it took
+    them. ``on_error()``: the peer is gone or broke the socket. ``on_progress()``: queued
+    replies left (reading may resume). Python's own replies go through :meth:`send`.
+    """
+
+    cdef int _sock
+    cdef int _wake
+    cdef Route _route
+    cdef int64_t _size
+    cdef bint _structured
+    cdef pthread_mutex_t _lock
+    cdef Chunk *_head
+    cdef Chunk *_tail
+    cdef size_t _queued
+    cdef unsigned long long _sent
+    cdef bint _closed
+    cdef bint _paused
+    cdef bint _handed
+    cdef bint _failed
+    cdef bint _stopped  # no more input: DISC seen, end of file, or a broken stream handed on
+    cdef bint _passthrough  # Python parses the rest of the stream (it will close)
+    cdef uint64_t _payload_left  # bytes of a WRITE payload still to pass to Python
+    cdef char *_spare  # the reply buffer native reads reuse (see _reply_buffer)
+    cdef size_t _spare_cap
+    cdef bint _spare_busy  # in use, or queued in the outbox (under _lock)
+    cdef char *_in
+    cdef size_t _in_cap
+    cdef size_t _in_len
+    cdef char *_fb
+    cdef size_t _fb_cap
+    cdef size_t _fb_len
+    cdef object _on_input
+    cdef object _on_error
+    cdef object _on_progress
+    cdef readonly int fileno
+
+    def __cinit__(self):
+        self._sock = -1
+        self._wake = -1
+        pthread_mutex_init(&self._lock, NULL)
+
+    def __init__(self, int fd, Route route not None, int64_t size, bint structured,
+                 on_input, on_error, on_progress):
+        self._sock = dup(fd)
+        if self._sock < 0:
+            raise OSError(errno, "cannot duplicate the NBD socket")
+        self.fileno = self._sock
+        self._wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self._wake < 0:
+            close(self._sock)
+            self._sock = -1
+            raise OSError(errno, "cannot create the data plane's eventfd")
+        self._route = route
+        self._size = size
+        self._structured = structured
+        self._on_input = on_input
+        self._on_error = on_error
+        self._on_progress = on_progress
+        self._in_cap = INBUF_SIZE
+        self._in = <char *>malloc(self._in_cap)
+        self._fb_cap = 64 * 1024
+        self._fb = <char *>malloc(self._fb_cap)
+        if self._in == NULL or self._fb == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self._drop_outbox()
+        free(self._spare)
+        free(self._in)
+        free(self._fb)
+        if self._sock >= 0:
+            close(self._sock)
+        if self._wake >= 0:
+            close(self._wake)
+        pthread_mutex_destroy(&self._lock)
+
+    # -- what Python reads and calls ---------------------------------------------------------
+    @property
+    def pending(self):
+        """Bytes of replies waiting for the socket (a snapshot, to steer pausing)."""
+        return self._queued
+
+    @property
+    def sent(self):
+        """Bytes the socket took, in all."""
+        return self._sent
+
+    @property
+    def closed(self):
+        return bool(self._closed or self._failed)
+
+    def preload(self, data):
+        """Input already received for this connection, before :meth:`run` starts."""
+        cdef const unsigned char[::1] view = data
+        cdef size_t length = view.shape[0]
+        cdef char *grown
+        if not length:
+            return
+        if self._in_len + length > self._in_cap:
+            grown = <char *>realloc(self._in, self._in_len + length)
+            if grown == NULL:
+                raise MemoryError()
+            self._in = grown
+            self._in_cap = self._in_len + length
+        memcpy(self._in + self._in_len, &view[0], length)
+        self._in_len += length
+
+    def feed_done(self):
+        """Python took the last batch of requests: input may go on."""
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._handed = False
+            pthread_mutex_unlock(&self._lock)
+            self._kick()
+
+    def pause_reading(self):
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._paused = True
+            pthread_mutex_unlock(&self._lock)
+
+    def resume_reading(self):
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._paused = False
+            pthread_mutex_unlock(&self._lock)
+            self._kick()
+
+    def close(self):
+        """Stop: drop the queued replies and end the thread (which closes the socket)."""
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._closed = True
+            self._drop_outbox()
+            pthread_mutex_unlock(&self._lock)
+            self._kick()
+        self._on_input = self._on_error = self._on_progress = None
+
+    def sendfile(self, header, fd, offset, length):
+        """The transport's ``sendfile`` shortcut: never here (the plane reads natively)."""
+        return False
+
+    def send(self, buffers):
+        """Send one reply's buffers in order, now or, what the socket does not take at once,
+        from the outbox; never waits for the client."""
+        cdef Py_ssize_t count = len(buffers), i, used = 0
+        cdef iovec *iov = <iovec *>malloc((count or 1) * sizeof(iovec))
+        cdef const unsigned char[::1] view
+        cdef bint failed
+        if iov == NULL:
+            raise MemoryError()
+        views = []
+        try:
+            for buffer in buffers:
+                view = memoryview(buffer).cast("B")
+                if view.shape[0] == 0:
+                    continue
+                views.append(view)
+                iov[used].iov_base = <void *>&view[0]
+                iov[used].iov_len = view.shape[0]
+                used += 1
+            if not used:
+                return
+            with nogil:
+                failed = self._send_iov(iov, used, NULL)
+        finally:
+            free(iov)
+        if failed:
+            self._report_error()
+
+    # -- sending (any thread) ------------------------------------------------------------------
+    cdef void _kick(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self._wake, &one, 8)
+
+    cdef void _give_back_locked(self, char *data) noexcept nogil:
+        """A reply buffer is done with (lock held): the spare is kept, others freed."""
+        if data != NULL and data == self._spare:
+            self._spare_busy = False
+        else:
+            free(data)
+
+    cdef char *_reply_buffer(self, size_t size) noexcept nogil:
+        """A buffer for a native reply: the plane's spare when it is free (grown up to
+        ``SPARE_MAX``: a reader's replies reuse one buffer, no page faults, no allocator
+        lock), else a fresh one."""
+        cdef char *grown
+        pthread_mutex_lock(&self._lock)
+        if not self._spare_busy:
+            if self._spare_cap < size <= SPARE_MAX:
+                grown = <char *>realloc(self._spare, size)
+                if grown != NULL:
+                    self._spare = grown
+                    self._spare_cap = size
+            if self._spare_cap >= size:
+                self._spare_busy = True
+                pthread_mutex_unlock(&self._lock)
+                return self._spare
+        pthread_mutex_unlock(&self._lock)
+        return <char *>malloc(size)
+
+    cdef void _drop_outbox(self) noexcept nogil:
+        cdef Chunk *chunk = self._head
+        cdef Chunk *nxt
+        while chunk != NULL:
+            nxt = chunk.next
+            self._give_back_locked(chunk.data)
+            free(chunk)
+            chunk = nxt
+        self._head = self._tail = NULL
+        self._queued = 0
+
+    cdef bint _send_iov(self, iovec *iov, Py_ssize_t count, char *owned) noexcept nogil:
+        """Send ``iov`` now as far as the socket takes it, queue the rest (copied, or
+        ``owned``: one malloc'd buffer that is all of ``iov``, handed over). True when the
+        peer is gone (the caller reports it)."""
+        cdef ssize_t n
+        cdef size_t rest = 0, pos
+        cdef Py_ssize_t first = 0, i
+        cdef Chunk *chunk
+        cdef bint failed = False
+        cdef bint wake = False
+        pthread_mutex_lock(&self._lock)
+        if self._closed or self._failed:
+            self._give_back_locked(owned)
+            pthread_mutex_unlock(&self._lock)
+            return False
+        if self._head == NULL:
+            while first < count:
+                n = writev(self._sock, &iov[first], min(count - first, 512))
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN and errno != EWOULDBLOCK:
+                        failed = True
+                    break
+                self._sent += n
+                while first < count and <size_t>n >= iov[first].iov_len:
+                    n -= iov[first].iov_len
+                    first += 1
+                if first < count:
+                    iov[first].iov_base = <char *>iov[first].iov_base + n
+                    iov[first].iov_len -= n
+        if failed:
+            self._failed = True
+            self._drop_outbox()
+            self._give_back_locked(owned)
+            pthread_mutex_unlock(&self._lock)
+            self._kick()
+            return True
+        for i in range(first, count):
+            rest += iov[i].iov_len
+        if rest:
+            chunk = <Chunk *>malloc(sizeof(Chunk))
+            if owned != NULL and chunk != NULL:
+                chunk.data = owned
+                chunk.pos = (<char *>iov[first].iov_base) - owned
+                chunk.length = chunk.pos + rest
+                owned = NULL
+            elif chunk != NULL:
+                chunk.data = <char *>malloc(rest)
+                if chunk.data != NULL:
+                    pos = 0
+                    for i in range(first, count):
+                        memcpy(chunk.data + pos, iov[i].iov_base, iov[i].iov_len)
+                        pos += iov[i].iov_len
+                chunk.pos = 0
+                chunk.length = rest
+            if chunk == NULL or chunk.data == NULL:  # out of memory: the stream is lost
+                free(chunk)
+                self._failed = True
+                self._drop_outbox()
+                self._give_back_locked(owned)
+                pthread_mutex_unlock(&self._lock)
+                self._kick()
+                return True
+            chunk.next = NULL
+            if self._tail == NULL:
+                self._head = chunk
+            else:
+                self._tail.next = chunk
+            self._tail = chunk
+            self._queued += rest
+            wake = True
+        self._give_back_locked(owned)
+        pthread_mutex_unlock(&self._lock)
+        if wake:
+            self._kick()
+        return False
+
+    cdef int _flush(self) noexcept nogil:
+        """Send queued replies (plane thread): 1 when some left, -1 when the peer is gone."""
+        cdef ssize_t n
+        cdef Chunk *chunk
+        cdef int progress = 0
+        pthread_mutex_lock(&self._lock)
+        while self._head != NULL:
+            chunk = self._head
+            n = write(self._sock, chunk.data + chunk.pos, chunk.length - chunk.pos)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    break
+                self._failed = True
+                self._drop_outbox()
+                pthread_mutex_unlock(&self._lock)
+                return -1
+            self._sent += n
+            self._queued -= n
+            chunk.pos += n
+            progress = 1
+            if chunk.pos == chunk.length:
+                self._head = chunk.next
+                if self._head == NULL:
+                    self._tail = NULL
+                self._give_back_locked(chunk.data)
+                free(chunk)
+        pthread_mutex_unlock(&self._lock)
+        return progress
+
+    cdef void _report_error(self):
+        callback = self._on_error
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # the loop is gone: so is the connection
+                pass
+
+    # -- the thread ----------------------------------------------------------------------------
+    def run(self):
+        """The connection's transmission loop; returns when it is closed or the peer left."""
+        cdef int reason
+        with nogil:
+            reason = self._loop()
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            self._closed = True
+            self._drop_outbox()
+            # Senders look at _closed under the lock before they touch the socket: closing
+            # it here (not when the object goes) lets the client see the end at once.
+            close(self._sock)
+            self._sock = -1
+            pthread_mutex_unlock(&self._lock)
+        if reason < 0:
+            self._report_error()
+        self._on_input = self._on_error = self._on_progress = None
+
+    cdef int _loop(self) noexcept nogil:
+        """0: closed by Python; -1: the peer is gone (reported by the caller)."""
+        cdef pollfd fds[2]
+        cdef bint want_in, want_out, handed, paused
+        cdef ssize_t n
+        cdef uint64_t drained
+        cdef int flushed
+        cdef size_t queued_before
+        while True:
+            pthread_mutex_lock(&self._lock)
+            if self._closed:
+                pthread_mutex_unlock(&self._lock)
+                return 0
+            if self._failed:
+                pthread_mutex_unlock(&self._lock)
+                return -1
+            handed, paused = self._handed, self._paused
+            want_out = self._head != NULL
+            want_in = not (handed or paused or self._stopped) and self._queued < OUTBOX_HIGH
+            pthread_mutex_unlock(&self._lock)
+            if want_in and not self._wants_more():
+                if self._process() < 0:
+                    return -1
+                pthread_mutex_lock(&self._lock)
+                want_in = not (self._handed or self._paused or self._stopped) and (
+                    self._queued < OUTBOX_HIGH)
+                want_out = self._head != NULL
+                pthread_mutex_unlock(&self._lock)
+                if want_in and not self._wants_more():
+                    continue  # more requests wait in the buffer
+            fds[0].fd = self._sock
+            fds[0].events = (POLLIN if want_in else 0) | (POLLOUT if want_out else 0)
+            fds[0].revents = 0
+            fds[1].fd = self._wake
+            fds[1].events = POLLIN
+            fds[1].revents = 0
+            if poll(fds, 2, -1) < 0:
+                if errno == EINTR:
+                    continue
+                return -1
+            if fds[1].revents:
+                read(self._wake, &drained, 8)
+            if fds[0].revents & (POLLOUT | POLLERR | POLLHUP) and want_out:
+                queued_before = self._queued
+                flushed = self._flush()
+                if flushed < 0:
+                    return -1
+                if flushed and (self._queued == 0 or self._queued < queued_before // 2
+                                or queued_before >= OUTBOX_HIGH):
+                    with gil:
+                        self._call(self._on_progress)
+            if fds[0].revents & (POLLIN | POLLERR | POLLHUP) and want_in:
+                if self._in_len == self._in_cap:
+                    continue  # the buffer is full of what cannot be acted on yet
+                n = recv(self._sock, self._in + self._in_len, self._in_cap - self._in_len,
+                         MSG_DONTWAIT)
+                if n == 0:
+                    return -1  # the client went away without NBD_CMD_DISC
+                if n < 0:
+                    if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR:
+                        continue
+                    return -1
+                self._in_len += n
+                if self._process() < 0:
+                    return -1
+
+    cdef bint _wants_more(self) noexcept nogil:
+        """Nothing in the receive buffer can be acted on before more bytes arrive."""
+        if self._in_len == 0:
+            return True
+        if self._passthrough or self._payload_left:
+            return False
+        return self._in_len < REQUEST_SIZE
+
+    cdef void _call(self, object callback):
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                pass
+
+    cdef int _process(self) noexcept nogil:
+        """Serve or hand on what the receive buffer holds: -1 when the peer is gone.
+
+        A WRITE goes to Python as it arrives: its header at once, then its payload in the
+        pieces received (the protocol reads a payload into its own buffer, or drops one it
+        refuses), so the plane never holds a whole payload."""
+        cdef size_t pos = 0, take
+        cdef const unsigned char *p
+        cdef uint16_t flags, kind
+        cdef uint64_t cookie, offset
+        cdef uint32_t length
+        cdef int served
+        cdef char *grown
+        while pos < self._in_len:
+            if self._payload_left:
+                take = min(self._payload_left, self._in_len - pos)
+                if self._hand(self._in + pos, take) < 0:
+                    return -1
+                pos += take
+                self._payload_left -= take
+                continue
+            if self._passthrough:
+                if self._hand(self._in + pos, self._in_len - pos) < 0:
+                    return -1
+                pos = self._in_len
+                break
+            if self._in_len - pos < REQUEST_SIZE or self._paused_now():
+                break
+            p = <const unsigned char *>(self._in + pos)
+            if get_u32(p) != REQUEST_MAGIC:
+                self._passthrough = True  # Python reports the violation and closes
+                continue
+            flags = get_u16(p + 4)
+            kind = get_u16(p + 6)
+            cookie = get_u64(p + 8)
+            offset = get_u64(p + 16)
+            length = get_u32(p + 24)
+            if kind == CMD_WRITE:
+                if length > MAX_PAYLOAD:
+                    self._passthrough = True  # Python refuses it and closes
+                    continue
+                if self._hand(self._in + pos, REQUEST_SIZE) < 0:
+                    return -1
+                pos += REQUEST_SIZE
+                self._payload_left = length
+                continue
+            served = 0
+            if kind == CMD_READ:
+                served = self._serve_read(flags, cookie, offset, length)
+                if served < 0:
+                    return -1
+            if not served:
+                if self._hand(self._in + pos, REQUEST_SIZE) < 0:
+                    return -1
+                if kind == CMD_DISC:
+                    self._stopped = True
+                    pos = self._in_len  # nothing may follow a disconnect
+                    break
+            pos += REQUEST_SIZE
+        if pos:
+            memmove(self._in, self._in + pos, self._in_len - pos)
+            self._in_len -= pos
+            if self._in_cap > INBUF_SIZE and self._in_len <= INBUF_SIZE:
+                grown = <char *>realloc(self._in, INBUF_SIZE)
+                if grown != NULL:
+                    self._in = grown
+                    self._in_cap = INBUF_SIZE
+        return self._hand_batch()
+
+    cdef bint _paused_now(self) noexcept nogil:
+        """Stop taking requests: Python paused the client, the plane is closing, or the
+        client leaves its replies unread (checked before every request: one receive may
+        hold thousands of them)."""
+        cdef bint stop
+        pthread_mutex_lock(&self._lock)
+        stop = self._paused or self._closed or self._failed or self._queued >= OUTBOX_HIGH
+        pthread_mutex_unlock(&self._lock)
+        return stop
+
+    cdef int _hand(self, const char *data, size_t length) noexcept nogil:
+        """Queue request bytes for Python (sent in one batch by _hand_batch)."""
+        cdef char *grown
+        cdef size_t cap = self._fb_cap
+        while self._fb_len + length > cap:
+            cap *= 2
+        if cap != self._fb_cap:
+            grown = <char *>realloc(self._fb, cap)
+            if grown == NULL:
+                return -1
+            self._fb = grown
+            self._fb_cap = cap
+        memcpy(self._fb + self._fb_len, data, length)
+        self._fb_len += length
+        return 0
+
+    cdef int _hand_batch(self) noexcept nogil:
+        cdef char *grown
+        if not self._fb_len:
+            return 0
+        pthread_mutex_lock(&self._lock)
+        self._handed = True
+        pthread_mutex_unlock(&self._lock)
+        with gil:
+            data = PyBytes_FromStringAndSize(self._fb, self._fb_len)
+            callback = self._on_input
+            if callback is not None:
+                try:
+                    callback(data)
+                except Exception:
+                    pass
+        self._fb_len = 0
+        if self._fb_cap > 64 * 1024:
+            grown = <char *>realloc(self._fb, 64 * 1024)
+            if grown != NULL:
+                self._fb = grown
+                self._fb_cap = 64 * 1024
+        return 0
+
+    cdef int _serve_read(self, uint16_t flags, uint64_t cookie, uint64_t offset,
+                         uint32_t length) noexcept nogil:
+        """Answer a READ from the route: 1 when answered, 0 when Python must, -1 when the
+        peer is gone."""
+        cdef size_t header
+        cdef char *buf
+        cdef int rc
+        cdef iovec iov
+        if flags & ~(FLAG_FUA | FLAG_DF):
+            return 0
+        if flags & FLAG_DF and not self._structured:
+            return 0
+        if length == 0 or length > MAX_PAYLOAD or offset > <uint64_t>self._size:
+            return 0
+        if offset + length > <uint64_t>self._size:
+            return 0
+        header = 28 if self._structured else 16
+        buf = self._reply_buffer(header + length)
+        if buf == NULL:
+            return 0
+        rc = self._route.read_into(<int64_t>offset, length, buf + header)
+        if rc != 0:  # not mapped, or a host read failed: Python answers (with the error)
+            pthread_mutex_lock(&self._lock)
+            self._give_back_locked(buf)
+            pthread_mutex_unlock(&self._lock)
+            return 0
+        if self._structured:
+            put_u32(<unsigned char *>buf, STRUCTURED_MAGIC)
+            put_u16(<unsigned char *>buf + 4, REPLY_DONE)
+            put_u16(<unsigned char *>buf + 6, CHUNK_OFFSET_DATA)
+            put_u64(<unsigned char *>buf + 8, cookie)
+            put_u32(<unsigned char *>buf + 16, length + 8)
+            put_u64(<unsigned char *>buf + 20, offset)
+        else:
+            put_u32(<unsigned char *>buf, SIMPLE_MAGIC)
+            put_u32(<unsigned char *>buf + 4, 0)
+            put_u64(<unsigned char *>buf + 8, cookie)
+        fleece_count_native()
+        iov.iov_base = buf
+        iov.iov_len = header + length
+        if self._send_iov(&iov, 1, buf):
+            return -1
+        return 1

@@ -1,0 +1,119 @@
+"""Routes: what a root's node maps onto host files, for readers that go below the graph.
+
+Design note: the native data plane (:mod:`fleece._fast.dataplane`) serves a read without
+Python when a :class:`Route` maps its whole range onto host files. Python teaches the route
+(:func:`learn`) after it served a read itself, asking each node on the way down where the
+bytes lie (``BlockNode.host_map``, which asks the driver): a ``raw`` window, a filter, a
+qcow2 cluster allocated in the node itself, a snapshot's copied clusters, down to a ``file``
+node's descriptor. Only *settled* mappings are learned: ones that change only through the
+node's own discards, zero writes, drained sections or close, each of which drops the routes
+that went through the node (``BlockNode.invalidate_routes``). A learner registers the route
+on each node *before* asking it, and adds what it learned under the generation it read first,
+so an invalidation that raced with it makes the route refuse the result.
+
+Without the compiled extensions there is no route: :func:`new_route` returns None and every
+read goes through the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+from fleece import _impl
+
+if TYPE_CHECKING:
+    from fleece._fast.bitmap import ClusterBitmap as NativeBitmap
+    from fleece._fast.dataplane import Route
+    from fleece.bitmap import ClusterBitmap
+    from fleece.block.node import BlockNode
+
+log = logging.getLogger(__name__)
+
+#: a learner looks this far past the read it follows (the next reads are likely there)
+LEARN_AHEAD = 4 * 1024 * 1024
+#: and learns at most this many extents at once
+LEARN_EXTENTS = 64
+
+def available() -> bool:
+    """True when the compiled data plane is there and not disabled."""
+    if _impl.extensions_disabled():
+        return False
+    try:
+        import fleece._fast.dataplane  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_route() -> Route | None:
+    """A fresh, empty route, or None without the compiled data plane."""
+    if not available():
+        return None
+    from fleece._fast.dataplane import Route as NativeRoute
+
+    return NativeRoute()
+
+
+class _Piece(NamedTuple):
+    start: int
+    length: int
+    fd: int
+    host: int
+    #: a guarded piece (see HostMap.unless_done): its copied bitmap, and the cluster size
+    unless_done: ClusterBitmap | None
+    cluster: int
+
+
+def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
+    """Teach ``route`` (whose reads go to ``node``) the mappings from ``offset`` on, at least
+    ``length`` bytes' worth when they exist; returns how many bytes it learned. The caller
+    counts a request in flight on the root (the node cannot move meanwhile)."""
+    generation = route.generation
+    end = min(node.size, offset + max(length, LEARN_AHEAD))
+    pos = offset
+    learned: list[_Piece] = []
+    try:
+        while pos < end and len(learned) < LEARN_EXTENTS:
+            piece = _resolve(route, node, pos, end - pos)
+            if piece is None:
+                break
+            last = learned[-1] if learned else None
+            if (last is not None and last.fd == piece.fd
+                    and last.host + last.length == piece.host
+                    and last.unless_done is piece.unless_done):
+                learned[-1] = last._replace(length=last.length + piece.length)
+            else:
+                learned.append(piece)
+            pos += piece.length
+    except OSError as exc:  # a node closed or broke meanwhile: learn nothing more
+        log.debug("route learning stopped at %d: %s", pos, exc)
+    total = 0
+    for piece in learned:
+        if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
+                         cast("NativeBitmap | None", piece.unless_done), piece.cluster):
+            break
+        total += piece.length
+    return total
+
+
+def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece | None:
+    """Where the start of the range lies in a host file, following ``host_map`` down; None
+    when some node on the way must read it itself (or two snapshots would guard it)."""
+    current, at, count = node, offset, length
+    guard: tuple[ClusterBitmap, int] | None = None
+    while True:
+        current.add_route(route)  # first: an invalidation from now on reaches the route
+        fd = current.driver.posix_fd()
+        if fd is not None:
+            done, cluster = guard if guard is not None else (None, 0)
+            return _Piece(offset, count, fd, at, done, cluster)
+        found = current.host_map(at, count)
+        if found is None or found.length <= 0:
+            return None
+        if found.unless_done is not None:
+            if guard is not None or found.offset != at:
+                return None  # the bitmap is indexed by guest offsets: keep to one level
+            guard = (found.unless_done, found.cluster)
+        count = min(count, found.length)
+        current, at = found.node, found.offset

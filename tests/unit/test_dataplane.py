@@ -1,0 +1,220 @@
+"""The native data plane (:mod:`fleece._fast.dataplane`, :mod:`fleece.block.route`).
+
+Each test runs in both unit passes. With the compiled extensions the plane serves the reads its
+route maps and the counters must show it; with ``FLEECE_NO_EXTENSIONS=1`` there is no route and
+every read goes through the graph: the answers must be the same either way. The defect tests
+(stale mappings after a discard, a snapshot read racing a guest write, a broken snapshot, a
+drained root) each fail when the matching safeguard is taken out of the plane.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleece.block import route
+from fleece.nbd import dataplane
+from fleece.nbd.client import NBDClient, NBDError
+from fleece.storage import Storage
+
+MiB = 1 << 20
+CLUSTER = 64 * 1024
+SIZE = 8 * MiB
+NATIVE = route.available()
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def storage() -> Iterator[Storage]:
+    with Storage() as storage:
+        yield storage
+
+
+def _serve(storage: Storage, tmp_path: Path) -> str:
+    sock = str(tmp_path / "nbd.sock")
+    storage.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    return sock
+
+
+def _grew(before: int) -> bool:
+    return dataplane.native_requests() > before
+
+
+def test_the_switches() -> None:
+    assert dataplane.enabled() is NATIVE
+    os.environ["FLEECE_NO_DATAPLANE"] = "1"
+    try:
+        assert not dataplane.enabled()
+    finally:
+        del os.environ["FLEECE_NO_DATAPLANE"]
+    assert (route.new_route() is None) is not NATIVE
+
+
+def test_a_route_maps_replaces_and_forgets(tmp_path: Path) -> None:
+    if not NATIVE:  # the route is compiled only
+        assert route.new_route() is None
+        return
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        native = route.new_route()
+        assert native is not None
+        gen = native.generation
+        assert native.add(gen, 0, 4096, fd, 0) and native.add(gen, 8192, 4096, fd, 100)
+        buf = bytearray(16)
+        assert native.pread_into(8, buf) and buf == path.read_bytes()[8:24]
+        assert not native.pread_into(4090, buf)  # a gap at 4096: the caller reads it
+        assert native.add(gen, 4096, 4096, fd, 4096)  # the gap filled, contiguous on disk
+        assert native.pread_into(4090, buf) and buf == path.read_bytes()[4090:4106]
+        assert native.add(gen, 2048, 8192, fd, 10000)  # splits the extents it overlaps
+        assert len(native) == 3
+        assert native.pread_into(2040, buf)
+        data = path.read_bytes()
+        assert buf == data[2040:2048] + data[10000:10008]
+        native.invalidate()
+        assert len(native) == 0 and not native.pread_into(0, buf)
+        assert not native.add(gen, 0, 4096, fd, 0)  # learned before the invalidation
+        native.close()
+        assert not native.add(native.generation, 0, 4096, fd, 0)  # closed: drained
+        native.open()
+        assert native.add(native.generation, 0, 4096, fd, 0)
+        with pytest.raises(ValueError):
+            native.add(native.generation, 0, 0, fd, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("structured", [True, False])
+def test_reads_answer_like_the_graph(storage: Storage, tmp_path: Path, fmt: str,
+                                     structured: bool) -> None:
+    image = tmp_path / f"disk.{fmt}"
+    _qemu_img("create", "-f", fmt, str(image), str(SIZE))
+    pattern = os.urandom(SIZE // 2)
+    storage.execute("blockdev-add", {"driver": fmt, "node-name": "disk",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.graph.get("disk").pwrite(0, pattern)  # half data, half unallocated
+    sock = _serve(storage, tmp_path)
+    storage.execute("nbd-server-add", {"device": "disk", "name": "disk"})
+    expected = pattern + bytes(SIZE // 2)
+    before = dataplane.native_requests()
+    with NBDClient.connect_unix(sock, "disk", structured=structured) as client:
+        for _ in range(2):  # the second pass finds the mappings the first one taught
+            for offset in range(0, SIZE, 3 * CLUSTER + 512):
+                length = min(2 * CLUSTER + 7, SIZE - offset)
+                assert client.pread(offset, length) == expected[offset:offset + length]
+        with pytest.raises(NBDError) as exc:
+            client.pread(SIZE - 512, 1024)  # past the end: Python refuses it
+        assert exc.value.errno == errno.EINVAL
+        assert client.pread(0, 4096) == expected[:4096]  # still served after the error
+    assert _grew(before) is NATIVE
+
+
+def test_a_trim_drops_the_mapping_of_the_freed_cluster(storage: Storage, tmp_path: Path) -> None:
+    """A qcow2 cluster freed by a trim, then written again (a new host cluster): a native read
+    must find the new data, not the freed cluster through a stale mapping."""
+    image = tmp_path / "disk.qcow2"
+    _qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", str(image), str(SIZE))
+    storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "disk", "discard": "unmap",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    node = storage.graph.get("disk")
+    sock = _serve(storage, tmp_path)
+    storage.execute("nbd-server-add", {"device": "disk", "name": "disk", "writable": True})
+    with NBDClient.connect_unix(sock, "disk") as client:
+        for round_ in range(4):
+            offset = round_ * 3 * CLUSTER
+            client.pwrite(offset, b"\xaa" * CLUSTER)
+            for _ in range(2):  # taught, then served natively
+                assert client.pread(offset, CLUSTER) == b"\xaa" * CLUSTER
+            host = node.block_status(offset, CLUSTER).host_offset
+            client.trim(offset, CLUSTER)
+            assert client.pread(offset, CLUSTER) == bytes(CLUSTER)
+            client.pwrite(offset, b"\xcc" * CLUSTER)
+            moved = node.block_status(offset, CLUSTER).host_offset != host
+            assert client.pread(offset, CLUSTER) == b"\xcc" * CLUSTER, f"{round_=} {moved=}"
+            client.zero(offset, CLUSTER)  # a zero write may free the cluster too
+            client.pwrite(offset, b"\xdd" * CLUSTER)
+            assert client.pread(offset, CLUSTER) == b"\xdd" * CLUSTER, f"{round_=}"
+
+
+def _fleecing(storage: Storage, tmp_path: Path) -> tuple[str, bytes]:
+    """A qcow2 source full of data, plugged in, fleeced to pit0 (drive-backup sync=none) and
+    exported: the socket, and the content at the instant."""
+    image = tmp_path / "src.qcow2"
+    _qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", str(image), str(SIZE))
+    storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "src"})
+    instant = os.urandom(SIZE)
+    storage.device("virtio0").pwrite(0, instant)
+    sock = _serve(storage, tmp_path)
+    storage.execute("drive-backup", {"device": "virtio0", "target": str(tmp_path / "pit.qcow2"),
+                                     "format": "qcow2", "target-id": "pit0", "sync": "none"})
+    storage.execute("nbd-server-add", {"device": "pit0", "name": "pit0"})
+    return sock, instant
+
+
+def test_snapshot_reads_keep_the_instant_while_the_guest_writes(
+        storage: Storage, tmp_path: Path) -> None:
+    """Uncopied clusters are read from the source natively: a guest write that lands after the
+    mapping was learned must not show through (the copied bit is checked around the read)."""
+    sock, instant = _fleecing(storage, tmp_path)
+    device = storage.device("virtio0")
+    with NBDClient.connect_unix(sock, "pit0") as client:
+        assert client.pread(0, SIZE // 2) == instant[:SIZE // 2]  # teaches the route
+        before = dataplane.native_requests()
+        assert client.pread(0, SIZE // 2) == instant[:SIZE // 2]
+        assert _grew(before) is NATIVE
+        for offset in range(0, SIZE // 2, 5 * CLUSTER):
+            device.pwrite(offset + 100, b"\x5a" * 3000)
+            assert client.pread(offset, CLUSTER) == instant[offset:offset + CLUSTER]
+        assert client.pread(0, SIZE) == instant
+    assert device.pread(100, 3000) == b"\x5a" * 3000
+
+
+def test_a_broken_snapshot_stops_native_reads(storage: Storage, tmp_path: Path) -> None:
+    sock, instant = _fleecing(storage, tmp_path)
+    storage.device("virtio0").pwrite(0, b"\x01" * CLUSTER)  # cluster 0 copied to pit0
+    with NBDClient.connect_unix(sock, "pit0") as client:
+        for _ in range(2):
+            assert client.pread(0, 4 * CLUSTER) == instant[:4 * CLUSTER]
+        cbw = storage.graph.get("pit0").read_guard
+        assert cbw is not None
+        cbw.cbw.break_snapshot("test")  # type: ignore[attr-defined]
+        for offset in (0, 2 * CLUSTER):  # a copied cluster and a read-through one
+            with pytest.raises(NBDError) as exc:
+                client.pread(offset, CLUSTER)
+            assert exc.value.errno == errno.EPERM  # NBD has no EACCES
+
+
+def test_a_drained_root_serves_nothing_natively(storage: Storage, tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(SIZE))
+    storage.execute("blockdev-add", {"driver": "raw", "node-name": "disk",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk"})
+    device = storage.device("virtio0")
+    root = device.root
+    buf = bytearray(CLUSTER)
+    device.pread_into(0, buf)  # teaches the device's route
+    native = root.route
+    assert (native is not None) is NATIVE
+    if native is None:
+        return
+    assert native.pread_into(0, buf)
+    root.drain_begin()
+    try:
+        assert not native.pread_into(0, buf)  # a graph change may be under way
+    finally:
+        root.drain_end()
+    device.pread_into(0, buf)
+    assert native.pread_into(0, buf) and buf == image.read_bytes()[:CLUSTER]
