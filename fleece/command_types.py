@@ -65,6 +65,8 @@ BlockdevAddArgs = TypedDict(
         "tls-hostname": str,
         "reconnect-delay": int,
         "open-timeout": int,
+        "multi-conn": int,
+        "x-request-timeout": int,
     },
     total=False,
 )

@@ -149,7 +149,7 @@ SOCKET_ADDRESS = Union(
 _BRANCHES["nbd"] = (
     Member("server", SOCKET_ADDRESS), _opt("export", STR), _opt("tls-creds", STR),
     _opt("tls-hostname", STR), _opt("x-dirty-bitmap", STR), _opt("reconnect-delay", UINT32),
-    _opt("open-timeout", UINT32),
+    _opt("open-timeout", UINT32), _opt("multi-conn", UINT32), _opt("x-request-timeout", UINT32),
 )
 
 #: NbdServerOptions
