@@ -42,6 +42,7 @@ cdef extern from "<errno.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, long offset)
+    ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
     int close(int fd)
@@ -152,6 +153,8 @@ cdef struct Extent:
     const uint64_t *done
     int64_t done_bits
     int64_t cluster
+    # every node on the way takes a write here in place, with no bookkeeping of its own
+    bint writable
 
 
 cdef struct Segment:
@@ -233,11 +236,13 @@ cdef class Route:
         return self._n
 
     def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
-            int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0):
+            int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0,
+            bint writable=False):
         """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
         ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
-        snapshot's read-through to its source). Ignored (False) when the route was
-        invalidated or closed since ``generation`` was read."""
+        snapshot's read-through to its source; ``writable``: and a write may go there
+        directly). Ignored (False) when the route was invalidated or closed since
+        ``generation`` was read."""
         if length <= 0 or start < 0 or host < 0 or fd < 0:
             raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
         cdef const uint64_t *done = NULL
@@ -255,12 +260,13 @@ cdef class Route:
             added = generation == self._gen and not self._closed
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
-                                     cluster)
+                                     cluster, writable and done == NULL)
             pthread_mutex_unlock(&self._lock)
         return added
 
     cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
-                      const uint64_t *done, int64_t done_bits, int64_t cluster) noexcept nogil:
+                      const uint64_t *done, int64_t done_bits, int64_t cluster,
+                      bint writable) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
         cdef Extent *grown
@@ -303,6 +309,7 @@ cdef class Route:
         self._ext[i].done = done
         self._ext[i].done_bits = done_bits
         self._ext[i].cluster = cluster
+        self._ext[i].writable = writable
         i += 1
         if has_tail:
             self._ext[i] = tail
@@ -348,9 +355,11 @@ cdef class Route:
             self._gen += 1
             pthread_mutex_unlock(&self._lock)
 
-    cdef int acquire(self, int64_t offset, int64_t length, Segment *segs) noexcept nogil:
-        """Map ``[offset, offset + length)`` onto at most ``MAX_SEGMENTS`` host pieces and
-        count a read in flight (pair with :meth:`release`); -1 when the route cannot."""
+    cdef int acquire(self, int64_t offset, int64_t length, Segment *segs,
+                     bint write) noexcept nogil:
+        """Map ``[offset, offset + length)`` onto at most ``MAX_SEGMENTS`` host pieces (for a
+        ``write``: writable ones) and count a request in flight (pair with :meth:`release`);
+        -1 when the route cannot."""
         cdef int count = 0
         cdef int64_t pos = offset, end = offset + length, piece
         cdef Py_ssize_t i
@@ -360,7 +369,8 @@ cdef class Route:
             return -1
         i = self._first_ending_after(offset)
         while pos < end:
-            if i >= self._n or self._ext[i].start > pos or count == MAX_SEGMENTS:
+            if (i >= self._n or self._ext[i].start > pos or count == MAX_SEGMENTS
+                    or (write and not self._ext[i].writable)):
                 pthread_mutex_unlock(&self._lock)
                 return -1
             piece = min(self._ext[i].end, end) - pos
@@ -400,7 +410,7 @@ cdef class Route:
         set its bit, so a read that saw the bits clear on both sides read the point in time.
         """
         cdef Segment segs[MAX_SEGMENTS]
-        cdef int count = self.acquire(offset, length, segs)
+        cdef int count = self.acquire(offset, length, segs, False)
         cdef int i, error = 0
         cdef int64_t done
         cdef ssize_t n
@@ -430,6 +440,58 @@ cdef class Route:
             out += segs[i].length
         self.release()
         return error
+
+    cdef bint covers(self, int64_t offset, int64_t length, bint write) noexcept nogil:
+        """The route maps the whole range now (a hint: it may be gone when used)."""
+        cdef Segment segs[MAX_SEGMENTS]
+        if self.acquire(offset, length, segs, write) < 0:
+            return False
+        self.release()
+        return True
+
+    cdef int write_from(self, int64_t offset, int64_t length, const char *data) noexcept nogil:
+        """Write ``data`` into the host files when the whole range is mapped writable: 0 on
+        success, -1 when the route cannot, or a positive errno (some bytes may have landed:
+        the caller answers the error)."""
+        cdef Segment segs[MAX_SEGMENTS]
+        cdef int count = self.acquire(offset, length, segs, True)
+        cdef int i, error = 0
+        cdef int64_t done
+        cdef ssize_t n
+        if count < 0:
+            return -1
+        for i in range(count):
+            done = 0
+            while done < segs[i].length:
+                n = pwrite(segs[i].fd, data + done, segs[i].length - done, segs[i].host + done)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    error = errno
+                    break
+                done += n
+            if error:
+                break
+            data += segs[i].length
+        self.release()
+        return error
+
+    def pwrite_from(self, int64_t offset, buf):
+        """Write ``buf`` natively: True when done, False when the route does not map the
+        whole range writable (the caller writes through the node). ``OSError`` when a host
+        write failed."""
+        cdef const unsigned char[::1] view = buf
+        cdef int64_t length = view.shape[0]
+        cdef int rc
+        if length == 0:
+            return False
+        with nogil:
+            rc = self.write_from(offset, length, <const char *>&view[0])
+        if rc < 0:
+            return False
+        if rc > 0:
+            raise OSError(rc, "native write to the host file failed")
+        return True
 
     def pread_into(self, int64_t offset, buf):
         """Fill ``buf`` (a writable buffer) natively: True when done, False when the route
@@ -473,6 +535,7 @@ cdef class Plane:
     cdef Route _route
     cdef int64_t _size
     cdef bint _structured
+    cdef bint _writes  # the export takes writes the plane may do itself (not FUA)
     cdef pthread_mutex_t _lock
     cdef Chunk *_head
     cdef Chunk *_tail
@@ -505,7 +568,7 @@ cdef class Plane:
         pthread_mutex_init(&self._lock, NULL)
 
     def __init__(self, int fd, Route route not None, int64_t size, bint structured,
-                 on_input, on_error, on_progress):
+                 on_input, on_error, on_progress, bint writes=False):
         self._sock = dup(fd)
         if self._sock < 0:
             raise OSError(errno, "cannot duplicate the NBD socket")
@@ -518,6 +581,7 @@ cdef class Plane:
         self._route = route
         self._size = size
         self._structured = structured
+        self._writes = writes
         self._on_input = on_input
         self._on_error = on_error
         self._on_progress = on_progress
@@ -879,11 +943,31 @@ cdef class Plane:
 
     cdef bint _wants_more(self) noexcept nogil:
         """Nothing in the receive buffer can be acted on before more bytes arrive."""
+        cdef size_t need
         if self._in_len == 0:
             return True
         if self._passthrough or self._payload_left:
             return False
-        return self._in_len < REQUEST_SIZE
+        if self._in_len < REQUEST_SIZE:
+            return True
+        need = self._native_write(<const unsigned char *>self._in)
+        return need > self._in_len
+
+    cdef size_t _native_write(self, const unsigned char *p) noexcept nogil:
+        """For a WRITE the plane may do itself (small enough to wait for whole, mapped
+        writable now): the bytes it takes with its payload; else 0."""
+        cdef uint16_t flags = get_u16(p + 4)
+        cdef uint64_t offset = get_u64(p + 16)
+        cdef uint32_t length = get_u32(p + 24)
+        if not self._writes or get_u16(p + 6) != CMD_WRITE or flags != 0:
+            return 0
+        if length == 0 or length > INBUF_SIZE - REQUEST_SIZE:
+            return 0
+        if offset > <uint64_t>self._size or offset + length > <uint64_t>self._size:
+            return 0
+        if not self._route.covers(<int64_t>offset, length, True):
+            return 0
+        return REQUEST_SIZE + length
 
     cdef void _call(self, object callback):
         if callback is not None:
@@ -929,6 +1013,17 @@ cdef class Plane:
             cookie = get_u64(p + 8)
             offset = get_u64(p + 16)
             length = get_u32(p + 24)
+            if kind == CMD_WRITE and self._native_write(p):
+                if self._in_len - pos < REQUEST_SIZE + length:
+                    break  # the payload is on its way; it fits in the buffer
+                served = self._serve_write(flags, cookie, offset, length,
+                                           self._in + pos + REQUEST_SIZE)
+                if served < 0:
+                    return -1
+                if not served and self._hand(self._in + pos, REQUEST_SIZE + length) < 0:
+                    return -1
+                pos += REQUEST_SIZE + length
+                continue
             if kind == CMD_WRITE:
                 if length > MAX_PAYLOAD:
                     self._passthrough = True  # Python refuses it and closes
@@ -1009,6 +1104,33 @@ cdef class Plane:
                 self._fb = grown
                 self._fb_cap = 64 * 1024
         return 0
+
+    cdef int _serve_write(self, uint16_t flags, uint64_t cookie, uint64_t offset,
+                          uint32_t length, const char *data) noexcept nogil:
+        """Do a WRITE through the route: 1 when answered, 0 when Python must (not mapped
+        any more, or the host write failed: Python writes again and answers the error), -1
+        when the peer is gone."""
+        cdef unsigned char reply[20]
+        cdef iovec iov
+        if self._route.write_from(<int64_t>offset, length, data) != 0:
+            return 0
+        if self._structured:
+            put_u32(reply, STRUCTURED_MAGIC)
+            put_u16(reply + 4, REPLY_DONE)
+            put_u16(reply + 6, 0)  # NBD_REPLY_TYPE_NONE
+            put_u64(reply + 8, cookie)
+            put_u32(reply + 16, 0)
+            iov.iov_len = 20
+        else:
+            put_u32(reply, SIMPLE_MAGIC)
+            put_u32(reply + 4, 0)
+            put_u64(reply + 8, cookie)
+            iov.iov_len = 16
+        iov.iov_base = reply
+        fleece_count_native()
+        if self._send_iov(&iov, 1, NULL):
+            return -1
+        return 1
 
     cdef int _serve_read(self, uint16_t flags, uint64_t cookie, uint64_t offset,
                          uint32_t length) noexcept nogil:

@@ -96,9 +96,14 @@ class Device:
         (``OSError``) and the disk keeps its old data, unless the backup's ``on-cbw-error``
         is ``break-snapshot``. Durable once :meth:`flush` returns."""
         root = self._root
+        native = root.route
+        if native is not None and offset >= 0 and native.pwrite_from(offset, data):
+            return
         node = root.begin()
         try:
             node.pwrite(offset, data)
+            if native is not None:
+                route.learn(native, node, offset, len(memoryview(data)))
         finally:
             root.end()
 

@@ -282,6 +282,7 @@ class NodeBitmaps:
                 raise GenericError(f"Bitmap already exists: {bitmap.name}")
             self._bitmaps[bitmap.name] = bitmap
             self._snapshot = tuple(self._bitmaps.values())
+        node.invalidate_routes()  # native writes would not mark it
 
     def remove(self, node: BlockNode, bitmap: DirtyBitmap) -> None:
         with self._lock:

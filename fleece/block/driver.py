@@ -66,6 +66,7 @@ class HostMap(NamedTuple):
     until the node asked drops its routes (its own discards and zero writes, a drained section,
     its close: see :mod:`fleece.block.route`).
 
+    ``writable``: a write may go there too (in place, nothing else for this node to do).
     ``unless_done``: a snapshot reading through to its source. The mapping then holds only for
     the clusters (of ``cluster`` bytes) whose bit in that copied bitmap is clear, which a
     reader checks before and after it reads (a copy sets the bit before the guest's write
@@ -76,6 +77,8 @@ class HostMap(NamedTuple):
     offset: int
     unless_done: ClusterBitmap | None = None
     cluster: int = 0
+    #: a write of the range may go there too, with nothing else to do on this node's part
+    writable: bool = False
 
 
 class Options:
@@ -273,7 +276,12 @@ class Driver:
         if window is None:
             return None
         child, base = window
-        return HostMap(length, child, base + offset)
+        return HostMap(length, child, base + offset, writable=True)
+
+    def writes_in_place(self) -> bool:
+        """For a node with a :meth:`posix_fd`: a write may go straight into that file (the
+        driver keeps no record of its own writes). False, the default, for the others."""
+        return False
 
     def copy_before_write(self) -> CopyBeforeWrite | None:
         """The copy-before-write state a filter keeps (its snapshot), or None."""

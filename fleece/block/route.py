@@ -18,6 +18,7 @@ read goes through the graph.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from fleece import _impl
@@ -36,8 +37,9 @@ LEARN_AHEAD = 4 * 1024 * 1024
 LEARN_EXTENTS = 64
 
 def available() -> bool:
-    """True when the compiled data plane is there and not disabled."""
-    if _impl.extensions_disabled():
+    """True when the compiled data plane is there and not disabled (``FLEECE_NO_DATAPLANE``
+    or ``FLEECE_NO_EXTENSIONS``: read when a root makes its route)."""
+    if _impl.extensions_disabled() or os.environ.get("FLEECE_NO_DATAPLANE", "") not in ("", "0"):
         return False
     try:
         import fleece._fast.dataplane  # noqa: F401
@@ -63,6 +65,8 @@ class _Piece(NamedTuple):
     #: a guarded piece (see HostMap.unless_done): its copied bitmap, and the cluster size
     unless_done: ClusterBitmap | None
     cluster: int
+    #: writes may go there directly too
+    writable: bool
 
 
 def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
@@ -81,7 +85,8 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
             last = learned[-1] if learned else None
             if (last is not None and last.fd == piece.fd
                     and last.host + last.length == piece.host
-                    and last.unless_done is piece.unless_done):
+                    and last.unless_done is piece.unless_done
+                    and last.writable == piece.writable):
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
                 learned.append(piece)
@@ -91,7 +96,8 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
     total = 0
     for piece in learned:
         if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
-                         cast("NativeBitmap | None", piece.unless_done), piece.cluster):
+                         cast("NativeBitmap | None", piece.unless_done), piece.cluster,
+                         piece.writable):
             break
         total += piece.length
     return total
@@ -102,15 +108,22 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
     when some node on the way must read it itself (or two snapshots would guard it)."""
     current, at, count = node, offset, length
     guard: tuple[ClusterBitmap, int] | None = None
+    writable = True
     while True:
         current.add_route(route)  # first: an invalidation from now on reaches the route
+        # A write skipping this node must owe it nothing: no bitmap to mark, no writes to
+        # serialise (each change of those drops the routes through the node).
+        writable = writable and not (current.read_only or current.bitmaps.list()
+                                     or current.serialiser is not None)
         fd = current.driver.posix_fd()
         if fd is not None:
             done, cluster = guard if guard is not None else (None, 0)
-            return _Piece(offset, count, fd, at, done, cluster)
+            writable = writable and current.driver.writes_in_place()
+            return _Piece(offset, count, fd, at, done, cluster, writable)
         found = current.host_map(at, count)
         if found is None or found.length <= 0:
             return None
+        writable = writable and found.writable
         if found.unless_done is not None:
             if guard is not None or found.offset != at:
                 return None  # the bitmap is indexed by guest offsets: keep to one level

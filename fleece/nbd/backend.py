@@ -200,6 +200,7 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         node.pwrite(offset, request.payload)
         if flags & CmdFlag.FUA or export.writethrough:
             node.flush()
+        _teach_route(export, node, offset, length)
     elif command == Cmd.FLUSH:
         node.flush()
     elif command == Cmd.TRIM:

@@ -12,7 +12,6 @@ path; it is read at each new connection, so tests can compare the two paths.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,8 +26,7 @@ if TYPE_CHECKING:
 
 def enabled() -> bool:
     """True when new NBD connections get the native data plane."""
-    value = os.environ.get("FLEECE_NO_DATAPLANE", "")
-    return value in ("", "0") and route.available()
+    return route.available()
 
 
 def native_requests() -> int:
@@ -52,7 +50,8 @@ def start(fd: int, export: Export, proto: ServerConnection, peer: str, *,
     from fleece._fast.dataplane import Plane as NativePlane
 
     plane = NativePlane(fd, native, export.node.size, proto.structured,
-                        on_input, on_error, on_progress)
+                        on_input, on_error, on_progress,
+                        export.writable and not export.writethrough)
     if plane.fileno >= ceiling:
         plane.close()
         plane.run()  # returns at once: closes the duplicate

@@ -83,8 +83,13 @@ class Run:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    """A 4 MiB qcow2 disk ``disk0`` full of 0x11 except cluster 8 (0x88), on ``virtio0``."""
+def storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
+    """A 4 MiB qcow2 disk ``disk0`` full of 0x11 except cluster 8 (0x88), on ``virtio0``.
+
+    The native data plane stays off: these tests stop requests inside the drivers' Python
+    methods, which a native read or write of a mapped range never enters (test_dataplane.py
+    has the plane's own defect tests)."""
+    monkeypatch.setenv("FLEECE_NO_DATAPLANE", "1")
     image = str(tmp_path / "disk.qcow2")
     create(image, SIZE)
     with Storage() as storage:

@@ -102,7 +102,15 @@ class CopyBeforeWriteDriver(Driver):
         return self.cbw
 
     def host_map(self, offset: int, length: int) -> HostMap | None:
-        return HostMap(length, self.file, offset)  # reads pass through to the source
+        """Reads pass through to the source; so do writes of copied clusters (a cluster,
+        once copied, stays so), which need nothing of the filter."""
+        first, end = self.cbw.clusters(offset, length)
+        copied = first < end and self.cbw.done.get(first)
+        if copied:
+            end = self.cbw.done.next_clear(first)
+            if end >= 0:
+                length = min(length, end * self.cbw.cluster_size - offset)
+        return HostMap(length, self.file, offset, writable=bool(copied))
 
     def stop_writing_child(self) -> None:
         """Drop the write permission on ``file`` (the filter is being removed: the users that

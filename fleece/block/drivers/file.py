@@ -162,6 +162,9 @@ class FileDriver(Driver):
     def posix_fd(self) -> int | None:
         return self.fd if self.fd >= 0 else None
 
+    def writes_in_place(self) -> bool:
+        return type(self.ops) is FileOps  # not while a test records the file's operations
+
     def size(self) -> int:
         size = self._size
         if size < 0:
