@@ -218,3 +218,54 @@ def test_a_drained_root_serves_nothing_natively(storage: Storage, tmp_path: Path
         root.drain_end()
     device.pread_into(0, buf)
     assert native.pread_into(0, buf) and buf == image.read_bytes()[:CLUSTER]
+
+
+def test_a_bitmap_added_later_sees_native_writes(storage: Storage, tmp_path: Path) -> None:
+    """A range the plane writes itself, then a dirty bitmap on the node: the next writes
+    there must mark it (adding the bitmap drops the routes through the node)."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    storage.execute("blockdev-add", {"driver": "raw", "node-name": "disk",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    sock = _serve(storage, tmp_path)
+    storage.execute("nbd-server-add", {"device": "disk", "name": "disk", "writable": True})
+    with NBDClient.connect_unix(sock, "disk") as client:
+        for _ in range(3):  # taught by the first, native from then on
+            client.pwrite(0, b"\x01" * CLUSTER)
+        before = dataplane.native_requests()
+        client.pwrite(0, b"\x02" * CLUSTER)
+        assert _grew(before) is NATIVE
+        storage.execute("block-dirty-bitmap-add", {"node": "disk", "name": "b0"})
+        client.pwrite(2 * CLUSTER, b"\x03" * CLUSTER)  # taught again, now not writable
+        for _ in range(2):
+            client.pwrite(2 * CLUSTER, b"\x04" * CLUSTER)
+            client.pwrite(0, b"\x05" * CLUSTER)
+    bitmap = storage.graph.get("disk").bitmaps.get("b0")
+    assert bitmap is not None
+    assert bitmap.get(0) and bitmap.get(2 * CLUSTER)
+    assert image.read_bytes()[:3 * CLUSTER] == b"\x05" * CLUSTER + bytes(CLUSTER) + (
+        b"\x04" * CLUSTER)
+
+
+def test_device_writes_copy_before_write_once_fleecing_starts(
+        storage: Storage, tmp_path: Path) -> None:
+    """A device whose writes went natively to the source: once a backup inserts its filter,
+    a write to a cluster not copied yet must copy it first (the insertion drains the device
+    and drops its route; the filter maps only copied clusters writable)."""
+    image = tmp_path / "src.raw"
+    instant = os.urandom(SIZE)
+    image.write_bytes(instant)
+    storage.execute("blockdev-add", {"driver": "raw", "node-name": "src",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "src"})
+    device = storage.device("virtio0")
+    for offset in range(0, SIZE, CLUSTER):  # every range learned, written natively after
+        device.pwrite(offset, instant[offset:offset + CLUSTER])
+        device.pwrite(offset, instant[offset:offset + CLUSTER])
+    storage.execute("drive-backup", {"device": "virtio0", "target": str(tmp_path / "pit.qcow2"),
+                                     "format": "qcow2", "target-id": "pit0", "sync": "none"})
+    for offset in range(0, SIZE, 3 * CLUSTER):
+        for pattern in (b"\xee", b"\xef"):  # the second write finds the cluster copied
+            device.pwrite(offset, pattern * CLUSTER)
+    assert storage.graph.get("pit0").pread(0, SIZE) == instant
+    assert device.pread(0, CLUSTER) == b"\xef" * CLUSTER
