@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from fleece.bitmaps.commands import check_backup_bitmap
@@ -62,7 +63,10 @@ class JobCommands:
         self.find_node = nodes.find
         self._events = events
         self.jobs: dict[str, Job] = {}
-        self._jobs_lock = threading.Lock()
+        #: the job table's lock, held by a job from its final event to its dismissal (QEMU
+        #: does both in one main-loop step: a client that saw BLOCK_JOB_COMPLETED never
+        #: finds an auto-dismissed job in query-block-jobs); reentrant for event listeners
+        self._jobs_lock = threading.RLock()
         #: inside a transaction: jobs created and not started yet (QEMU starts them together,
         #: once every action succeeded)
         self._unstarted: list[Job] | None = None
@@ -90,6 +94,9 @@ class JobCommands:
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
         """Send an event (for the jobs: they announce themselves through their host)."""
         return self._events.emit(name, data)
+
+    def job_table(self) -> AbstractContextManager[object]:
+        return self._jobs_lock
 
     def forget_job(self, job: Job) -> None:
         """Drop ``job`` from the job table (its own dismissal calls this); no-op if it left."""
@@ -375,12 +382,14 @@ class JobCommands:
     @command("query-block-jobs", {})
     def query_block_jobs(self) -> list[dict[str, Any]]:
         """QEMU's ``BlockJobInfo`` of every job that has not been dismissed."""
-        return [job.block_info() for job in list(self.jobs.values())]
+        with self._jobs_lock:
+            return [job.block_info() for job in self.jobs.values()]
 
     @command("query-jobs", {})
     def query_jobs(self) -> list[dict[str, Any]]:
         """QEMU's ``JobInfo`` of every job that has not been dismissed."""
-        return [job.job_info() for job in list(self.jobs.values())]
+        with self._jobs_lock:
+            return [job.job_info() for job in self.jobs.values()]
 
     # -- block-job-* verbs (by device = job id) ----------------------------------------------
     @command("block-job-cancel", {"device": "str", "*force": "bool"})

@@ -17,6 +17,7 @@ import errno
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fleece.block.node import BlockNode, NodeUser, UserKind
@@ -34,6 +35,10 @@ class JobHost(Protocol):
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event: ...
 
     def forget_job(self, job: Job) -> None: ...
+
+    def job_table(self) -> AbstractContextManager[object]:
+        """Held while a job announces its end and leaves: a query sees it before or after."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -265,12 +270,13 @@ class Job:
             self.abort()
         finally:
             self._clean()
-        if self._cancelled and self.error is None:
-            self.storage.emit("BLOCK_JOB_CANCELLED", self._event_data())
-        else:
-            self.storage.emit("BLOCK_JOB_COMPLETED", {**self._event_data(),
-                                                      "error": self.error or "Job failed"})
-        self._conclude()
+        with self.storage.job_table():  # no query between the event and the dismissal
+            if self._cancelled and self.error is None:
+                self.storage.emit("BLOCK_JOB_CANCELLED", self._event_data())
+            else:
+                self.storage.emit("BLOCK_JOB_COMPLETED", {**self._event_data(),
+                                                          "error": self.error or "Job failed"})
+            self._conclude()
 
     def finalize(self) -> None:
         """Commit and announce completion (``job-finalize``, or automatically)."""
@@ -286,8 +292,9 @@ class Job:
             self._abort_path(claimed=True)
             return
         self._clean()
-        self.storage.emit("BLOCK_JOB_COMPLETED", self._event_data())
-        self._conclude()
+        with self.storage.job_table():  # no query between the event and the dismissal
+            self.storage.emit("BLOCK_JOB_COMPLETED", self._event_data())
+            self._conclude()
 
     def _clean(self) -> None:
         try:
