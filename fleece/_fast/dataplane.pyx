@@ -19,9 +19,9 @@ A native read counts itself in flight on the route from its look-up to the end o
 that a discard frees cannot be reused under a reader. A generation number, bumped by every
 invalidation, makes a learner that raced with one drop what it learned.
 
-Back-pressure: the thread stops reading while Python holds a batch it has not fed yet, while
-Python paused the connection (its budget), and while more than ``OUTBOX_HIGH`` bytes of
-replies wait for the client; replies the socket does not take at once wait in an outbox that
+Back-pressure: while Python holds a batch, the thread goes on serving what it can and gathers
+the next batch, up to ``FB_HIGH`` bytes; it stops reading while Python paused the connection
+(its budget) and while more than ``OUTBOX_HIGH`` bytes of replies wait for the client; replies the socket does not take at once wait in an outbox that
 this thread flushes when the socket becomes writable.
 """
 
@@ -126,9 +126,13 @@ cdef enum:
     MAX_PAYLOAD = 32 * 1024 * 1024
     #: the receive buffer (it grows to hold one WRITE with its payload, then shrinks back)
     INBUF_SIZE = 256 * 1024
+    #: stop taking requests while this many bytes wait to be handed to Python
+    FB_HIGH = 1024 * 1024
     #: stop taking requests while this many bytes of replies wait for the client (the
     #: Python path's budget is 8 MiB of requests in flight and replies unsent)
     OUTBOX_HIGH = 2 * 1024 * 1024
+    #: Python's replies smaller than this are sent without letting the GIL go
+    SEND_WITH_GIL = 64 * 1024
     #: the largest reply buffer a plane keeps for reuse (qemu-img reads 2 MiB at a time)
     SPARE_MAX = 2 * 1024 * 1024 + 64
     #: a native read maps onto at most this many host extents (more: Python reads it)
@@ -165,6 +169,19 @@ cdef struct Segment:
     const uint64_t *done
     int64_t done_bits
     int64_t cluster
+
+
+cdef int64_t _first_done(const Segment *seg) noexcept nogil:
+    """Where the first copied cluster of the segment starts (its end when none is)."""
+    cdef int64_t first = seg.guest // seg.cluster
+    cdef int64_t end = (seg.guest + seg.length + seg.cluster - 1) // seg.cluster
+    cdef int64_t c
+    if end > seg.done_bits:
+        return seg.guest
+    for c in range(first, end):
+        if (fleece_load_word(seg.done + (c >> 6)) >> (c & 63)) & 1:
+            return max(seg.guest, c * seg.cluster)
+    return seg.guest + seg.length
 
 
 cdef bint _any_done(const Segment *seg) noexcept nogil:
@@ -441,6 +458,33 @@ cdef class Route:
         self.release()
         return error
 
+    def mapped_until(self, int64_t offset, int64_t limit):
+        """Where the mapped run from ``offset`` ends (``offset`` when it is not mapped), at
+        most ``limit``: a learner starts there. A guarded extent ends at its first copied
+        cluster (which the target maps now)."""
+        cdef int64_t pos = offset, stop
+        cdef Py_ssize_t i
+        cdef Segment seg
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            i = self._first_ending_after(offset)
+            while i < self._n and self._ext[i].start <= pos < limit:
+                stop = min(self._ext[i].end, limit)
+                if self._ext[i].done != NULL:
+                    seg.guest = pos
+                    seg.length = stop - pos
+                    seg.done = self._ext[i].done
+                    seg.done_bits = self._ext[i].done_bits
+                    seg.cluster = self._ext[i].cluster
+                    stop = _first_done(&seg)
+                    if stop < min(self._ext[i].end, limit):
+                        pos = max(pos, stop)
+                        break
+                pos = stop
+                i += 1
+            pthread_mutex_unlock(&self._lock)
+        return min(pos, limit)
+
     cdef bint covers(self, int64_t offset, int64_t length, bint write) noexcept nogil:
         """The route maps the whole range now (a hint: it may be gone when used)."""
         cdef Segment segs[MAX_SEGMENTS]
@@ -672,7 +716,7 @@ cdef class Plane:
     def send(self, buffers):
         """Send one reply's buffers in order, now or, what the socket does not take at once,
         from the outbox; never waits for the client."""
-        cdef Py_ssize_t count = len(buffers), i, used = 0
+        cdef Py_ssize_t count = len(buffers), i, used = 0, total = 0
         cdef iovec *iov = <iovec *>malloc((count or 1) * sizeof(iovec))
         cdef const unsigned char[::1] view
         cdef bint failed
@@ -687,11 +731,15 @@ cdef class Plane:
                 views.append(view)
                 iov[used].iov_base = <void *>&view[0]
                 iov[used].iov_len = view.shape[0]
+                total += view.shape[0]
                 used += 1
             if not used:
                 return
-            with nogil:
+            if total < SEND_WITH_GIL:  # taking the GIL back would cost more than the send
                 failed = self._send_iov(iov, used, NULL)
+            else:
+                with nogil:
+                    failed = self._send_iov(iov, used, NULL)
         finally:
             free(iov)
         if failed:
@@ -893,14 +941,19 @@ cdef class Plane:
                 return -1
             handed, paused = self._handed, self._paused
             want_out = self._head != NULL
-            want_in = not (handed or paused or self._stopped) and self._queued < OUTBOX_HIGH
+            want_in = not (paused or self._stopped) and self._queued < OUTBOX_HIGH and (
+                self._fb_len < FB_HIGH)
             pthread_mutex_unlock(&self._lock)
+            if self._fb_len and not handed:  # Python took the last batch: the next one
+                if self._hand_batch() < 0:
+                    return -1
+                continue
             if want_in and not self._wants_more():
                 if self._process() < 0:
                     return -1
                 pthread_mutex_lock(&self._lock)
-                want_in = not (self._handed or self._paused or self._stopped) and (
-                    self._queued < OUTBOX_HIGH)
+                want_in = not (self._paused or self._stopped) and (
+                    self._queued < OUTBOX_HIGH) and self._fb_len < FB_HIGH
                 want_out = self._head != NULL
                 pthread_mutex_unlock(&self._lock)
                 if want_in and not self._wants_more():
@@ -1064,7 +1117,7 @@ cdef class Plane:
         pthread_mutex_lock(&self._lock)
         stop = self._paused or self._closed or self._failed or self._queued >= OUTBOX_HIGH
         pthread_mutex_unlock(&self._lock)
-        return stop
+        return stop or self._fb_len >= FB_HIGH
 
     cdef int _hand(self, const char *data, size_t length) noexcept nogil:
         """Queue request bytes for Python (sent in one batch by _hand_batch)."""
@@ -1083,10 +1136,15 @@ cdef class Plane:
         return 0
 
     cdef int _hand_batch(self) noexcept nogil:
+        """Hand the requests gathered for Python over, unless Python still holds the last
+        batch (they wait, and the plane goes on serving what it can meanwhile)."""
         cdef char *grown
         if not self._fb_len:
             return 0
         pthread_mutex_lock(&self._lock)
+        if self._handed:
+            pthread_mutex_unlock(&self._lock)
+            return 0
         self._handed = True
         pthread_mutex_unlock(&self._lock)
         with gil:

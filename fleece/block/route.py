@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: a learner looks this far past the read it follows (the next reads are likely there)
-LEARN_AHEAD = 4 * 1024 * 1024
+#: a learner looks this far past the read it follows (the next reads are likely there),
+#: skipping what the route maps already
+LEARN_AHEAD = 64 * 1024 * 1024
 #: and learns at most this many extents at once
 LEARN_EXTENTS = 64
 
@@ -75,22 +76,29 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
     counts a request in flight on the root (the node cannot move meanwhile)."""
     generation = route.generation
     end = min(node.size, offset + max(length, LEARN_AHEAD))
-    pos = offset
+    pos = route.mapped_until(offset, end)
+    if pos >= offset + length:
+        return 0  # learned meanwhile (another connection's read): nothing to add
     learned: list[_Piece] = []
     try:
         while pos < end and len(learned) < LEARN_EXTENTS:
             piece = _resolve(route, node, pos, end - pos)
             if piece is None:
                 break
+            if piece.start + piece.length < end:  # go on where the route does not map yet
+                ahead = route.mapped_until(piece.start + piece.length, end)
+            else:
+                ahead = end
             last = learned[-1] if learned else None
             if (last is not None and last.fd == piece.fd
+                    and last.start + last.length == piece.start
                     and last.host + last.length == piece.host
                     and last.unless_done is piece.unless_done
                     and last.writable == piece.writable):
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
                 learned.append(piece)
-            pos += piece.length
+            pos = ahead
     except OSError as exc:  # a node closed or broke meanwhile: learn nothing more
         log.debug("route learning stopped at %d: %s", pos, exc)
     total = 0

@@ -187,6 +187,11 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         direct = sender is not None and length >= SENDFILE_ABOVE and export.file_window
         if direct and _sendfile_read(export, node, proto, sender, cookie, offset, length):
             return []
+        native = export.root.route
+        if native is not None and length:  # learned since the plane looked (or by another)
+            buf = bytearray(length)
+            if native.pread_into(offset, buf):
+                return proto.read_reply(cookie, offset, buf)
         if proto.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
             reply = _sparse_read(export, node, proto, cookie, offset, length)
         else:

@@ -80,6 +80,8 @@ def test_a_route_maps_replaces_and_forgets(tmp_path: Path) -> None:
         assert native.pread_into(2040, buf)
         data = path.read_bytes()
         assert buf == data[2040:2048] + data[10000:10008]
+        assert native.mapped_until(0, 1 << 20) == 12288  # up to the end of the last extent
+        assert native.mapped_until(100, 5000) == 5000 and native.mapped_until(20000, 30000) == 20000
         native.invalidate()
         assert len(native) == 0 and not native.pread_into(0, buf)
         assert not native.add(gen, 0, 4096, fd, 0)  # learned before the invalidation
@@ -269,3 +271,30 @@ def test_device_writes_copy_before_write_once_fleecing_starts(
             device.pwrite(offset, pattern * CLUSTER)
     assert storage.graph.get("pit0").pread(0, SIZE) == instant
     assert device.pread(0, CLUSTER) == b"\xef" * CLUSTER
+
+
+def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> None:
+    if not NATIVE:  # the route is compiled only
+        return
+    from fleece._fast.bitmap import ClusterBitmap
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8 * CLUSTER))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        native = route.new_route()
+        assert native is not None
+        done = ClusterBitmap(8)
+        assert native.add(native.generation, 0, 8 * CLUSTER, fd, 0, done, CLUSTER)
+        buf = bytearray(CLUSTER)
+        assert native.mapped_until(0, 8 * CLUSTER) == 8 * CLUSTER
+        assert native.pread_into(3 * CLUSTER, buf)
+        done.set_range(3, 1)
+        assert native.mapped_until(0, 8 * CLUSTER) == 3 * CLUSTER  # learn from there
+        assert not native.pread_into(3 * CLUSTER, buf)  # the target has it now
+        assert not native.pread_into(2 * CLUSTER, bytearray(CLUSTER + 1))
+        assert native.pread_into(4 * CLUSTER, buf)
+        with pytest.raises(ValueError):
+            native.add(native.generation, 0, CLUSTER, fd, 0, done, 0)  # no cluster size
+    finally:
+        os.close(fd)
