@@ -19,6 +19,11 @@ filled with random data:
    half of ``snap`` and nbdcopy of the whole snapshot again;
 4. the daemon's peak RSS (``VmHWM``).
 
+The nbdcopy of ``snap`` in step 3 runs with ``-C 4`` (multi-conn: both daemons advertise it
+on a read-only export, so nbdcopy opens up to 4 connections) and right after with ``-C 1``;
+the row ``multi-conn: -C 4 / -C 1`` says how much more than one connection's worth a daemon
+serves (the second copy finds fleece's routes learned: if anything it flatters ``-C 1``).
+
 A push scenario (issue #16, push backup with fleecing), per daemon and repeat, on a fresh copy
 of the same source: the filter scheme (``blockdev-add`` ``copy-before-write`` ``fl`` with
 ``file=src`` and ``target`` a fresh local qcow2 fleecing image, ``snapshot-access`` ``acc`` over
@@ -34,12 +39,18 @@ with the source as it was when the filter went in: the guest's writes must not a
 A second check fleeces a sparse 1 TiB source the same way, reads and writes a few MiB, and
 reports the peak RSS (fleece's must stay under 100 MiB). Run::
 
-    python benchmarks/compare_qemu.py [--size 1G] [--repeat 2] [--fio-seconds 3] [--json]
-                                      [--plot docs/compare_qemu.png] [--only fleece|qemu]
-                                      [--no-push] [--no-rss-1t]
+    python benchmarks/compare_qemu.py [--size 1G] [--repeat 2] [--runs 1] [--fio-seconds 3]
+                                      [--json] [--plot docs/compare_qemu.png]
+                                      [--only fleece|qemu] [--no-push] [--no-rss-1t]
 
-Prints, for each figure, the best of ``--repeat`` runs for each daemon and the ratio fleece /
-QEMU (for times and memory, a ratio above 1 means fleece is better too: it is QEMU / fleece).
+Prints, for each figure, the best of ``--repeat`` repeats for each daemon and the ratio fleece /
+QEMU (for times and memory, a ratio above 1 means fleece is better too: it is QEMU / fleece),
+and, for each figure that moves bytes, each daemon's CPU seconds per GiB moved: user + system
+time of the daemon process (all its threads, from ``/proc/PID/stat``) across that figure's
+measurement, divided by the bytes nbdcopy or fio moved (the lowest of the repeats). With
+``--runs N`` the whole comparison runs N times and each figure, ratio and CPU figure is the
+median of the runs (ratios are taken within a run, then the median of those); issue #14's
+"median of 3 runs" is ``--repeat 1 --runs 3``.
 """
 
 from __future__ import annotations
@@ -49,13 +60,14 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,6 +79,8 @@ from fleece.units import parse_size
 
 PEER_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
 MiB = 1 << 20
+GiB = 1 << 30
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DAEMONS = ("fleece", "qemu")
 RSS_LIMIT_MIB = 100.0
 
@@ -88,6 +102,7 @@ FIGURES = (
     Figure("rand_write", "rand 4k writes, no fleecing", "IOPS", target=0.7),
     Figure("rand_write_fleece", "rand 4k writes, fleecing", "IOPS", target=0.7),
     Figure("copy_snapshot", "nbdcopy snapshot (half copied)", "MiB/s", target=1.0),
+    Figure("copy_snapshot_1conn", "nbdcopy -C 1 of that snapshot", "MiB/s"),
     Figure("copy_live", "nbdcopy live export", "MiB/s"),
     Figure("rand_read_snapshot", "rand 4k reads, snapshot", "IOPS", target=0.7),
     Figure("read_scattered", "rand 256k reads, scattered snapshot", "MiB/s", target=1.0),
@@ -114,10 +129,15 @@ def nbd_uri(sock: Path, export: str) -> str:
     return f"nbd+unix:///{export}?socket={sock}"
 
 
-def nbdcopy_rate(sock: Path, export: str, size: int) -> float:
-    """MiB/s of ``nbdcopy`` from the export to ``null:``."""
+def nbdcopy_rate(sock: Path, export: str, size: int, connections: int | None = None) -> float:
+    """MiB/s of ``nbdcopy`` from the export to ``null:``; ``connections`` is its ``-C`` (at
+    most that many connections when the export advertises multi-conn; nbdcopy's default is
+    4)."""
+    argv = ["nbdcopy", nbd_uri(sock, export), "null:"]
+    if connections is not None:
+        argv[1:1] = [f"--connections={connections}", f"--threads={connections}"]
     start = time.perf_counter()
-    run(["nbdcopy", nbd_uri(sock, export), "null:"])
+    run(argv)
     return size / (time.perf_counter() - start) / MiB
 
 
@@ -140,6 +160,43 @@ def vm_hwm_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far, all its threads (``utime`` and
+    ``stime`` of ``/proc/PID/stat``, in clock ticks: 10 ms resolution)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass
+class Figures:
+    """One daemon's figures from one step, and its CPU seconds per GiB for those that move
+    bytes."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, pid: int, key: str, step: Callable[[], tuple[float, int]]) -> None:
+        """Run ``step``, which returns its figure and the bytes it moved; record the figure
+        as ``key`` and the CPU seconds per GiB that process ``pid`` spent during it."""
+        before = cpu_seconds(pid)
+        value, moved = step()
+        used = cpu_seconds(pid) - before
+        self.values[key] = value
+        if moved:
+            self.cpu[key] = used / (moved / GiB)
+
+
+def mib_per_s(section: dict[str, Any]) -> tuple[float, int]:
+    """A fio section's bandwidth in MiB/s, and its bytes."""
+    return section["bw_bytes"] / MiB, section["io_bytes"]
+
+
+def iops(section: dict[str, Any]) -> tuple[float, int]:
+    """A fio section's IOPS, and its bytes."""
+    return section["iops"], section["io_bytes"]
 
 
 def make_random_qcow2(path: Path, size: int, work: Path) -> None:
@@ -273,7 +330,7 @@ def start_fleecing(d: Daemon, target: Path) -> float:
 
 
 # -- the scenarios ---------------------------------------------------------------------------
-def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> dict[str, float]:
+def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> Figures:
     """The 1 GiB scenario on one daemon; its figures."""
     source, target = work / f"{kind}-src.qcow2", work / f"{kind}-pit0.qcow2"
     shutil.copyfile(base, source)
@@ -282,32 +339,33 @@ def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> dict
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(source), "-F", "qcow2",
          str(target)])
     half = size // 2
-    figures: dict[str, float] = {}
+    out = Figures()
     with daemon(kind, work) as d:
+        measure = partial(out.measure, d.pid)
         add_qcow2(d.qmp, "src", source)
         export(d.qmp, "live", "src", writable=True)
-        figures["copy_live"] = nbdcopy_rate(d.nbd, "live", size)
-        w = fio(d.nbd, "live", "write", "64k", 8, 0, half)
-        figures["seq_write"] = w["bw_bytes"] / MiB
-        w = fio(d.nbd, "live", "randwrite", "4k", 16, half, size - half, seconds)
-        figures["rand_write"] = w["iops"]
-        figures["first_byte"] = start_fleecing(d, target) * 1000
-        w = fio(d.nbd, "live", "write", "64k", 8, 0, half)
-        figures["seq_write_fleece"] = w["bw_bytes"] / MiB
-        figures["copy_snapshot"] = nbdcopy_rate(d.nbd, "snap", size)
-        r = fio(d.nbd, "snap", "randread", "4k", 16, 0, size, seconds)
-        figures["rand_read_snapshot"] = r["iops"]
-        w = fio(d.nbd, "live", "randwrite", "4k", 16, half, size - half, seconds)
-        figures["rand_write_fleece"] = w["iops"]
+        measure("copy_live", lambda: (nbdcopy_rate(d.nbd, "live", size), size))
+        measure("seq_write", lambda: mib_per_s(fio(d.nbd, "live", "write", "64k", 8, 0, half)))
+        measure("rand_write", lambda: iops(fio(d.nbd, "live", "randwrite", "4k", 16, half,
+                                               size - half, seconds)))
+        out.values["first_byte"] = start_fleecing(d, target) * 1000
+        measure("seq_write_fleece",
+                lambda: mib_per_s(fio(d.nbd, "live", "write", "64k", 8, 0, half)))
+        measure("copy_snapshot", lambda: (nbdcopy_rate(d.nbd, "snap", size, 4), size))
+        measure("copy_snapshot_1conn", lambda: (nbdcopy_rate(d.nbd, "snap", size, 1), size))
+        measure("rand_read_snapshot",
+                lambda: iops(fio(d.nbd, "snap", "randread", "4k", 16, 0, size, seconds)))
+        measure("rand_write_fleece", lambda: iops(fio(d.nbd, "live", "randwrite", "4k", 16,
+                                                      half, size - half, seconds)))
         # The random writes scattered the copied clusters of the second half, as guests do
         # while a backup runs: the snapshot reads now alternate between target and source.
-        r = fio(d.nbd, "snap", "randread", "256k", 16, half, size - half, seconds)
-        figures["read_scattered"] = r["bw_bytes"] / MiB
-        figures["copy_scattered"] = nbdcopy_rate(d.nbd, "snap", size)
-        figures["rss"] = vm_hwm_mib(d.pid)
+        measure("read_scattered", lambda: mib_per_s(fio(d.nbd, "snap", "randread", "256k", 16,
+                                                        half, size - half, seconds)))
+        measure("copy_scattered", lambda: (nbdcopy_rate(d.nbd, "snap", size, 4), size))
+        out.values["rss"] = vm_hwm_mib(d.pid)
     source.unlink()
     target.unlink()
-    return figures
+    return out
 
 
 @contextmanager
@@ -356,8 +414,9 @@ def fio_until(sock: Path, export: str, rw: str, bs: str, iodepth: int, size: int
     return section["write" if "write" in rw else "read"]  # type: ignore[no-any-return]
 
 
-def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> dict[str, float]:
-    """The push scenario on one daemon (see the module's docstring); its two figures. With
+def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> Figures:
+    """The push scenario on one daemon (see the module's docstring); its two figures (their
+    CPU per GiB: the daemon's CPU over the push, per GiB pushed and written by the guest). With
     ``verify``, ``qemu-img compare`` checks the pushed image against ``base`` (the source's
     content when the filter went in) and raises ``CalledProcessError`` if it differs."""
     source, fleecing = work / f"{kind}-push-src.qcow2", work / f"{kind}-fleecing.qcow2"
@@ -365,7 +424,7 @@ def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> dict[str
     shutil.copyfile(base, source)
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleecing), str(size)])
     run(["qemu-img", "create", "-q", "-f", "raw", str(backup), str(size)])
-    figures: dict[str, float] = {}
+    out = Figures()
     try:
         with qemu_nbd(backup, sock), daemon(kind, work) as d:
             add_qcow2(d.qmp, "src", source)
@@ -387,12 +446,15 @@ def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> dict[str
                 if "error" in got:
                     raise RuntimeError(f"{kind}: the push failed: {got['error']}")
 
+            cpu_before = cpu_seconds(d.pid)
             start = time.perf_counter()
             d.qmp.execute("blockdev-backup", {"device": "acc", "target": "push",
                                               "sync": "full", "job-id": "push0"})
             w = fio_until(d.nbd, "guest", "write", "64k", 8, size, wait_push)
-            figures["push"] = size / (finished - start) / MiB
-            figures["push_guest_write"] = w["bw_bytes"] / MiB
+            cpu = (cpu_seconds(d.pid) - cpu_before) / ((size + w["io_bytes"]) / GiB)
+            out.values["push"] = size / (finished - start) / MiB
+            out.values["push_guest_write"] = w["bw_bytes"] / MiB
+            out.cpu["push"] = out.cpu["push_guest_write"] = cpu
             if w["io_bytes"] == 0:
                 raise RuntimeError(f"{kind}: the guest wrote nothing during the push")
             d.qmp.execute("blockdev-del", {"node-name": "push"})  # flushes, disconnects
@@ -406,7 +468,7 @@ def push(kind: str, work: Path, base: Path, size: int, verify: bool) -> dict[str
         for path in (source, fleecing, backup):
             with suppress(FileNotFoundError):
                 path.unlink()
-    return figures
+    return out
 
 
 def rss_1t(kind: str, work: Path) -> float:
@@ -436,8 +498,8 @@ def rss_1t(kind: str, work: Path) -> float:
         target.unlink()
 
 
-def rss_1t_figures(kind: str, work: Path) -> dict[str, float]:
-    return {"rss_1t": rss_1t(kind, work)}
+def rss_1t_figures(kind: str, work: Path) -> Figures:
+    return Figures(values={"rss_1t": rss_1t(kind, work)})
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -454,31 +516,70 @@ def ratio(figure: Figure, ours: float, theirs: float) -> float:
     return theirs / ours if ours else float("inf")
 
 
-def table(results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def judge(row: dict[str, Any]) -> None:
+    """Set the row's ``ratio`` (from its two values, unless derived), ``target`` and
+    ``held`` from what it holds."""
+    key, ours = row["figure"], row["fleece"]
+    figure = next((f for f in FIGURES if f.key == key), None)
+    if figure is not None and figure.target is not None and row.get("ratio") is not None:
+        row["target"] = figure.target
+        row["held"] = row["ratio"] >= figure.target
+    elif key == "rss_1t" and ours is not None:
+        row["target"] = f"< {RSS_LIMIT_MIB:.0f} MiB"
+        row["held"] = ours < RSS_LIMIT_MIB
+    elif key == "fleece_fleecing_over_plain" and ours is not None:
+        row["target"] = 0.5
+        row["held"] = ours >= 0.5
+    elif key == "multi_conn" and ours is not None:
+        row["target"] = "> 1.0"
+        row["held"] = ours > 1.0
+
+
+def table(results: dict[str, dict[str, float]],
+          cpu: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The rows of one run: each figure of both daemons, its ratio, target, whether it held,
+    and each daemon's CPU seconds per GiB (``fleece_cpu``, ``qemu_cpu``)."""
     rows: list[dict[str, Any]] = []
     for figure in FIGURES:
         row: dict[str, Any] = {"figure": figure.key, "label": figure.label, "unit": figure.unit}
         for kind in DAEMONS:
             row[kind] = results.get(kind, {}).get(figure.key)
+        for kind in DAEMONS:
+            row[f"{kind}_cpu"] = cpu.get(kind, {}).get(figure.key)
         if row["fleece"] is not None and row["qemu"] is not None:
             row["ratio"] = ratio(figure, row["fleece"], row["qemu"])
-            if figure.target is not None:
-                row["target"] = figure.target
-                row["held"] = row["ratio"] >= figure.target
-        if figure.key == "rss_1t" and row["fleece"] is not None:
-            row["target"] = f"< {RSS_LIMIT_MIB:.0f} MiB"
-            row["held"] = row["fleece"] < RSS_LIMIT_MIB
         rows.append(row)
-    ours = results.get("fleece", {})
-    if "seq_write" in ours and "seq_write_fleece" in ours:
-        value = ours["seq_write_fleece"] / ours["seq_write"]
-        rows.append({"figure": "fleece_fleecing_over_plain",
-                     "label": "fleece: fleecing / no fleecing", "unit": "ratio",
-                     "fleece": value, "qemu": None, "target": 0.5, "held": value >= 0.5})
-    if "seq_write" in results.get("qemu", {}):
-        q = results["qemu"]
-        rows[-1]["qemu"] = q["seq_write_fleece"] / q["seq_write"]
+
+    def derived(key: str, label: str, over: str, under: str) -> None:
+        values = {kind: results[kind][over] / results[kind][under]
+                  for kind in DAEMONS
+                  if over in results.get(kind, {}) and under in results.get(kind, {})}
+        if "fleece" in values:
+            rows.append({"figure": key, "label": label, "unit": "ratio",
+                         "fleece": values["fleece"], "qemu": values.get("qemu")})
+
+    derived("fleece_fleecing_over_plain", "fleece: fleecing / no fleecing",
+            "seq_write_fleece", "seq_write")
+    derived("multi_conn", "multi-conn: -C 4 / -C 1 (snapshot)",
+            "copy_snapshot", "copy_snapshot_1conn")
+    for row in rows:
+        judge(row)
     return rows
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of several runs merged: each value, ratio and CPU figure the median of the
+    runs (a ratio is taken within each run first); ``ratios`` lists each run's ratio."""
+    merged: list[dict[str, Any]] = []
+    for same in zip(*runs, strict=True):
+        row = {key: same[0][key] for key in ("figure", "label", "unit")}
+        for key in ("fleece", "qemu", "ratio", "fleece_cpu", "qemu_cpu"):
+            values = [r[key] for r in same if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        row["ratios"] = [r.get("ratio") for r in same]
+        judge(row)
+        merged.append(row)
+    return merged
 
 
 def show(value: Any, digits: int = 0) -> str:
@@ -492,15 +593,22 @@ def show(value: Any, digits: int = 0) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'figure':<34}{'unit':>6}{'fleece':>11}{'qemu':>11}{'ratio':>7}"
-          f"{'target':>12}{'held':>6}")
+    """The rows as a text table; CPU in seconds per GiB moved; each run's ratio when there
+    were several."""
+    print(f"{'figure':<36}{'unit':>6}{'fleece':>11}{'qemu':>11}{'ratio':>7}"
+          f"{'target':>12}{'held':>6}{'cpu s/GiB: fleece':>19}{'qemu':>6}"
+          f"{'  ratio per run' if rows and 'ratios' in rows[0] else ''}")
     for row in rows:
         digits = 2 if row["unit"] == "ratio" else (1 if row["unit"] in ("ms", "MiB") else 0)
         target = row.get("target")
         target_text = f">= {target}" if isinstance(target, float) else show(target)
-        print(f"{row['label']:<34}{row['unit']:>6}{show(row['fleece'], digits):>11}"
+        ratios = row.get("ratios", [])
+        runs = " / ".join(show(r, 2) for r in ratios) if any(ratios) else ""
+        print(f"{row['label']:<36}{row['unit']:>6}{show(row['fleece'], digits):>11}"
               f"{show(row['qemu'], digits):>11}{show(row.get('ratio'), 2):>7}"
-              f"{target_text:>12}{show(row.get('held')):>6}")
+              f"{target_text:>12}{show(row.get('held')):>6}"
+              f"{show(row.get('fleece_cpu'), 2):>19}{show(row.get('qemu_cpu'), 2):>6}"
+              f"{'  ' + runs if runs else ''}")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -532,11 +640,49 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def compare(args: argparse.Namespace, work: Path, base: Path,
+            kinds: tuple[str, ...]) -> dict[str, Any]:
+    """One run of the comparison: each daemon's best figures of ``--repeat`` repeats, their
+    CPU per GiB (the lowest of the repeats) and the rows."""
+    cpu_samples: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    value_samples: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    started = time.monotonic()
+    steps: list[tuple[str, Callable[[], Figures]]] = []
+    for _ in range(args.repeat):  # interleaved, so drift hits both alike
+        for kind in kinds:
+            steps.append((kind, partial(scenario, kind, work, base, args.size,
+                                        args.fio_seconds)))
+    if not args.no_push:
+        for repeat in range(args.repeat):
+            for kind in kinds:
+                steps.append((kind, partial(push, kind, work, base, args.size,
+                                            verify=repeat == 0)))
+    if not args.no_rss_1t:
+        for kind in kinds:
+            steps.append((kind, partial(rss_1t_figures, kind, work)))
+    for kind, step in steps:
+        got = step()
+        for key, value in got.values.items():
+            value_samples[kind].setdefault(key, []).append(value)
+        for key, value in got.cpu.items():
+            cpu_samples[kind].setdefault(key, []).append(value)
+        print(f"[{time.monotonic() - started:6.1f} s] {kind} done", file=sys.stderr)
+    results = {kind: {key: best(next(f for f in FIGURES if f.key == key), values)
+                      for key, values in figures.items()}
+               for kind, figures in value_samples.items()}
+    cpu = {kind: {key: min(values) for key, values in figures.items()}
+           for kind, figures in cpu_samples.items()}
+    return {"results": results, "cpu_s_per_gib": cpu, "rows": table(results, cpu)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"),
                         help="the source disk's size (default 1G)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per daemon (best counts)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="repeats per daemon within a run (best counts)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="whole runs; with more than one, the median of the runs counts")
     parser.add_argument("--fio-seconds", type=int, default=3,
                         help="length of each time-based fio run")
     parser.add_argument("--only", choices=DAEMONS, help="run one daemon only")
@@ -551,42 +697,32 @@ def main() -> int:
             print(f"{tool} is not installed", file=sys.stderr)
             return 1
     kinds = (args.only,) if args.only else DAEMONS
-    samples: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleece-compare-", dir=args.workdir) as tmp:
         work = Path(tmp)
         base = work / "base.qcow2"
         make_random_qcow2(base, args.size, work)
-        steps: list[tuple[str, Callable[[], dict[str, float]]]] = []
-        for _ in range(args.repeat):  # interleaved, so drift hits both alike
-            for kind in kinds:
-                steps.append((kind, partial(scenario, kind, work, base, args.size,
-                                            args.fio_seconds)))
-        if not args.no_push:
-            for repeat in range(args.repeat):
-                for kind in kinds:
-                    steps.append((kind, partial(push, kind, work, base, args.size,
-                                                verify=repeat == 0)))
-        if not args.no_rss_1t:
-            for kind in kinds:
-                steps.append((kind, partial(rss_1t_figures, kind, work)))
-        for kind, step in steps:
-            for key, value in step().items():
-                samples[kind].setdefault(key, []).append(value)
-            print(f"[{time.monotonic() - started:6.1f} s] {kind} done", file=sys.stderr)
-    results = {kind: {key: best(next(f for f in FIGURES if f.key == key), values)
-                      for key, values in figures.items()}
-               for kind, figures in samples.items()}
-    rows = table(results)
+        runs = []
+        for number in range(args.runs):
+            if args.runs > 1:
+                print(f"run {number + 1} of {args.runs}", file=sys.stderr)
+            runs.append(compare(args, work, base, kinds))
+    rows = runs[0]["rows"] if args.runs == 1 else median_rows([r["rows"] for r in runs])
     if args.json:
-        print(json.dumps({"size": args.size, "repeat": args.repeat,
-                          "fio_seconds": args.fio_seconds, "results": results, "rows": rows},
-                         indent=2))
+        report: dict[str, Any] = {"size": args.size, "repeat": args.repeat, "runs": args.runs,
+                                  "fio_seconds": args.fio_seconds}
+        if args.runs == 1:
+            report.update(runs[0])
+        else:
+            report.update(rows=rows, per_run=runs)
+        print(json.dumps(report, indent=2))
     else:
         print_table(rows)
     if args.plot is not None:
+        how = f"best of {args.repeat}"
+        if args.runs > 1:
+            how = f"median of {args.runs} runs" + (f" ({how})" if args.repeat > 1 else "")
         plot(rows, args.plot, f"fleece vs qemu-storage-daemon, {args.size // MiB} MiB qcow2, "
-                              f"best of {args.repeat}, {os.cpu_count()} cores")
+                              f"{how}, {os.cpu_count()} cores")
     return 0
 
 
