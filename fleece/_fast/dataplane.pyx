@@ -119,6 +119,9 @@ cdef enum:
     CMD_READ = 0
     CMD_WRITE = 1
     CMD_DISC = 2
+    CMD_BLOCK_STATUS = 7
+    FLAG_REQ_ONE = 8
+    CHUNK_BLOCK_STATUS = 5
     FLAG_FUA = 1
     FLAG_DF = 4
     CHUNK_OFFSET_DATA = 1
@@ -159,6 +162,8 @@ cdef struct Extent:
     int64_t cluster
     # every node on the way takes a write here in place, with no bookkeeping of its own
     bint writable
+    # the export's block status says "data" here (base:allocation 0) while the extent holds
+    bint data
 
 
 cdef struct Segment:
@@ -254,12 +259,12 @@ cdef class Route:
 
     def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
             int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0,
-            bint writable=False):
+            bint writable=False, bint data=False):
         """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
         ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
         snapshot's read-through to its source; ``writable``: and a write may go there
-        directly). Ignored (False) when the route was invalidated or closed since
-        ``generation`` was read."""
+        directly; ``data``: and the export's block status calls it data). Ignored (False)
+        when the route was invalidated or closed since ``generation`` was read."""
         if length <= 0 or start < 0 or host < 0 or fd < 0:
             raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
         cdef const uint64_t *done = NULL
@@ -277,13 +282,13 @@ cdef class Route:
             added = generation == self._gen and not self._closed
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
-                                     cluster, writable and done == NULL)
+                                     cluster, writable and done == NULL, data)
             pthread_mutex_unlock(&self._lock)
         return added
 
     cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
                       const uint64_t *done, int64_t done_bits, int64_t cluster,
-                      bint writable) noexcept nogil:
+                      bint writable, bint data) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
         cdef Extent *grown
@@ -327,6 +332,7 @@ cdef class Route:
         self._ext[i].done_bits = done_bits
         self._ext[i].cluster = cluster
         self._ext[i].writable = writable
+        self._ext[i].data = data
         i += 1
         if has_tail:
             self._ext[i] = tail
@@ -485,6 +491,33 @@ cdef class Route:
             pthread_mutex_unlock(&self._lock)
         return min(pos, limit)
 
+    cdef int64_t data_until(self, int64_t offset, int64_t limit) noexcept nogil:
+        """Where the run from ``offset`` that the export's block status calls data ends
+        (``offset`` when the route does not know), at most ``limit``. A guarded extent ends
+        at its first copied cluster (the target decides there)."""
+        cdef int64_t pos = offset, stop, copied
+        cdef Py_ssize_t i
+        cdef Segment seg
+        pthread_mutex_lock(&self._lock)
+        if not self._closed:
+            i = self._first_ending_after(offset)
+            while i < self._n and self._ext[i].start <= pos < limit and self._ext[i].data:
+                stop = min(self._ext[i].end, limit)
+                if self._ext[i].done != NULL:
+                    seg.guest = pos
+                    seg.length = stop - pos
+                    seg.done = self._ext[i].done
+                    seg.done_bits = self._ext[i].done_bits
+                    seg.cluster = self._ext[i].cluster
+                    copied = _first_done(&seg)
+                    if copied < stop:
+                        pos = max(pos, copied)
+                        break
+                pos = stop
+                i += 1
+        pthread_mutex_unlock(&self._lock)
+        return pos
+
     cdef bint covers(self, int64_t offset, int64_t length, bint write) noexcept nogil:
         """The route maps the whole range now (a hint: it may be gone when used)."""
         cdef Segment segs[MAX_SEGMENTS]
@@ -580,6 +613,7 @@ cdef class Plane:
     cdef int64_t _size
     cdef bint _structured
     cdef bint _writes  # the export takes writes the plane may do itself (not FUA)
+    cdef uint32_t _status_context  # base:allocation's id when it is the only context, or 0
     cdef pthread_mutex_t _lock
     cdef Chunk *_head
     cdef Chunk *_tail
@@ -612,7 +646,8 @@ cdef class Plane:
         pthread_mutex_init(&self._lock, NULL)
 
     def __init__(self, int fd, Route route not None, int64_t size, bint structured,
-                 on_input, on_error, on_progress, bint writes=False):
+                 on_input, on_error, on_progress, bint writes=False,
+                 uint32_t status_context=0):
         self._sock = dup(fd)
         if self._sock < 0:
             raise OSError(errno, "cannot duplicate the NBD socket")
@@ -626,6 +661,7 @@ cdef class Plane:
         self._size = size
         self._structured = structured
         self._writes = writes
+        self._status_context = status_context if structured else 0
         self._on_input = on_input
         self._on_error = on_error
         self._on_progress = on_progress
@@ -1089,8 +1125,10 @@ cdef class Plane:
             served = 0
             if kind == CMD_READ:
                 served = self._serve_read(flags, cookie, offset, length)
-                if served < 0:
-                    return -1
+            elif kind == CMD_BLOCK_STATUS:
+                served = self._serve_status(flags, cookie, offset, length)
+            if served < 0:
+                return -1
             if not served:
                 if self._hand(self._in + pos, REQUEST_SIZE) < 0:
                     return -1
@@ -1185,6 +1223,36 @@ cdef class Plane:
             put_u64(reply + 8, cookie)
             iov.iov_len = 16
         iov.iov_base = reply
+        fleece_count_native()
+        if self._send_iov(&iov, 1, NULL):
+            return -1
+        return 1
+
+    cdef int _serve_status(self, uint16_t flags, uint64_t cookie, uint64_t offset,
+                           uint32_t length) noexcept nogil:
+        """Answer base:allocation (the only context negotiated) for a run the route knows to
+        be data: one extent, as far as it knows (the spec lets a reply cover less than
+        asked). 1 when answered, 0 when Python must, -1 when the peer is gone."""
+        cdef unsigned char reply[32]
+        cdef iovec iov
+        cdef int64_t end
+        if not self._status_context or flags & ~(FLAG_FUA | FLAG_REQ_ONE) or length == 0:
+            return 0
+        if offset > <uint64_t>self._size or offset + length > <uint64_t>self._size:
+            return 0
+        end = self._route.data_until(<int64_t>offset, <int64_t>(offset + length))
+        if end <= <int64_t>offset:
+            return 0
+        put_u32(reply, STRUCTURED_MAGIC)
+        put_u16(reply + 4, REPLY_DONE)
+        put_u16(reply + 6, CHUNK_BLOCK_STATUS)
+        put_u64(reply + 8, cookie)
+        put_u32(reply + 16, 12)
+        put_u32(reply + 20, self._status_context)
+        put_u32(reply + 24, <uint32_t>(end - <int64_t>offset))
+        put_u32(reply + 28, 0)  # data, not known to read as zeroes
+        iov.iov_base = reply
+        iov.iov_len = 32
         fleece_count_native()
         if self._send_iov(&iov, 1, NULL):
             return -1

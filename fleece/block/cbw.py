@@ -237,10 +237,10 @@ class CopyBeforeWrite:
         if self.access.count(first, end) != end - first:
             return None
         if not self.done.get(first):
-            return HostMap(span, self.source, offset, self.done, self.cluster_size)
+            return HostMap(span, self.source, offset, self.done, self.cluster_size, data=False)
         if self.copies_pending or not self.all_done(first, end):
             return None
-        return HostMap(span, self.target, offset)
+        return HostMap(span, self.target, offset, data=False)
 
     def read_through_map(self, offset: int, length: int) -> HostMap | None:
         """The target (backing scheme) reads ``[offset, offset + length)`` through to the

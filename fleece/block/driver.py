@@ -79,6 +79,9 @@ class HostMap(NamedTuple):
     cluster: int = 0
     #: a write of the range may go there too, with nothing else to do on this node's part
     writable: bool = False
+    #: what this node's block status says of the range: True data, False not known here
+    #: (say, a snapshot's own answer), None whatever the node below says (a window, a filter)
+    data: bool | None = None
 
 
 class Options:

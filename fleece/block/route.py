@@ -68,6 +68,8 @@ class _Piece(NamedTuple):
     cluster: int
     #: writes may go there directly too
     writable: bool
+    #: the export's block status calls it data
+    data: bool
 
 
 def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
@@ -94,7 +96,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
                     and last.start + last.length == piece.start
                     and last.host + last.length == piece.host
                     and last.unless_done is piece.unless_done
-                    and last.writable == piece.writable):
+                    and last.writable == piece.writable and last.data == piece.data):
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
                 learned.append(piece)
@@ -105,7 +107,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
     for piece in learned:
         if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
                          cast("NativeBitmap | None", piece.unless_done), piece.cluster,
-                         piece.writable):
+                         piece.writable, piece.data):
             break
         total += piece.length
     return total
@@ -117,6 +119,7 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
     current, at, count = node, offset, length
     guard: tuple[ClusterBitmap, int] | None = None
     writable = True
+    data: bool | None = None  # the first node on the way that decides
     while True:
         current.add_route(route)  # first: an invalidation from now on reaches the route
         # A write skipping this node must owe it nothing: no bitmap to mark, no writes to
@@ -127,11 +130,13 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
         if fd is not None:
             done, cluster = guard if guard is not None else (None, 0)
             writable = writable and current.driver.writes_in_place()
-            return _Piece(offset, count, fd, at, done, cluster, writable)
+            return _Piece(offset, count, fd, at, done, cluster, writable, bool(data))
         found = current.host_map(at, count)
         if found is None or found.length <= 0:
             return None
         writable = writable and found.writable
+        if data is None:
+            data = found.data
         if found.unless_done is not None:
             if guard is not None or found.offset != at:
                 return None  # the bitmap is indexed by guest offsets: keep to one level

@@ -21,7 +21,7 @@ from fleece.block.node import BlockNode
 from fleece.block.perm import Perm
 from fleece.commands import Nodes, command
 from fleece.errors import DeviceNotActive, DeviceNotFound, GenericError, NodeNotFound
-from fleece.jobs.backup import BackupJob, BitmapSyncMode, SyncMode
+from fleece.jobs.backup import DEFAULT_MAX_WORKERS, BackupJob, BitmapSyncMode, SyncMode
 from fleece.jobs.job import ErrorPolicy, Job
 from fleece.jobs.state import JobStatus
 
@@ -96,6 +96,7 @@ class JobCommands:
         return self._events.emit(name, data)
 
     def job_table(self) -> AbstractContextManager[object]:
+        """The job table's lock: a job holds it from its final event to its dismissal."""
         return self._jobs_lock
 
     def forget_job(self, job: Job) -> None:
@@ -181,6 +182,8 @@ class JobCommands:
             target_is_fresh=fresh,
             copy_ahead=_perf_bytes(options.get("x-perf"), "copy-ahead", COPY_AHEAD_BYTES),
             write_behind=_perf_bytes(options.get("x-perf"), "write-behind", WRITE_BEHIND_BYTES),
+            max_workers=_perf_int(options.get("x-perf"), "max-workers", DEFAULT_MAX_WORKERS),
+            max_chunk=_perf_int(options.get("x-perf"), "max-chunk", 0),
             target_size_limit=_size_limit(options.get("target-size-limit")),
             on_cbw_error=CbwErrorPolicy(options.get("on-cbw-error") or "break-guest-write"),
             filter_node_name=options.get("filter-node-name"),
@@ -497,6 +500,17 @@ def _perf_bytes(perf: Any, member: str, default: int) -> int:
     value = perf.get(member, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise GenericError(f"Parameter 'x-perf.{member}' expects a non-negative integer")
+    return value
+
+
+def _perf_int(perf: Any, member: str, default: int) -> int:
+    """An integer member of QEMU's ``x-perf`` (``max-workers``, ``max-chunk``), type-checked as
+    QAPI does; its range is checked by the job, with QEMU's messages."""
+    if perf is None:
+        return default
+    value = perf.get(member, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GenericError(f"Invalid parameter type for 'x-perf.{member}', expected: integer")
     return value
 
 

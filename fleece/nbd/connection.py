@@ -346,7 +346,7 @@ class Connection(asyncio.BufferedProtocol):
         loop = self.server.loop
         try:
             plane = dataplane.start(
-                sock.fileno(), export, self.proto, self.peer,
+                sock.fileno(), export, self.proto, self.contexts, self.peer,
                 on_input=lambda data: _call_soon(loop, self._feed, data),
                 on_error=lambda: _call_soon(loop, self.abort),
                 on_progress=lambda: _call_soon(loop, self._progress),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fleece.block import route
+from fleece.nbd.constants import BASE_ALLOCATION
 
 if TYPE_CHECKING:
     from fleece._fast.dataplane import Plane
@@ -38,10 +39,13 @@ def native_requests() -> int:
     return count()
 
 
-def start(fd: int, export: Export, proto: ServerConnection, peer: str, *,
+def start(fd: int, export: Export, proto: ServerConnection, contexts: dict[int, str],
+          peer: str, *,
           on_input: Callable[[bytes], None], on_error: Callable[[], None],
           on_progress: Callable[[], None], ceiling: int) -> Plane | None:
-    """Start a plane on socket ``fd`` for ``export``; None when it may not take over (the
+    """Start a plane on socket ``fd`` for ``export`` (``contexts``: the meta contexts the
+    client chose; the plane answers base:allocation when it is the only one); None when it
+    may not take over (the
     protocol is half way through a request's payload, or the descriptor it needs would eat
     into the server's reserve ``ceiling``). ``OSError`` when it cannot be made."""
     native = export.root.native_route()
@@ -49,9 +53,11 @@ def start(fd: int, export: Export, proto: ServerConnection, peer: str, *,
         return None
     from fleece._fast.dataplane import Plane as NativePlane
 
+    chosen = list(contexts.items())
+    status_context = chosen[0][0] if [name for _, name in chosen] == [BASE_ALLOCATION] else 0
     plane = NativePlane(fd, native, export.node.size, proto.structured,
                         on_input, on_error, on_progress,
-                        export.writable and not export.writethrough)
+                        export.writable and not export.writethrough, status_context)
     if plane.fileno >= ceiling:
         plane.close()
         plane.run()  # returns at once: closes the duplicate

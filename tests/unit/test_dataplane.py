@@ -298,3 +298,37 @@ def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> No
             native.add(native.generation, 0, CLUSTER, fd, 0, done, 0)  # no cluster size
     finally:
         os.close(fd)
+
+
+def _per_byte(extents: list[tuple[int, int]], start: int) -> dict[int, int]:
+    """Each cluster's flags, from a block status reply starting at ``start``."""
+    status: dict[int, int] = {}
+    pos = start
+    for length, flags in extents:
+        for cluster in range(pos // CLUSTER, (pos + length) // CLUSTER):
+            status[cluster] = flags
+        pos += length
+    return status
+
+
+def test_block_status_answers_like_the_graph(storage: Storage, tmp_path: Path) -> None:
+    """base:allocation alone is answered by the plane where the route knows the data; the
+    oracle is a second client that also chose allocation-depth (which only Python answers).
+    Clusters copied since the route learned its read-through mapping (one of them zeroes)
+    are answered as the target has them."""
+    sock, _ = _fleecing(storage, tmp_path)
+    device = storage.device("virtio0")
+    device.pwrite(5 * CLUSTER, bytes(CLUSTER))  # data that reads as zeroes
+    storage.execute("block-export-add", {"type": "nbd", "id": "oracle", "name": "oracle",
+                                         "node-name": "pit0", "allocation-depth": True})
+    with NBDClient.connect_unix(sock, "pit0") as client, NBDClient.connect_unix(
+            sock, "oracle", contexts=("base:allocation", "qemu:allocation-depth")) as oracle:
+        client.pread(0, SIZE)  # teaches the route (guarded: the source's clusters)
+        device.pwrite(5 * CLUSTER, b"\x07" * CLUSTER)  # copies cluster 5 (zeroes) first
+        device.pwrite(9 * CLUSTER, b"\x07" * CLUSTER)  # and cluster 9 (data)
+        before = dataplane.native_requests()
+        for start in (0, 4 * CLUSTER, 5 * CLUSTER, 8 * CLUSTER, 10 * CLUSTER):
+            got = _per_byte(client.block_status(start, SIZE - start), start)
+            want = _per_byte(oracle.block_status(start, SIZE - start), start)
+            assert got and all(want[c] == flags for c, flags in got.items()), start
+        assert _grew(before) is NATIVE

@@ -1150,7 +1150,8 @@ class Qcow2Driver(Driver):
         if kind != NORMAL or file is None:
             return None
         stop = min(end, (first + count) << cb)
-        return HostMap(stop - offset, file, host + offset - (first << cb), writable=True)
+        return HostMap(stop - offset, file, host + offset - (first << cb), writable=True,
+                       data=True)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of the first uniform extent at ``offset``.
