@@ -103,7 +103,7 @@ class Device:
         try:
             node.pwrite(offset, data)
             if native is not None:
-                route.learn(native, node, offset, len(memoryview(data)))
+                route.learn(native, node, offset, len(memoryview(data)), pieces=1)
         finally:
             root.end()
 

@@ -72,10 +72,13 @@ class _Piece(NamedTuple):
     data: bool
 
 
-def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
-    """Teach ``route`` (whose reads go to ``node``) the mappings from ``offset`` on, at least
-    ``length`` bytes' worth when they exist; returns how many bytes it learned. The caller
-    counts a request in flight on the root (the node cannot move meanwhile)."""
+def learn(route: Route, node: BlockNode, offset: int, length: int, *,
+          pieces: int = LEARN_EXTENTS) -> int:
+    """Teach ``route`` (whose reads go to ``node``) the mappings from ``offset`` on, up to
+    ``LEARN_AHEAD`` bytes and ``pieces`` extents (after a read: the next reads are likely
+    there; a write asks for one piece, as long as its mapping runs, as random writes under
+    fleecing would pay for many each); returns how many bytes it learned. The caller counts
+    a request in flight on the root (the node cannot move meanwhile)."""
     generation = route.generation
     end = min(node.size, offset + max(length, LEARN_AHEAD))
     pos = route.mapped_until(offset, end)
@@ -83,14 +86,14 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
         return 0  # learned meanwhile (another connection's read): nothing to add
     learned: list[_Piece] = []
     try:
-        while pos < end and len(learned) < LEARN_EXTENTS:
+        while pos < end and len(learned) < pieces:
             piece = _resolve(route, node, pos, end - pos)
             if piece is None:
                 break
             if piece.start + piece.length < end:  # go on where the route does not map yet
-                ahead = route.mapped_until(piece.start + piece.length, end)
+                resume = route.mapped_until(piece.start + piece.length, end)
             else:
-                ahead = end
+                resume = end
             last = learned[-1] if learned else None
             if (last is not None and last.fd == piece.fd
                     and last.start + last.length == piece.start
@@ -100,7 +103,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int) -> int:
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
                 learned.append(piece)
-            pos = ahead
+            pos = resume
     except OSError as exc:  # a node closed or broke meanwhile: learn nothing more
         log.debug("route learning stopped at %d: %s", pos, exc)
     total = 0

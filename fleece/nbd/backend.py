@@ -205,7 +205,7 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         node.pwrite(offset, request.payload)
         if flags & CmdFlag.FUA or export.writethrough:
             node.flush()
-        _teach_route(export, node, offset, length)
+        _teach_route(export, node, offset, length, pieces=1)
     elif command == Cmd.FLUSH:
         node.flush()
     elif command == Cmd.TRIM:
@@ -229,14 +229,15 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
     return [proto.ok_reply(cookie)]
 
 
-def _teach_route(export: Export, node: BlockNode, offset: int, length: int) -> None:
+def _teach_route(export: Export, node: BlockNode, offset: int, length: int, *,
+                 pieces: int = route.LEARN_EXTENTS) -> None:
     """After Python served a read: let the export's native route learn where its range (and
     what follows) lies, so the native data plane serves the next reads there itself."""
     native = export.root.route
     if native is None or nowait.active():
         return
     try:
-        route.learn(native, node, offset, length)
+        route.learn(native, node, offset, length, pieces=pieces)
     except Exception:  # learning is an optimisation: the read itself succeeded
         log.debug("route learning failed at %d+%d", offset, length, exc_info=True)
 
