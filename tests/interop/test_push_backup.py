@@ -487,3 +487,62 @@ def test_request_timeout_against_a_server_that_hangs(local: Local, tmp_path: Pat
         local.x("blockdev-del", {"node-name": "push"})
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 8])
+def test_parallel_push_with_discard_source(local: Local, tmp_path: Path, workers: int) -> None:
+    """``x-perf.max-workers`` copies pieces at once over four connections while the guest
+    writes: the pushed image is the point in time, progress reaches ``len``, and what each
+    worker pushed left the fleecing image."""
+    image = sparse_raw(tmp_path / "backup.raw")
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw", "-e", "4")
+    try:
+        local.snapshot()
+        local.add_nbd(server.sock, **{"multi-conn": 4})
+        local.push(**{"discard-source": True, "x-perf": {"max-workers": workers}})
+        done = local.wait_done()
+        assert "error" not in done and done["offset"] == done["len"] == SIZE
+        assert local.guest.writes > 0
+        fleecing = os.stat(tmp_path / "fleecing.raw").st_blocks * 512
+        assert fleecing <= 2 * MiB, fleecing
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "raw")
+
+
+def test_parallel_push_stops_once_and_resumes(local: Local, tmp_path: Path) -> None:
+    """``on-target-error: stop`` with eight workers and the server killed mid-push: one
+    ``BLOCK_JOB_ERROR`` (the first error wins, the other workers stop), the job pauses, the
+    guest goes on; with the server back, resume finishes the push and the image is the point
+    in time. The disk holds data everywhere first: a failed write of zeroes to the target
+    (``skip_zeroes``) fails the job whatever the policy, with one worker as with eight."""
+    image = sparse_raw(tmp_path / "backup.raw")
+    server = qemu_nbd(image, str(tmp_path / "q.sock"), "raw", "-e", "4")
+    try:
+        device = local.storage.device("virtio0")
+        rng = random.Random(8)
+        for offset in range(MiB, SIZE, 2 * MiB):
+            device.pwrite(offset, rng.randbytes(MiB))
+        local.snapshot()
+        local.add_nbd(server.sock, **{"multi-conn": 4})
+        local.push(speed=16 * MiB, **{"on-target-error": "stop",
+                                      "x-perf": {"max-workers": 8}})
+        time.sleep(0.5)
+        server.kill()
+        error = local.log.wait("BLOCK_JOB_ERROR", 10, device="push0")
+        assert error == {"device": "push0", "operation": "write", "action": "stop"}
+        local.log.wait_status("push0", "paused")
+        assert len(local.log.data("BLOCK_JOB_ERROR")) == 1
+        writes = local.guest.writes
+        time.sleep(0.2)
+        assert local.guest.writes > writes and not local.guest.errors
+        server.start()
+        local.x("block-job-set-speed", {"device": "push0", "speed": 0})
+        local.x("block-job-resume", {"device": "push0"})
+        done = local.wait_done()
+        assert "error" not in done and done["offset"] == SIZE
+        local.x("blockdev-del", {"node-name": "push"})
+    finally:
+        server.stop()
+    compare(local.expected, str(image), "raw")
