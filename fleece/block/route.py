@@ -1,18 +1,25 @@
-"""Routes: what a root's node maps onto host files, for readers that go below the graph.
+"""Routes: what a root's node maps onto host files, for requests that go below the graph.
 
-Design note: the native data plane (:mod:`fleece._fast.dataplane`) serves a read without
+Design note: the native data plane (:mod:`fleece._fast.dataplane`) serves a request without
 Python when a :class:`Route` maps its whole range onto host files. Python teaches the route
-(:func:`learn`) after it served a read itself, asking each node on the way down where the
-bytes lie (``BlockNode.host_map``, which asks the driver): a ``raw`` window, a filter, a
-qcow2 cluster allocated in the node itself, a snapshot's copied clusters, down to a ``file``
-node's descriptor. Only *settled* mappings are learned: ones that change only through the
-node's own discards, zero writes, drained sections or close, each of which drops the routes
-that went through the node (``BlockNode.invalidate_routes``). A learner registers the route
-on each node *before* asking it, and adds what it learned under the generation it read first,
-so an invalidation that raced with it makes the route refuse the result.
+(:func:`learn`) after it served a request itself, asking each node on the way down where the
+bytes lie (``BlockNode.host_map``, which asks the driver: :class:`~fleece.block.driver.HostMap`):
+a ``raw`` window, a filter, a qcow2 cluster the image owns alone, a snapshot's clusters, down
+to a ``file`` node's descriptor. Each extent also says whether a write may go there directly
+(every node on the way writes in place and owes it nothing: no dirty bitmap, no serialiser)
+and whether the export's block status calls it data. A snapshot's uncopied clusters are
+*guarded* extents onto the source, valid while their copied bits stay clear (the plane checks
+them around each read).
 
-Without the compiled extensions there is no route: :func:`new_route` returns None and every
-read goes through the graph.
+Only *settled* mappings are learned: ones that change only through the node's own discards,
+zero writes, drained sections, reopen, children or close, or a bitmap added, each of which
+drops the routes that went through the node (``BlockNode.invalidate_routes``). A learner
+registers the route on each node *before* asking it, and adds what it learned under the
+generation it read first, so an invalidation that raced with it makes the route refuse the
+result.
+
+Without the compiled extensions (or with ``FLEECE_NO_DATAPLANE=1``) there is no route:
+:func:`new_route` returns None and every request goes through the graph.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 LEARN_AHEAD = 64 * 1024 * 1024
 #: and learns at most this many extents at once
 LEARN_EXTENTS = 64
+
 
 def available() -> bool:
     """True when the compiled data plane is there and not disabled (``FLEECE_NO_DATAPLANE``
