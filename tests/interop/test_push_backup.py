@@ -131,6 +131,14 @@ class Local:
     def wait_done(self, timeout: float = 30) -> dict[str, Any]:
         return self.log.wait("BLOCK_JOB_COMPLETED", timeout, device="push0")
 
+    def push_whole(self, sock: str, **nbd_options: Any) -> None:
+        """Push the snapshot to the server on ``sock`` with a fresh ``nbd`` node, which goes
+        once the job completed without error."""
+        self.add_nbd(sock, **nbd_options)
+        self.push()
+        assert "error" not in self.wait_done()
+        self.x("blockdev-del", {"node-name": "push"})
+
     def close(self) -> None:
         self.guest.stop()
         self.storage.close()
@@ -233,11 +241,8 @@ def test_push_to_nbdkit_memory(local: Local, tmp_path: Path) -> None:
     server = Server([require("nbdkit"), "-f", "-U", sock, "memory", str(SIZE)], sock)
     try:
         local.snapshot()
-        local.add_nbd(sock)
-        local.push()
-        assert "error" not in local.wait_done()
+        local.push_whole(sock)
         compare(local.expected, f"nbd+unix:///?socket={sock}", "raw")
-        local.x("blockdev-del", {"node-name": "push"})
     finally:
         server.stop()
 
@@ -353,10 +358,7 @@ def test_push_over_tls_with_client_certificates(local: Local, tmp_path: Path,
         local.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "client",
                                "dir": str(certs["client"])})
         local.snapshot()
-        local.add_nbd(server.sock, **{"tls-creds": "tls0"})
-        local.push()
-        assert "error" not in local.wait_done()
-        local.x("blockdev-del", {"node-name": "push"})
+        local.push_whole(server.sock, **{"tls-creds": "tls0"})
     finally:
         server.stop()
     compare(local.expected, str(image), "raw")
@@ -394,11 +396,8 @@ def test_zero_ranges_go_as_write_zeroes(local: Local, tmp_path: Path,
                      f"fastzeromode={fastzeromode}"], sock)
     try:
         local.snapshot()
-        local.add_nbd(sock)
-        local.push()
-        assert "error" not in local.wait_done()
+        local.push_whole(sock)
         compare(local.expected, f"nbd+unix:///?socket={sock}", "raw")
-        local.x("blockdev-del", {"node-name": "push"})
     finally:
         server.stop()
     requests = nbdkit_requests(log)
