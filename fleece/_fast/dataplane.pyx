@@ -106,8 +106,10 @@ cdef extern from *:
     static inline uint64_t fleece_load_word(const uint64_t *p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
+    static inline int fleece_ctz64(uint64_t word) { return __builtin_ctzll(word); }
     """
     uint64_t fleece_load_word(const uint64_t *p) nogil
+    int fleece_ctz64(uint64_t word) nogil
 
 
 # -- NBD wire constants (see fleece.nbd.constants; the spec fixes them) ------------------------
@@ -177,39 +179,30 @@ cdef struct Segment:
 
 
 cdef int64_t _first_done(const Segment *seg) noexcept nogil:
-    """Where the first copied cluster of the segment starts (its end when none is)."""
+    """Where the first copied cluster of the segment starts (its end when none is; its start
+    when it reaches past the bitmap: not the snapshot's to vouch for). The words are read
+    with acquire loads: a copy sets the bit before the guest's write reaches the source."""
     cdef int64_t first = seg.guest // seg.cluster
     cdef int64_t end = (seg.guest + seg.length + seg.cluster - 1) // seg.cluster
-    cdef int64_t c
+    cdef int64_t w, hi
+    cdef uint64_t word
     if end > seg.done_bits:
         return seg.guest
-    for c in range(first, end):
-        if (fleece_load_word(seg.done + (c >> 6)) >> (c & 63)) & 1:
-            return max(seg.guest, c * seg.cluster)
+    while first < end:
+        w = first >> 6
+        hi = min(64, end - (w << 6))
+        word = fleece_load_word(seg.done + w) & ((~<uint64_t>0) << (first & 63))
+        if hi < 64:
+            word &= (<uint64_t>1 << hi) - 1
+        if word:
+            return max(seg.guest, ((w << 6) + fleece_ctz64(word)) * seg.cluster)
+        first = (w + 1) << 6
     return seg.guest + seg.length
 
 
-cdef bint _any_done(const Segment *seg) noexcept nogil:
-    """Some cluster the segment covers is copied (read with acquire loads: a copy sets the
-    bit before the source is written)."""
-    cdef int64_t first = seg.guest // seg.cluster
-    cdef int64_t end = (seg.guest + seg.length + seg.cluster - 1) // seg.cluster
-    cdef int64_t w, lo, hi
-    cdef uint64_t word, mask
-    if end > seg.done_bits:
-        return True  # past the bitmap: not the snapshot's to vouch for
-    while first < end:
-        w = first >> 6
-        lo = first & 63
-        hi = min(64, end - (w << 6))
-        mask = (~<uint64_t>0) << lo
-        if hi < 64:
-            mask &= (<uint64_t>1 << hi) - 1
-        word = fleece_load_word(seg.done + w)
-        if word & mask:
-            return True
-        first = (w + 1) << 6
-    return False
+cdef inline bint _any_done(const Segment *seg) noexcept nogil:
+    """Some cluster the segment covers is copied."""
+    return _first_done(seg) < seg.guest + seg.length
 
 
 cdef class Route:
@@ -468,55 +461,42 @@ cdef class Route:
         """Where the mapped run from ``offset`` ends (``offset`` when it is not mapped), at
         most ``limit``: a learner starts there. A guarded extent ends at its first copied
         cluster (which the target maps now)."""
-        cdef int64_t pos = offset, stop
-        cdef Py_ssize_t i
-        cdef Segment seg
+        cdef int64_t end
         with nogil:
-            pthread_mutex_lock(&self._lock)
-            i = self._first_ending_after(offset)
-            while i < self._n and self._ext[i].start <= pos < limit:
-                stop = min(self._ext[i].end, limit)
-                if self._ext[i].done != NULL:
-                    seg.guest = pos
-                    seg.length = stop - pos
-                    seg.done = self._ext[i].done
-                    seg.done_bits = self._ext[i].done_bits
-                    seg.cluster = self._ext[i].cluster
-                    stop = _first_done(&seg)
-                    if stop < min(self._ext[i].end, limit):
-                        pos = max(pos, stop)
-                        break
-                pos = stop
-                i += 1
-            pthread_mutex_unlock(&self._lock)
-        return min(pos, limit)
+            end = self._run_end(offset, limit, False)
+        return end
 
     cdef int64_t data_until(self, int64_t offset, int64_t limit) noexcept nogil:
         """Where the run from ``offset`` that the export's block status calls data ends
         (``offset`` when the route does not know), at most ``limit``. A guarded extent ends
         at its first copied cluster (the target decides there)."""
+        return self._run_end(offset, limit, True)
+
+    cdef int64_t _run_end(self, int64_t offset, int64_t limit, bint data) noexcept nogil:
+        """Where the run of contiguous extents from ``offset`` ends (those that are data, with
+        ``data``), at most ``limit``; a guarded extent ends at its first copied cluster."""
         cdef int64_t pos = offset, stop, copied
         cdef Py_ssize_t i
         cdef Segment seg
         pthread_mutex_lock(&self._lock)
-        if not self._closed:
-            i = self._first_ending_after(offset)
-            while i < self._n and self._ext[i].start <= pos < limit and self._ext[i].data:
-                stop = min(self._ext[i].end, limit)
-                if self._ext[i].done != NULL:
-                    seg.guest = pos
-                    seg.length = stop - pos
-                    seg.done = self._ext[i].done
-                    seg.done_bits = self._ext[i].done_bits
-                    seg.cluster = self._ext[i].cluster
-                    copied = _first_done(&seg)
-                    if copied < stop:
-                        pos = max(pos, copied)
-                        break
-                pos = stop
-                i += 1
+        i = self._first_ending_after(offset)
+        while (i < self._n and self._ext[i].start <= pos < limit
+               and (self._ext[i].data or not data)):
+            stop = min(self._ext[i].end, limit)
+            if self._ext[i].done != NULL:
+                seg.guest = pos
+                seg.length = stop - pos
+                seg.done = self._ext[i].done
+                seg.done_bits = self._ext[i].done_bits
+                seg.cluster = self._ext[i].cluster
+                copied = _first_done(&seg)
+                if copied < stop:
+                    pos = max(pos, copied)
+                    break
+            pos = stop
+            i += 1
         pthread_mutex_unlock(&self._lock)
-        return pos
+        return min(pos, limit)
 
     cdef bint covers(self, int64_t offset, int64_t length, bint write) noexcept nogil:
         """The route maps the whole range now (a hint: it may be gone when used)."""
