@@ -725,10 +725,6 @@ cdef class Plane:
             self._kick()
         self._on_input = self._on_error = self._on_progress = None
 
-    def sendfile(self, header, fd, offset, length):
-        """The transport's ``sendfile`` shortcut: never here (the plane reads natively)."""
-        return False
-
     def send(self, buffers):
         """Send one reply's buffers in order, now or, what the socket does not take at once,
         from the outbox; never waits for the client."""

@@ -187,15 +187,14 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         direct = sender is not None and length >= SENDFILE_ABOVE and export.file_window
         if direct and _sendfile_read(export, node, proto, sender, cookie, offset, length):
             return []
+        buf = bytearray(length)
         native = export.root.route
-        if native is not None and length:  # learned since the plane looked (or by another)
-            buf = bytearray(length)
-            if native.pread_into(offset, buf):
-                return proto.read_reply(cookie, offset, buf)
+        # Learned since the plane looked, or by another connection: no graph walk.
+        if native is not None and length and native.pread_into(offset, buf):
+            return proto.read_reply(cookie, offset, buf)
         if proto.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
             reply = _sparse_read(export, node, proto, cookie, offset, length)
         else:
-            buf = bytearray(length)
             node.pread_into(offset, buf)
             reply = proto.read_reply(cookie, offset, buf)
         _teach_route(export, node, offset, length)

@@ -712,4 +712,6 @@ class Connection(asyncio.BufferedProtocol):
 
     def _execute(self, export: Export, request: Request) -> list[Buffer]:
         """Run ``request`` on the export's node (see :func:`fleece.nbd.backend.execute`)."""
-        return execute(export, request, self.proto, self.contexts, self.sender)
+        # Only a direct sender sends with sendfile; the plane reads file windows itself.
+        sender = self.sender if isinstance(self.sender, DirectSender) else None
+        return execute(export, request, self.proto, self.contexts, sender)
