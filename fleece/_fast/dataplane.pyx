@@ -164,6 +164,11 @@ cdef struct Extent:
     int64_t cluster
     # every node on the way takes a write here in place, with no bookkeeping of its own
     bint writable
+    # copy-before-write's copied bitmap when writes may go here only to copied clusters (of
+    # copied_cluster bytes); NULL when the writable flag alone decides
+    const uint64_t *copied
+    int64_t copied_bits
+    int64_t copied_cluster
     # the export's block status says "data" here (base:allocation 0) while the extent holds
     bint data
 
@@ -205,6 +210,28 @@ cdef inline bint _any_done(const Segment *seg) noexcept nogil:
     return _first_done(seg) < seg.guest + seg.length
 
 
+cdef bint _all_copied(const Extent *ext, int64_t offset, int64_t length) noexcept nogil:
+    """Every cluster of ``[offset, offset + length)`` (route offsets, which index the
+    extent's copied bitmap) is copied. A set bit stays set while the extent holds, so a
+    write that saw it needs no lock; the acquire loads order it after the copy."""
+    cdef int64_t first = offset // ext.copied_cluster
+    cdef int64_t end = (offset + length + ext.copied_cluster - 1) // ext.copied_cluster
+    cdef int64_t w, hi
+    cdef uint64_t want
+    if end > ext.copied_bits:
+        return False
+    while first < end:
+        w = first >> 6
+        hi = min(64, end - (w << 6))
+        want = (~<uint64_t>0) << (first & 63)
+        if hi < 64:
+            want &= (<uint64_t>1 << hi) - 1
+        if fleece_load_word(ext.copied + w) & want != want:
+            return False
+        first = (w + 1) << 6
+    return True
+
+
 cdef class Route:
     """What an export's (or a device's) node maps where, natively (see the module's note).
 
@@ -220,7 +247,7 @@ cdef class Route:
     cdef long _in_flight
     cdef unsigned long long _gen
     cdef int _closed
-    cdef dict _guards  # the done bitmaps guarded extents point into, kept alive
+    cdef dict _guards  # the bitmaps guarded extents point into, kept alive
     cdef object __weakref__
 
     def __cinit__(self):
@@ -252,36 +279,49 @@ cdef class Route:
 
     def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
             int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0,
-            bint writable=False, bint data=False):
+            bint writable=False, bint data=False, ClusterBitmap write_guard=None):
         """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
         ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
         snapshot's read-through to its source; ``writable``: and a write may go there
-        directly; ``data``: and the export's block status calls it data). Ignored (False)
-        when the route was invalidated or closed since ``generation`` was read."""
+        directly; ``data``: and the export's block status calls it data; ``write_guard``: a
+        copied bitmap of ``cluster``-byte clusters, indexed by the route's offsets, and a
+        write may go there only where all its clusters are set). Ignored (False) when the
+        route was invalidated or closed since ``generation`` was read."""
         if length <= 0 or start < 0 or host < 0 or fd < 0:
             raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
         cdef const uint64_t *done = NULL
         cdef int64_t done_bits = 0
-        if unless_done is not None:
+        cdef const uint64_t *copied = NULL
+        cdef int64_t copied_bits = 0
+        if unless_done is not None or write_guard is not None:
             if cluster <= 0:
                 raise ValueError(f"bad cluster size {cluster}")
+        if unless_done is not None:
             if unless_done.nbits == 0 or unless_done._ptr == NULL:
                 return False
             self._guards[id(unless_done)] = unless_done
             done, done_bits = unless_done._ptr, unless_done.nbits
+        if write_guard is not None and writable and done == NULL:
+            if write_guard.nbits == 0 or write_guard._ptr == NULL:
+                writable = False
+            else:
+                self._guards[id(write_guard)] = write_guard
+                copied, copied_bits = write_guard._ptr, write_guard.nbits
         cdef bint added
         with nogil:
             pthread_mutex_lock(&self._lock)
             added = generation == self._gen and not self._closed
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
-                                     cluster, writable and done == NULL, data)
+                                     cluster, writable and done == NULL, data, copied,
+                                     copied_bits)
             pthread_mutex_unlock(&self._lock)
         return added
 
     cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
                       const uint64_t *done, int64_t done_bits, int64_t cluster,
-                      bint writable, bint data) noexcept nogil:
+                      bint writable, bint data, const uint64_t *copied,
+                      int64_t copied_bits) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
         cdef Extent *grown
@@ -326,6 +366,9 @@ cdef class Route:
         self._ext[i].cluster = cluster
         self._ext[i].writable = writable
         self._ext[i].data = data
+        self._ext[i].copied = copied
+        self._ext[i].copied_bits = copied_bits
+        self._ext[i].copied_cluster = cluster
         i += 1
         if has_tail:
             self._ext[i] = tail
@@ -390,6 +433,10 @@ cdef class Route:
                 pthread_mutex_unlock(&self._lock)
                 return -1
             piece = min(self._ext[i].end, end) - pos
+            if (write and self._ext[i].copied != NULL
+                    and not _all_copied(&self._ext[i], pos, piece)):
+                pthread_mutex_unlock(&self._lock)
+                return -1  # copy-before-write owes this cluster a copy: Python's
             if count and segs[count - 1].fd == self._ext[i].fd and (
                     segs[count - 1].host + segs[count - 1].length
                     == self._ext[i].host + (pos - self._ext[i].start)) and (

@@ -80,8 +80,13 @@ class CopyWriteError(OSError):
 
 #: the largest single copy I/O: whole runs of clusters are copied in pieces of this size
 MAX_COPY_BYTES = 4 << 20
+#: clusters past the last copy-ahead where a write still counts as sequential: a client's
+#: requests in flight may reach copy-before-write out of order
+SEQUENTIAL_SLACK = 16
 #: how far ahead a sequential writer's copies reach: one large copy instead of many small ones
 COPY_AHEAD_BYTES = 2 << 20
+#: and how many times that they grow to while the writer stays sequential
+AHEAD_GROWTH = 8
 #: how much old data a backup job's hook may hold in memory while its target write is pending
 WRITE_BEHIND_BYTES = 4 << 20
 
@@ -102,6 +107,7 @@ class CopyBeforeWrite:
     ``copy_ahead`` (bytes; 0 turns it off) lets a write that continues the previous one copy
     that far ahead in one I/O: sequential guest writes then pay for one large copy instead of
     one per cluster, at the price of copying up to that much the guest may never overwrite.
+    While the writer stays sequential the window doubles, up to ``AHEAD_GROWTH`` times.
     """
 
     def __init__(
@@ -140,6 +146,12 @@ class CopyBeforeWrite:
         #: clusters a sequential writer's copy covers (1: copy exactly what is overwritten)
         self.ahead = max(1, copy_ahead // cluster_size)
         self._last_end = -1  # where the previous intercepted write ended
+        #: the cluster after the last copy-ahead: a sequential writer whose writes to the
+        #: copied clusters never came here (the native plane serves them) arrives there next
+        self._ahead_end = -1
+        #: the current copy-ahead (clusters): it doubles while a writer stays sequential, up
+        #: to AHEAD_GROWTH times ``ahead``, as a kernel's readahead window grows
+        self._ahead_now = self.ahead
         self._buffers = threading.local()
         #: the target writes finishing after the guest went on (None: copies are synchronous);
         #: a timeout needs the copy's outcome before the guest write, so none with one
@@ -259,14 +271,28 @@ class CopyBeforeWrite:
         if self._behind is not None:
             self._behind.reap()  # what landed since the last write
         first, end = self.clusters(offset, length)
-        sequential = offset == self._last_end
+        # A writer continues sequentially when this write starts where its last one here
+        # ended, or (its writes to the clusters copied ahead served natively, a few of them
+        # still in flight and so out of order) just past the last copy-ahead.
+        ahead_end = self._ahead_end
+        past_ahead = 0 < ahead_end <= first < ahead_end + SEQUENTIAL_SLACK
+        sequential = offset == self._last_end or past_ahead
         self._last_end = offset + length
         if first < end and not self.all_done(first, end) and self.broken is None:
-            if sequential and self.ahead > 1:
+            if not sequential:
+                self._ahead_now = self.ahead
+            elif self.ahead > 1:
                 # A sequential writer will overwrite what follows too: copy it now, in one
-                # large I/O, rather than one cluster per write. Only clusters not done yet are
-                # copied, and an extra copy is still point-in-time data, so this is safe.
-                end = min(self.nclusters, max(end, first + self.ahead))
+                # large I/O, rather than one cluster per write (from the last copy-ahead's
+                # end, so the writes still in flight find their clusters copied). Only
+                # clusters not done yet are copied, and an extra copy is still point-in-time
+                # data, so this is safe. Each such copy stalls the writer's requests in
+                # flight, so the window grows while the writer keeps on.
+                if past_ahead:
+                    first = ahead_end
+                    self._ahead_now = min(self._ahead_now * 2, self.ahead * AHEAD_GROWTH)
+                end = min(self.nclusters, max(end, first + self._ahead_now))
+                self._ahead_end = end
             if self.on_error is CbwErrorPolicy.BREAK_SNAPSHOT:
                 self._copy_or_break(first, end)
             else:

@@ -70,7 +70,10 @@ class HostMap(NamedTuple):
     ``unless_done``: a snapshot reading through to its source. The mapping then holds only for
     the clusters (of ``cluster`` bytes) whose bit in that copied bitmap is clear, which a
     reader checks before and after it reads (a copy sets the bit before the guest's write
-    reaches the source)."""
+    reaches the source).
+    ``write_guard``: copy-before-write's copied bitmap (clusters of ``cluster`` bytes), with
+    ``writable``: a write may go there only where every cluster it touches is copied. A bit,
+    once set, stays set while the mapping holds, so a writer that saw it set needs no lock."""
 
     length: int
     node: BlockNode
@@ -82,6 +85,8 @@ class HostMap(NamedTuple):
     #: what this node's block status says of the range: True data, False not known here
     #: (say, a snapshot's own answer), None whatever the node below says (a window, a filter)
     data: bool | None = None
+    #: writes only where these clusters are copied (see the class's note)
+    write_guard: ClusterBitmap | None = None
 
 
 class Options:

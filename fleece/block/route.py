@@ -78,6 +78,8 @@ class _Piece(NamedTuple):
     writable: bool
     #: the export's block status calls it data
     data: bool
+    #: writes only where this copied bitmap's clusters (of ``cluster`` bytes) are all set
+    write_guard: ClusterBitmap | None
 
 
 def learn(route: Route, node: BlockNode, offset: int, length: int, *,
@@ -107,6 +109,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
                     and last.start + last.length == piece.start
                     and last.host + last.length == piece.host
                     and last.unless_done is piece.unless_done
+                    and last.write_guard is piece.write_guard
                     and last.writable == piece.writable and last.data == piece.data):
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
@@ -118,7 +121,8 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
     for piece in learned:
         if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
                          cast("NativeBitmap | None", piece.unless_done), piece.cluster,
-                         piece.writable, piece.data):
+                         piece.writable, piece.data,
+                         cast("NativeBitmap | None", piece.write_guard)):
             break
         total += piece.length
     return total
@@ -129,6 +133,7 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
     when some node on the way must read it itself (or two snapshots would guard it)."""
     current, at, count = node, offset, length
     guard: tuple[ClusterBitmap, int] | None = None
+    write_guard: tuple[ClusterBitmap, int] | None = None
     writable = True
     data: bool | None = None  # the first node on the way that decides
     while True:
@@ -141,7 +146,10 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
         if fd is not None:
             done, cluster = guard if guard is not None else (None, 0)
             writable = writable and current.driver.writes_in_place()
-            return _Piece(offset, count, fd, at, done, cluster, writable, bool(data))
+            copied: ClusterBitmap | None = None
+            if writable and write_guard is not None and guard is None:
+                copied, cluster = write_guard
+            return _Piece(offset, count, fd, at, done, cluster, writable, bool(data), copied)
         found = current.host_map(at, count)
         if found is None or found.length <= 0:
             return None
@@ -152,5 +160,10 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
             if guard is not None or found.offset != at:
                 return None  # the bitmap is indexed by guest offsets: keep to one level
             guard = (found.unless_done, found.cluster)
+        if found.write_guard is not None and writable:
+            if write_guard is not None or guard is not None or at != offset:
+                writable = False  # one guard per extent, indexed by the route's offsets
+            else:
+                write_guard = (found.write_guard, found.cluster)
         count = min(count, found.length)
         current, at = found.node, found.offset

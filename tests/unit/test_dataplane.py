@@ -253,7 +253,7 @@ def test_device_writes_copy_before_write_once_fleecing_starts(
         storage: Storage, tmp_path: Path) -> None:
     """A device whose writes went natively to the source: once a backup inserts its filter,
     a write to a cluster not copied yet must copy it first (the insertion drains the device
-    and drops its route; the filter maps only copied clusters writable)."""
+    and drops its route; the filter's mapping takes writes only of copied clusters)."""
     image = tmp_path / "src.raw"
     instant = os.urandom(SIZE)
     image.write_bytes(instant)
@@ -271,6 +271,38 @@ def test_device_writes_copy_before_write_once_fleecing_starts(
             device.pwrite(offset, pattern * CLUSTER)
     assert storage.graph.get("pit0").pread(0, SIZE) == instant
     assert device.pread(0, CLUSTER) == b"\xef" * CLUSTER
+
+
+def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> None:
+    """Copy-before-write's mapping: reads go through whatever is copied; a write goes
+    natively only once every cluster it touches is copied, including a cluster copied after
+    the extent was learned (no relearning), and never past the bitmap."""
+    if not NATIVE:  # the route is compiled only
+        return
+    from fleece._fast.bitmap import ClusterBitmap
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8 * CLUSTER))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        native = route.new_route()
+        assert native is not None
+        copied = ClusterBitmap(4)  # the extent reaches past it: those clusters never qualify
+        assert native.add(native.generation, 0, 8 * CLUSTER, fd, 0, cluster=CLUSTER,
+                          writable=True, write_guard=copied)
+        data = b"\x5a" * CLUSTER
+        assert native.pread_into(CLUSTER, bytearray(CLUSTER))
+        assert not native.pwrite_from(CLUSTER, data)
+        copied.set_range(1, 1)
+        assert native.pwrite_from(CLUSTER, data)
+        assert not native.pwrite_from(CLUSTER + 1, data)  # reaches into cluster 2
+        copied.set_range(2, 2)
+        assert native.pwrite_from(CLUSTER + 1, data)
+        assert not native.pwrite_from(4 * CLUSTER, data)  # past the bitmap
+        assert path.read_bytes()[CLUSTER:2 * CLUSTER + 1] == data + data[:1]
+        assert path.read_bytes()[:CLUSTER] == bytes(CLUSTER)
+    finally:
+        os.close(fd)
 
 
 def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> None:

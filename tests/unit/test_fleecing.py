@@ -66,7 +66,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite
+from fleece.block.cbw import AHEAD_GROWTH, COPY_AHEAD_BYTES, CopyBeforeWrite
 from fleece.block.device import Device
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
@@ -664,6 +664,30 @@ def test_copy_ahead_copies_a_sequential_stream_in_one_piece(fleecing: Fleecing) 
         fleecing.device.pwrite(cluster * CLUSTER, b"\x02" * CLUSTER)  # nothing more to copy
     assert cbw.copied_clusters == 1 + COPY_AHEAD_BYTES // CLUSTER
     fleecing.check_snapshot()
+
+
+def test_copy_ahead_follows_a_writer_it_does_not_see_and_grows(fleecing: Fleecing) -> None:
+    """A sequential writer's writes to the clusters copied ahead need no copy (the native
+    plane serves them without copy-before-write hearing of them): its next write here, just
+    past the copied window and possibly out of order, still counts as sequential. It copies
+    from the window's end (so the writes still in flight find their clusters copied), and
+    the window doubles each time, up to AHEAD_GROWTH times copy-ahead."""
+    fleecing.snapshot()
+    cbw = backup_job(fleecing.storage, "virtio0").cbw
+    window = COPY_AHEAD_BYTES // CLUSTER
+    fleecing.device.pwrite(40 * CLUSTER, b"\x03" * CLUSTER)
+    fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)  # copies [41, 41 + window)
+    copied, end = 1 + window, 41 + window
+    # The writes inside each window are not seen here; one lands 2 clusters past its end.
+    for grown in (2 * window, 4 * window, 8 * window, AHEAD_GROWTH * window):
+        fleecing.device.pwrite((end + 2) * CLUSTER, b"\x03" * CLUSTER)
+        grown = min(grown, AHEAD_GROWTH * window)
+        copied, end = copied + grown, end + grown
+        assert cbw.copied_clusters == copied
+        assert all(cbw.done.get(c) for c in range(40, end))
+    fleecing.device.pwrite(1000 * CLUSTER, b"\x03" * CLUSTER)  # not sequential: its own only
+    assert cbw.copied_clusters == copied + 1
+    fleecing.check_snapshot()  # the point in time, whatever was copied
 
 
 # --------------------------------------------------------------------------------------------

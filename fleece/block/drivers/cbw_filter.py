@@ -103,14 +103,11 @@ class CopyBeforeWriteDriver(Driver):
 
     def host_map(self, offset: int, length: int) -> HostMap | None:
         """Reads pass through to the source; so do writes of copied clusters (a cluster,
-        once copied, stays so), which need nothing of the filter."""
-        first, end = self.cbw.clusters(offset, length)
-        copied = first < end and self.cbw.done.get(first)
-        if copied:
-            end = self.cbw.done.next_clear(first)
-            if end >= 0:
-                length = min(length, end * self.cbw.cluster_size - offset)
-        return HostMap(length, self.file, offset, writable=bool(copied))
+        once copied, stays so), which need nothing of the filter. The copied bitmap guards
+        the writes, so a cluster copied after the mapping was learned takes its next write
+        without Python."""
+        return HostMap(length, self.file, offset, writable=True, write_guard=self.cbw.done,
+                       cluster=self.cbw.cluster_size)
 
     def stop_writing_child(self) -> None:
         """Drop the write permission on ``file`` (the filter is being removed: the users that
