@@ -18,6 +18,10 @@ a disk writes whole, and a header growing past its first sector would otherwise 
 Syncs are lazy: a writer *marks* what it wrote, and the next write that depends on it syncs
 only if no sync has completed since the mark. A write path that marks nothing (an allocating
 write into clusters whose refcounts a previous sync made durable) syncs nothing.
+
+Targets can also be written *deferred*, for pointers that come later (the driver's next
+reservation of clusters, made durable in the background): their mark is kept apart and
+joins the others only when :meth:`WriteOrder.adopt` says those pointers are about to come.
 """
 
 from __future__ import annotations
@@ -44,11 +48,35 @@ class WriteOrder:
         self._done = 0  # the highest sync number finished (each covers writes before it)
         self._targets = -1  # a target was written while ``_started`` had this value
         self._pointers = -1  # likewise a pointer
+        self._deferring = False  # targets written now are for pointers that come later
+        self._deferred = -1  # like ``_targets``, for those
 
     def wrote_target(self) -> None:
         """A write that later pointers depend on was issued (and has returned)."""
         with self._lock:
-            self._targets = self._started
+            if self._deferring:
+                self._deferred = self._started
+            else:
+                self._targets = self._started
+
+    def begin_deferring(self) -> None:
+        """Targets written from now until :meth:`end_deferring` are for pointers that come
+        later (the caller holds the image's lock throughout: no other writer interleaves)."""
+        with self._lock:
+            self._deferring = True
+            self._deferred = -1
+
+    def end_deferring(self) -> int:
+        """Stop deferring; the mark to :meth:`adopt` before the pointers to those targets."""
+        with self._lock:
+            self._deferring = False
+            return self._deferred
+
+    def adopt(self, mark: int) -> None:
+        """Pointers to the targets of a deferred ``mark`` come now: the next one syncs unless
+        a sync started after them has finished (say, the one run in the background)."""
+        with self._lock:
+            self._targets = max(self._targets, mark)
 
     def wrote_pointer(self) -> None:
         """A pointer write was issued (it may have removed a reference)."""
@@ -56,8 +84,9 @@ class WriteOrder:
             self._pointers = self._started
 
     def before_pointer(self) -> None:
-        """Call before writing a pointer: syncs if a target written since the last sync."""
-        if self._done <= self._targets:
+        """Call before writing a pointer: syncs if a target written since the last sync
+        (while deferring, a deferred one too: a pointer written meanwhile may need it)."""
+        if self._done <= max(self._targets, self._deferred if self._deferring else -1):
             self.sync()
 
     def before_decrease(self) -> None:
