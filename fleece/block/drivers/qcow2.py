@@ -559,6 +559,19 @@ class Qcow2Driver(Driver):
             runs.append((k, cluster + s, e - s, a if k in (NORMAL, SHARED, COMPRESSED) else 0))
         return runs
 
+    def _first_run(self, first: int, end: int) -> tuple[int, int, int, int]:
+        """The merged run at cluster ``first`` (within ``[first, end)``), looking only as far
+        as it reaches: a window that doubles while the run fills it. (``_runs`` over the whole
+        range costs as much as the range, however short the first run: a route learning
+        64 MiB ahead over a fragmented image asked for a thousand runs to use one.)"""
+        window = 16
+        while True:
+            stop = min(end, first + window)
+            run = next(self._runs(first, stop))
+            if run[1] + run[2] < stop or stop == end:
+                return run
+            window *= 4
+
     def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int, int]]:
         """Merged runs over clusters ``[first, end)``; each yielded run is complete."""
         cs = self._cs
@@ -1211,7 +1224,7 @@ class Qcow2Driver(Driver):
         cb = self._cb
         end = offset + length
         with self._lock:
-            kind, first, count, host = next(self._runs(offset >> cb, ((end - 1) >> cb) + 1))
+            kind, first, count, host = self._first_run(offset >> cb, ((end - 1) >> cb) + 1)
         file = self._file
         if kind != NORMAL or file is None:
             return None
