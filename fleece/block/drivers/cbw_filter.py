@@ -15,8 +15,10 @@ node) and the backup job, which inserts one as QEMU's backup does and shares its
 Options are QEMU's: ``file``, ``target``, ``bitmap`` ({node, name}: only its dirty clusters
 are in the snapshot), ``on-cbw-error`` (break-guest-write | break-snapshot), ``cbw-timeout``
 (seconds, with break-snapshot), ``min-cluster-size``; and fleece's ``target-size-limit`` (bytes
-the target may receive, the same two policies past it), ``x-copy-ahead`` and ``x-write-behind``
-(bytes; the backup job's performance knobs, 0 by default here).
+the target may receive, the same two policies past it), ``x-copy-ahead`` (bytes, 2 MiB by
+default as for a backup job's filter: a sequential writer's copy covers that much ahead, and
+more while it goes on, instead of one synchronous copy per write; 0 copies exactly the
+clusters written, as QEMU does) and ``x-write-behind`` (bytes; 0 by default here).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from fleece.block.cbw import CbwErrorPolicy, CopyBeforeWrite
+from fleece.block.cbw import COPY_AHEAD_BYTES, CbwErrorPolicy, CopyBeforeWrite
 from fleece.block.dirty_bitmap import find_bitmap
 from fleece.block.driver import BlockStatus, Driver, HostMap, Options
 from fleece.block.node import BlockNode
@@ -62,7 +64,7 @@ class CopyBeforeWriteDriver(Driver):
         if min_cluster and min_cluster & (min_cluster - 1):
             raise GenericError("min-cluster-size must be a power of two")
         limit = options.int("target-size-limit", 0, minimum=0) or 0
-        copy_ahead = options.int("x-copy-ahead", 0, minimum=0) or 0
+        copy_ahead = options.int("x-copy-ahead", COPY_AHEAD_BYTES, minimum=0) or 0
         write_behind = options.int("x-write-behind", 0, minimum=0) or 0
         bitmap = options.raw("bitmap")
         self.node.discard_unmap = True  # passed on: ``file`` decides whether it drops data
