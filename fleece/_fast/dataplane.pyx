@@ -4,8 +4,9 @@
 Design note: once a plain NBD connection enters transmission, a :class:`Plane` owns its socket
 (a duplicate of the transport's descriptor) in a thread of its own. That thread reads the
 requests, answers a READ by itself when the export's :class:`Route` maps the whole range onto
-host files (``pread`` into one buffer, header in front, one ``writev``), and hands every other
-request, as the bytes the client sent (a WRITE's payload as it arrives), to Python through
+host files (``sendfile`` from each file after the header when the extents are settled and may
+be sent without a copy, else ``pread`` into one buffer, header in front, one ``writev``), and
+hands every other request, as the bytes the client sent (a WRITE's payload as it arrives), to Python through
 one callback: the Python side feeds
 them to its sans-I/O protocol, which validates and runs them as before (writes, zeroes, trims,
 flushes, block status, errors, and the reads the route cannot map). Python answers through
@@ -15,8 +16,11 @@ The route is the native view of an export's node: sorted extents ``[start, end) 
 host)``, learned by Python (which asks the drivers, ``Driver.host_map``) and dropped by Python
 whenever a mapping may change (a discard, a zero write, a drained section, the node's close).
 A native read counts itself in flight on the route from its look-up to the end of its
-``pread``; :meth:`Route.invalidate` clears the extents and waits for those reads, so a cluster
-that a discard frees cannot be reused under a reader. A generation number, bumped by every
+``pread`` (or ``sendfile``); :meth:`Route.invalidate` clears the extents and waits for those
+reads, so a cluster that a discard frees cannot be reused under a reader. Pages ``sendfile``
+handed to the socket are read by the client later: they are used only where no page is ever
+rewritten for other data (``HostMap.zero_copy``: a qcow2 image punches its freed clusters out
+of the file, which detaches their pages). A generation number, bumped by every
 invalidation, makes a learner that raced with one drop what it learned.
 
 Back-pressure: while Python holds a batch, the thread goes on serving what it can and gathers
@@ -29,7 +33,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 
 from fleece._fast.bitmap cimport ClusterBitmap
 from fleece._fast.nbdframe cimport get_u16, get_u32, get_u64, put_u16, put_u32, put_u64
@@ -39,6 +43,9 @@ cdef extern from "<errno.h>" nogil:
     int EAGAIN
     int EINTR
     int EWOULDBLOCK
+    int EINVAL
+    int ENOSYS
+    int EOPNOTSUPP
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, long offset)
@@ -57,6 +64,9 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t len, int flags)
     int MSG_DONTWAIT
+
+cdef extern from "<sys/sendfile.h>" nogil:
+    ssize_t sendfile(int out_fd, int in_fd, long *offset, size_t count)
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -142,6 +152,12 @@ cdef enum:
     SPARE_MAX = 2 * 1024 * 1024 + 64
     #: a native read maps onto at most this many host extents (more: Python reads it)
     MAX_SEGMENTS = 16
+    #: reads from this size on go out with ``sendfile`` when their extents are settled: the
+    #: kernel hands the page cache's pages to the socket (to a unix socket without a copy
+    #: since Linux 6.5), where ``pread`` + ``writev`` copy every byte twice
+    SENDFILE_MIN = 32 * 1024
+    #: a streaming reply waits this long at a time for the socket to take more
+    STREAM_WAIT_MS = 20
     #: a route forgets everything it learned when it holds this many extents
     MAX_EXTENTS = 1 << 16
 
@@ -169,6 +185,8 @@ cdef struct Extent:
     const uint64_t *copied
     int64_t copied_bits
     int64_t copied_cluster
+    # a reply may hand the pages to the socket (sendfile): they never hold other data
+    bint zero_copy
     # the export's block status says "data" here (base:allocation 0) while the extent holds
     bint data
 
@@ -181,6 +199,7 @@ cdef struct Segment:
     const uint64_t *done
     int64_t done_bits
     int64_t cluster
+    bint zero_copy
 
 
 cdef int64_t _first_done(const Segment *seg) noexcept nogil:
@@ -279,14 +298,16 @@ cdef class Route:
 
     def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
             int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0,
-            bint writable=False, bint data=False, ClusterBitmap write_guard=None):
+            bint writable=False, bint data=False, ClusterBitmap write_guard=None,
+            bint zero_copy=False):
         """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
         ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
         snapshot's read-through to its source; ``writable``: and a write may go there
         directly; ``data``: and the export's block status calls it data; ``write_guard``: a
         copied bitmap of ``cluster``-byte clusters, indexed by the route's offsets, and a
-        write may go there only where all its clusters are set). Ignored (False) when the
-        route was invalidated or closed since ``generation`` was read."""
+        write may go there only where all its clusters are set; ``zero_copy``: a reply may
+        send the pages with ``sendfile``, see ``HostMap.zero_copy``). Ignored (False) when
+        the route was invalidated or closed since ``generation`` was read."""
         if length <= 0 or start < 0 or host < 0 or fd < 0:
             raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
         cdef const uint64_t *done = NULL
@@ -314,14 +335,14 @@ cdef class Route:
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
                                      cluster, writable and done == NULL, data, copied,
-                                     copied_bits)
+                                     copied_bits, zero_copy)
             pthread_mutex_unlock(&self._lock)
         return added
 
     cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
                       const uint64_t *done, int64_t done_bits, int64_t cluster,
                       bint writable, bint data, const uint64_t *copied,
-                      int64_t copied_bits) noexcept nogil:
+                      int64_t copied_bits, bint zero_copy) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
         cdef Extent *grown
@@ -369,6 +390,7 @@ cdef class Route:
         self._ext[i].copied = copied
         self._ext[i].copied_bits = copied_bits
         self._ext[i].copied_cluster = cluster
+        self._ext[i].zero_copy = zero_copy
         i += 1
         if has_tail:
             self._ext[i] = tail
@@ -440,7 +462,8 @@ cdef class Route:
             if count and segs[count - 1].fd == self._ext[i].fd and (
                     segs[count - 1].host + segs[count - 1].length
                     == self._ext[i].host + (pos - self._ext[i].start)) and (
-                    segs[count - 1].done == self._ext[i].done):
+                    segs[count - 1].done == self._ext[i].done) and (
+                    segs[count - 1].zero_copy == self._ext[i].zero_copy):
                 segs[count - 1].length += piece
             else:
                 segs[count].fd = self._ext[i].fd
@@ -450,6 +473,7 @@ cdef class Route:
                 segs[count].done = self._ext[i].done
                 segs[count].done_bits = self._ext[i].done_bits
                 segs[count].cluster = self._ext[i].cluster
+                segs[count].zero_copy = self._ext[i].zero_copy
                 count += 1
             pos += piece
             i += 1
@@ -651,6 +675,8 @@ cdef class Plane:
     cdef bint _handed
     cdef bint _failed
     cdef bint _stopped  # no more input: DISC seen, end of file, or a broken stream handed on
+    cdef bint _no_sendfile  # a host file refused sendfile: reads go through the buffer
+    cdef bint _streaming  # the plane is sending a reply piecewise: others queue behind it
     cdef bint _passthrough  # Python parses the rest of the stream (it will close)
     cdef uint64_t _payload_left  # bytes of a WRITE payload still to pass to Python
     cdef char *_spare  # the reply buffer native reads reuse (see _reply_buffer)
@@ -861,7 +887,7 @@ cdef class Plane:
             self._give_back_locked(owned)
             pthread_mutex_unlock(&self._lock)
             return False
-        if self._head == NULL:
+        if self._head == NULL and not self._streaming:
             while first < count:
                 n = writev(self._sock, &iov[first], min(count - first, 512))
                 if n < 0:
@@ -1281,6 +1307,170 @@ cdef class Plane:
             return -1
         return 1
 
+    cdef void _read_header(self, unsigned char *out, uint64_t cookie, uint64_t offset,
+                           uint32_t length) noexcept nogil:
+        """A successful READ's reply header (28 bytes structured, else 16)."""
+        if self._structured:
+            put_u32(out, STRUCTURED_MAGIC)
+            put_u16(out + 4, REPLY_DONE)
+            put_u16(out + 6, CHUNK_OFFSET_DATA)
+            put_u64(out + 8, cookie)
+            put_u32(out + 16, length + 8)
+            put_u64(out + 20, offset)
+        else:
+            put_u32(out, SIMPLE_MAGIC)
+            put_u32(out + 4, 0)
+            put_u64(out + 8, cookie)
+
+    cdef int _sendfile_read(self, uint64_t cookie, uint64_t offset, uint32_t length,
+                            size_t header) noexcept nogil:
+        """Answer a READ with ``sendfile`` when nothing waits in the outbox and every extent
+        is settled (a guarded one is checked after its read: the buffer path): 1 when
+        answered, 0 when the buffer path must, -1 when the stream is lost.
+
+        The reply *streams*: Python's replies meanwhile go to the outbox, behind it. When the
+        socket is full the plane waits for room, at most ``STREAM_WAIT_MS`` at a time, with
+        the route's extents pinned as a ``pread`` pins them (an invalidation waits no longer
+        than that for a client that stopped reading); past that the rest is read into the
+        outbox's first chunk, as the buffer path would have queued it."""
+        cdef Segment segs[MAX_SEGMENTS]
+        cdef unsigned char head[28]
+        cdef int count = self._route.acquire(<int64_t>offset, length, segs, False)
+        cdef int i, rc = 1
+        cdef size_t sent = 0, total = header + length, at
+        cdef ssize_t n
+        cdef long pos
+        if count < 0:
+            return 0
+        for i in range(count):
+            if segs[i].done != NULL or not segs[i].zero_copy:
+                self._route.release()
+                return 0
+        self._read_header(head, cookie, offset, length)
+        pthread_mutex_lock(&self._lock)
+        if self._closed or self._failed or self._head != NULL:
+            pthread_mutex_unlock(&self._lock)
+            self._route.release()
+            return 0
+        self._streaming = True
+        pthread_mutex_unlock(&self._lock)
+        at = header  # where segment i starts in the reply
+        i = 0
+        while sent < total:
+            if sent < header:
+                n = write(self._sock, head + sent, header - sent)
+            else:
+                pos = segs[i].host + (sent - at)
+                n = sendfile(self._sock, segs[i].fd, &pos, at + segs[i].length - sent)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    if self._await_room():
+                        continue
+                elif errno == EINVAL or errno == ENOSYS or errno == EOPNOTSUPP:
+                    self._no_sendfile = True  # this file cannot: read it, now and from now on
+                else:
+                    rc = -1  # the socket, or a host read: part of the reply is out
+                break
+            if n == 0:  # the file ends inside the extent: the rest reads as zeroes
+                break
+            sent += n
+            if sent > header and sent == at + segs[i].length:
+                at += segs[i].length
+                i += 1
+        pthread_mutex_lock(&self._lock)
+        self._streaming = False
+        self._sent += sent
+        if rc > 0 and sent < total and not self._closed:
+            rc = self._queue_rest(head, header, segs, count, sent)
+        if rc < 0:
+            self._failed = True
+            self._drop_outbox()
+        pthread_mutex_unlock(&self._lock)
+        self._route.release()
+        if rc < 0:
+            self._kick()
+            return -1
+        fleece_count_native()
+        return 1
+
+    cdef bint _await_room(self) noexcept nogil:
+        """While a reply streams: wait until the socket takes more (True), at most
+        ``STREAM_WAIT_MS``; False on the timeout or when Python closed the plane."""
+        cdef pollfd fds[2]
+        cdef uint64_t drained
+        cdef bint closed
+        while True:
+            fds[0].fd = self._sock
+            fds[0].events = POLLOUT
+            fds[0].revents = 0
+            fds[1].fd = self._wake
+            fds[1].events = POLLIN
+            fds[1].revents = 0
+            if poll(fds, 2, STREAM_WAIT_MS) < 0:
+                if errno == EINTR:
+                    continue
+                return False
+            if fds[1].revents:  # a reply queued behind this one, or a close
+                read(self._wake, &drained, 8)
+                pthread_mutex_lock(&self._lock)
+                closed = self._closed
+                pthread_mutex_unlock(&self._lock)
+                if closed:
+                    return False
+            if fds[0].revents:
+                return True
+            if not fds[1].revents:
+                return False  # the timeout
+
+    cdef int _queue_rest(self, const unsigned char *head, size_t header, Segment *segs,
+                         int count, size_t sent) noexcept nogil:
+        """Queue what a ``sendfile`` reply did not send from byte ``sent`` on, first in the
+        outbox (lock held): 1, or -1 when it cannot be read or allocated."""
+        cdef size_t total = header, start = header, pos = 0, skip
+        cdef int i
+        cdef ssize_t n
+        cdef Chunk *chunk
+        for i in range(count):
+            total += segs[i].length
+        chunk = <Chunk *>malloc(sizeof(Chunk))
+        if chunk == NULL:
+            return -1
+        chunk.data = <char *>malloc(total - sent)
+        if chunk.data == NULL:
+            free(chunk)
+            return -1
+        if sent < header:
+            memcpy(chunk.data, head + sent, header - sent)
+            pos = header - sent
+        for i in range(count):
+            if sent < start + segs[i].length:
+                skip = sent - start if sent > start else 0
+                while skip < <size_t>segs[i].length:
+                    n = pread(segs[i].fd, chunk.data + pos, segs[i].length - skip,
+                              segs[i].host + skip)
+                    if n < 0 and errno == EINTR:
+                        continue
+                    if n < 0:
+                        free(chunk.data)
+                        free(chunk)
+                        return -1
+                    if n == 0:  # past the end of the file: zeroes, as a file reads there
+                        n = segs[i].length - skip
+                        memset(chunk.data + pos, 0, n)
+                    pos += n
+                    skip += n
+            start += segs[i].length
+        chunk.pos = 0
+        chunk.length = total - sent
+        chunk.next = self._head  # before the replies Python queued while this one streamed
+        self._head = chunk
+        if self._tail == NULL:
+            self._tail = chunk
+        self._queued += chunk.length
+        return 1
+
     cdef int _serve_read(self, uint16_t flags, uint64_t cookie, uint64_t offset,
                          uint32_t length) noexcept nogil:
         """Answer a READ from the route: 1 when answered, 0 when Python must, -1 when the
@@ -1298,6 +1488,10 @@ cdef class Plane:
         if offset + length > <uint64_t>self._size:
             return 0
         header = 28 if self._structured else 16
+        if length >= SENDFILE_MIN and not self._no_sendfile:
+            rc = self._sendfile_read(cookie, offset, length, header)
+            if rc != 0:
+                return rc
         buf = self._reply_buffer(header + length)
         if buf == NULL:
             return 0
@@ -1307,17 +1501,7 @@ cdef class Plane:
             self._give_back_locked(buf)
             pthread_mutex_unlock(&self._lock)
             return 0
-        if self._structured:
-            put_u32(<unsigned char *>buf, STRUCTURED_MAGIC)
-            put_u16(<unsigned char *>buf + 4, REPLY_DONE)
-            put_u16(<unsigned char *>buf + 6, CHUNK_OFFSET_DATA)
-            put_u64(<unsigned char *>buf + 8, cookie)
-            put_u32(<unsigned char *>buf + 16, length + 8)
-            put_u64(<unsigned char *>buf + 20, offset)
-        else:
-            put_u32(<unsigned char *>buf, SIMPLE_MAGIC)
-            put_u32(<unsigned char *>buf + 4, 0)
-            put_u64(<unsigned char *>buf + 8, cookie)
+        self._read_header(<unsigned char *>buf, cookie, offset, length)
         fleece_count_native()
         iov.iov_base = buf
         iov.iov_len = header + length

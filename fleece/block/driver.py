@@ -73,7 +73,11 @@ class HostMap(NamedTuple):
     reaches the source).
     ``write_guard``: copy-before-write's copied bitmap (clusters of ``cluster`` bytes), with
     ``writable``: a write may go there only where every cluster it touches is copied. A bit,
-    once set, stays set while the mapping holds, so a writer that saw it set needs no lock."""
+    once set, stays set while the mapping holds, so a writer that saw it set needs no lock.
+    ``zero_copy``: the host bytes are never rewritten for *other* data while the file is
+    open (a freed qcow2 cluster is punched out before it can be allocated again), so a reply
+    may hand their page cache pages to the socket (``sendfile``), which the client reads
+    later."""
 
     length: int
     node: BlockNode
@@ -87,6 +91,8 @@ class HostMap(NamedTuple):
     data: bool | None = None
     #: writes only where these clusters are copied (see the class's note)
     write_guard: ClusterBitmap | None = None
+    #: the pages may be sent without a copy (see the class's note)
+    zero_copy: bool = True
 
 
 class Options:
@@ -285,6 +291,13 @@ class Driver:
             return None
         child, base = window
         return HostMap(length, child, base + offset, writable=True)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Drop the range's bytes from the host file now, with their page cache pages,
+        whatever the node's discard option: True when done. False, the default, when the
+        driver cannot (then a qcow2 image above it does not let its pages be sent without a
+        copy: see ``HostMap.zero_copy``)."""
+        return False
 
     def writes_in_place(self) -> bool:
         """For a node with a :meth:`posix_fd`: a write may go straight into that file (the

@@ -80,6 +80,8 @@ class _Piece(NamedTuple):
     data: bool
     #: writes only where this copied bitmap's clusters (of ``cluster`` bytes) are all set
     write_guard: ClusterBitmap | None
+    #: replies may send its pages without a copy (``sendfile``: HostMap.zero_copy)
+    zero_copy: bool
 
 
 def learn(route: Route, node: BlockNode, offset: int, length: int, *,
@@ -110,6 +112,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
                     and last.host + last.length == piece.host
                     and last.unless_done is piece.unless_done
                     and last.write_guard is piece.write_guard
+                    and last.zero_copy == piece.zero_copy
                     and last.writable == piece.writable and last.data == piece.data):
                 learned[-1] = last._replace(length=last.length + piece.length)
             else:
@@ -122,7 +125,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
         if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
                          cast("NativeBitmap | None", piece.unless_done), piece.cluster,
                          piece.writable, piece.data,
-                         cast("NativeBitmap | None", piece.write_guard)):
+                         cast("NativeBitmap | None", piece.write_guard), piece.zero_copy):
             break
         total += piece.length
     return total
@@ -135,6 +138,7 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
     guard: tuple[ClusterBitmap, int] | None = None
     write_guard: tuple[ClusterBitmap, int] | None = None
     writable = True
+    zero_copy = True
     data: bool | None = None  # the first node on the way that decides
     while True:
         current.add_route(route)  # first: an invalidation from now on reaches the route
@@ -149,11 +153,13 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
             copied: ClusterBitmap | None = None
             if writable and write_guard is not None and guard is None:
                 copied, cluster = write_guard
-            return _Piece(offset, count, fd, at, done, cluster, writable, bool(data), copied)
+            return _Piece(offset, count, fd, at, done, cluster, writable, bool(data), copied,
+                          zero_copy)
         found = current.host_map(at, count)
         if found is None or found.length <= 0:
             return None
         writable = writable and found.writable
+        zero_copy = zero_copy and found.zero_copy
         if data is None:
             data = found.data
         if found.unless_done is not None:

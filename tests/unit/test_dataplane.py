@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from fleece.block import route
 from fleece.nbd import dataplane
 from fleece.nbd.client import NBDClient, NBDError
+from fleece.nbd.constants import Cmd
 from fleece.storage import Storage
 
 MiB = 1 << 20
@@ -118,6 +120,37 @@ def test_reads_answer_like_the_graph(storage: Storage, tmp_path: Path, fmt: str,
             client.pread(SIZE - 512, 1024)  # past the end: Python refuses it
         assert exc.value.errno == errno.EINVAL
         assert client.pread(0, 4096) == expected[:4096]  # still served after the error
+    assert _grew(before) is NATIVE
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_replies_stay_whole_and_in_place_when_the_client_lags(
+        storage: Storage, tmp_path: Path, structured: bool) -> None:
+    """A large native read goes out with ``sendfile`` and streams when the socket is full:
+    the plane waits a little for room, then reads the rest into the front of its outbox.
+    Python's reply to the flush sent just before it is queued meanwhile, and must leave after
+    all of the read. Each round sends a flush and a read the socket cannot hold, and reads
+    nothing until the plane's wait has run out."""
+    image = tmp_path / "disk.qcow2"
+    _qemu_img("create", "-f", "qcow2", str(image), str(SIZE))
+    pattern = os.urandom(SIZE)
+    storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "disk",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.graph.get("disk").pwrite(0, pattern)
+    sock = _serve(storage, tmp_path)
+    storage.execute("nbd-server-add", {"device": "disk", "name": "disk"})
+    chunk = 4 * MiB
+    with NBDClient.connect_unix(sock, "disk", structured=structured) as client:
+        assert client.pread(0, SIZE) == pattern  # the route learns the disk
+        before = dataplane.native_requests()
+        for n in range(6):
+            offset = n % 2 * chunk
+            flush = client.submit(Cmd.FLUSH)
+            read = client.submit(Cmd.READ, offset, chunk)
+            time.sleep(0.1)  # the socket fills; the plane's wait for room runs out
+            reply = client.wait(read)
+            assert reply.error == 0 and reply.data == pattern[offset:offset + chunk]
+            assert client.wait(flush).error == 0
     assert _grew(before) is NATIVE
 
 

@@ -326,6 +326,30 @@ def test_zero_flag_keeps_or_frees_host_clusters(tmp_path: Path) -> None:
     check_refcounts(path)
 
 
+def test_a_freed_cluster_is_punched_out_of_the_file(tmp_path: Path) -> None:
+    """A data cluster whose last reference goes is punched out of the file at once, also on
+    a node that does not pass discards on (``discard: ignore``): the native plane may have
+    handed its page cache pages to a socket (``sendfile``), and a page rewritten in place
+    for the cluster's next owner would reach that reader as another offset's data."""
+    path = tmp_path / "p.qcow2"
+    create(str(path), 1 << 20, cluster_size=4096)
+    with Image(path, discard="ignore") as node:
+        node.pwrite(0, payload(65536, 3))
+        host = node.block_status(16384, 4096).host_offset
+        assert host is not None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, host, os.SEEK_DATA) == host
+            node.pwrite_zeroes(16384, 8192, may_unmap=True)  # frees two clusters
+            assert os.lseek(fd, host, os.SEEK_HOLE) == host
+            assert os.lseek(fd, host, os.SEEK_DATA) == host + 8192
+        finally:
+            os.close(fd)
+        assert node.pread(0, 65536) == payload(65536, 3)[:16384] + bytes(8192) + (
+            payload(65536, 3)[24576:])
+    check_refcounts(path)
+
+
 # -- block status -----------------------------------------------------------------------------
 def test_block_status_extents(tmp_path: Path) -> None:
     make_raw(tmp_path / "base.raw", 1 << 20, 7)

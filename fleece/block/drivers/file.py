@@ -165,6 +165,18 @@ class FileDriver(Driver):
     def writes_in_place(self) -> bool:
         return type(self.ops) is FileOps  # not while a test records the file's operations
 
+    def punch_hole(self, offset: int, length: int) -> bool:
+        if self.node.read_only:
+            return False
+        try:
+            self.ops.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
+                               length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return False
+        return True
+
     def size(self) -> int:
         size = self._size
         if size < 0:

@@ -211,6 +211,9 @@ class Qcow2Driver(Driver):
         self._pass_discard_other = options.bool("pass-discard-other", False)
         self._reserve = (0, 0)  # host clusters [next, end) allocated, not handed out yet
         self._reserve_size = 0  # clusters in the next reservation (0: the first size)
+        #: a freed cluster is punched out of the file (so a route may send pages without a
+        #: copy: HostMap.zero_copy); False while unknown or when the file cannot punch
+        self._zero_copy = False
         self._fresh = 0  # reserved clusters from this one on were never written (read zeroes)
         #: the reservation after this one, made ahead: (next, end, fresh, deferred mark)
         self._ahead: tuple[int, int, int, int] | None = None
@@ -274,6 +277,7 @@ class Qcow2Driver(Driver):
         self._zstd = h.compression_type == COMPRESSION_ZSTD
         capacity = _DEFAULT_L2_CACHE if l2_cache is None else l2_cache
         self._l2_cache_tables = max(2, capacity // cs)
+        self._zero_copy = self._punches()
 
         l1_bytes = io.read(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
         self._l1: U64 = np.frombuffer(l1_bytes, dtype=">u8").astype(np.uint64)
@@ -377,6 +381,7 @@ class Qcow2Driver(Driver):
         else:
             with self._lock:
                 self._bitmaps_writable()
+                self._zero_copy = self._punches()
 
     def _open_backing(self, ref: Any) -> None:
         if ref is None:
@@ -863,6 +868,18 @@ class Qcow2Driver(Driver):
                 self._reserve_ahead(background=False)
         self._order.sync()
 
+    def _punches(self) -> bool:
+        """Whether a freed cluster can be punched out of the file (probed past its end, where
+        a punch changes nothing). A read-only image frees nothing."""
+        if self.node.read_only:
+            return True
+        assert self._file is not None
+        end = -(-self._io.file_end() // self._cs) * self._cs
+        try:
+            return self._file.driver.punch_hole(end, self._cs)
+        except OSError:
+            return False
+
     def _release_reserves(self, shrink: bool = False) -> None:
         """Free the reservation made ahead, then the current one (lock held)."""
         ahead, self._ahead = self._ahead, None
@@ -1073,7 +1090,14 @@ class Qcow2Driver(Driver):
         assert self._file is not None
         for first, count in runs:
             for c, n in self._refs.change(first, count, -1, referenced=referenced):
-                if discard:
+                if referenced and self._zero_copy:
+                    # Its pages may sit in a socket, sent without a copy (HostMap.zero_copy):
+                    # punched, they leave the file before the cluster can hold other data.
+                    if not self._file.driver.punch_hole(c << cb, n << cb):
+                        self._zero_copy = False  # unexpected: copy from now on
+                        if discard:
+                            self._file.pdiscard(c << cb, n << cb)
+                elif discard:
                     self._file.pdiscard(c << cb, n << cb)
 
     # -- zeroes and discards -----------------------------------------------------------------
@@ -1230,7 +1254,7 @@ class Qcow2Driver(Driver):
             return None
         stop = min(end, (first + count) << cb)
         return HostMap(stop - offset, file, host + offset - (first << cb), writable=True,
-                       data=True)
+                       data=True, zero_copy=self._zero_copy)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of the first uniform extent at ``offset``.
