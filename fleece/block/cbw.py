@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -50,7 +51,8 @@ from typing import TYPE_CHECKING
 
 from fleece import bitmap as cluster_bitmap
 from fleece import cbw_plan
-from fleece.block import nowait
+from fleece.block import nowait, route
+from fleece.block.copy_ahead import CopyAhead
 from fleece.block.direct import DirectWrite
 from fleece.block.driver import HostMap
 from fleece.block.node import BlockNode
@@ -80,15 +82,25 @@ class CopyWriteError(OSError):
 
 #: the largest single copy I/O: whole runs of clusters are copied in pieces of this size
 MAX_COPY_BYTES = 4 << 20
-#: clusters past the last copy-ahead where a write still counts as sequential: a client's
-#: requests in flight may reach copy-before-write out of order
-SEQUENTIAL_SLACK = 16
 #: how far ahead a sequential writer's copies reach: one large copy instead of many small ones
+#: (the first window: see :mod:`fleece.block.copy_ahead`)
 COPY_AHEAD_BYTES = 2 << 20
-#: and how many times that they grow to while the writer stays sequential
-AHEAD_GROWTH = 8
 #: how much old data a backup job's hook may hold in memory while its target write is pending
 WRITE_BEHIND_BYTES = 4 << 20
+
+
+def _host_run(node: BlockNode, offset: int, length: int) -> tuple[int, int] | None:
+    """``(fd, host offset)`` when ``node``'s ``[offset, offset + length)`` is one run of a
+    host file, following ``host_map`` down (settled mappings only); else None."""
+    at = offset
+    while True:
+        fd = node.driver.posix_fd()
+        if fd is not None:
+            return fd, at
+        found = node.host_map(at, length)
+        if found is None or found.length < length or found.unless_done is not None:
+            return None
+        node, at = found.node, found.offset
 
 
 class CopyBeforeWrite:
@@ -107,7 +119,7 @@ class CopyBeforeWrite:
     ``copy_ahead`` (bytes; 0 turns it off) lets a write that continues the previous one copy
     that far ahead in one I/O: sequential guest writes then pay for one large copy instead of
     one per cluster, at the price of copying up to that much the guest may never overwrite.
-    While the writer stays sequential the window doubles, up to ``AHEAD_GROWTH`` times.
+    While the writer stays sequential the window grows (:mod:`fleece.block.copy_ahead`).
     """
 
     def __init__(
@@ -143,15 +155,12 @@ class CopyBeforeWrite:
         #: called with the bytes each copy moved (the job counts them as progress)
         self.on_copy: list[Callable[[int], None]] = []
         self._max_run = max(1, MAX_COPY_BYTES // cluster_size)
-        #: clusters a sequential writer's copy covers (1: copy exactly what is overwritten)
-        self.ahead = max(1, copy_ahead // cluster_size)
-        self._last_end = -1  # where the previous intercepted write ended
-        #: the cluster after the last copy-ahead: a sequential writer whose writes to the
-        #: copied clusters never came here (the native plane serves them) arrives there next
-        self._ahead_end = -1
-        #: the current copy-ahead (clusters): it doubles while a writer stays sequential, up
-        #: to AHEAD_GROWTH times ``ahead``, as a kernel's readahead window grows
-        self._ahead_now = self.ahead
+        #: where a sequential writer's copies reach
+        self.ahead = CopyAhead(copy_ahead // cluster_size, self.nclusters)
+        #: copies may go host file to host file in the kernel (``copy_file_range``): with the
+        #: native data plane, as part of the native I/O it turns off (the Python path, the
+        #: oracle, copies through memory)
+        self._in_kernel = route.available()
         self._buffers = threading.local()
         #: the target writes finishing after the guest went on (None: copies are synchronous);
         #: a timeout needs the copy's outcome before the guest write, so none with one
@@ -271,32 +280,16 @@ class CopyBeforeWrite:
         if self._behind is not None:
             self._behind.reap()  # what landed since the last write
         first, end = self.clusters(offset, length)
-        # A writer continues sequentially when this write starts where its last one here
-        # ended, or (its writes to the clusters copied ahead served natively, a few of them
-        # still in flight and so out of order) just past the last copy-ahead.
-        ahead_end = self._ahead_end
-        past_ahead = 0 < ahead_end <= first < ahead_end + SEQUENTIAL_SLACK
-        sequential = offset == self._last_end or past_ahead
-        self._last_end = offset + length
-        if first < end and not self.all_done(first, end) and self.broken is None:
-            if not sequential:
-                self._ahead_now = self.ahead
-            elif self.ahead > 1:
-                # A sequential writer will overwrite what follows too: copy it now, in one
-                # large I/O, rather than one cluster per write (from the last copy-ahead's
-                # end, so the writes still in flight find their clusters copied). Only
-                # clusters not done yet are copied, and an extra copy is still point-in-time
-                # data, so this is safe. Each such copy stalls the writer's requests in
-                # flight, so the window grows while the writer keeps on.
-                if past_ahead:
-                    first = ahead_end
-                    self._ahead_now = min(self._ahead_now * 2, self.ahead * AHEAD_GROWTH)
-                end = min(self.nclusters, max(end, first + self._ahead_now))
-                self._ahead_end = end
-            if self.on_error is CbwErrorPolicy.BREAK_SNAPSHOT:
-                self._copy_or_break(first, end)
-            else:
-                self._guest_copy(first, end)
+        if first >= end or self.broken is not None or self.all_done(first, end):
+            self.ahead.passed(offset, length)
+            return
+        # Only clusters not done yet are copied, and an extra copy is still point-in-time
+        # data: copying ahead of a sequential writer is safe.
+        first, end = self.ahead.plan(offset, length, first, end)
+        if self.on_error is CbwErrorPolicy.BREAK_SNAPSHOT:
+            self._copy_or_break(first, end)
+        else:
+            self._guest_copy(first, end)
 
     def _guest_copy(self, first: int, end: int) -> None:
         """The copy a guest write waits for: write-behind when it is on, else synchronous."""
@@ -352,12 +345,49 @@ class CopyBeforeWrite:
             offset, length = self._run_bytes(piece_first, piece_count)
             if zero:
                 self._zero_old(piece_first, piece_count, offset, length)
-            else:
+            elif not self._copy_in_kernel(piece_first, piece_count, offset, length):
                 buf = self._buffer(length)
                 self._read_old(offset, buf)
                 self._write_old(piece_first, piece_count, offset, buf)
             copied += length
         return copied
+
+    def _copy_in_kernel(self, first: int, count: int, offset: int, length: int) -> bool:
+        """Copy a piece with ``copy_file_range`` when the source maps it onto one run of a
+        host file and the target takes a direct write of it (exclusive lock held, so the
+        source cannot change meanwhile): one copy in the kernel, page cache to page cache,
+        instead of a read into memory and a write out of it. False when it cannot (nothing
+        was copied); raises ``CopyReadError``/``CopyWriteError`` as the two halves would."""
+        if not self._in_kernel:
+            return False
+        source = _host_run(self.source, offset, length)
+        if source is None:
+            return False
+        direct = self._reserve_target(offset, length)
+        if direct is None:
+            return False
+        fd, host = source
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(fd, direct.fd, length - done, host + done,
+                                       direct.host + done)
+                if n == 0:  # the source file ends inside its mapping: not ours to guess
+                    raise OSError(errno.EIO, "the source's host file is shorter than its map")
+                done += n
+        except OSError as exc:
+            direct.finish(False)
+            if exc.errno in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return False  # this pair of files cannot: copy through memory
+            raise CopyWriteError(exc.errno, f"copy-before-write copy failed: {exc}") from exc
+        try:
+            direct.finish(True)
+        except OSError as exc:
+            raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+        self._mark_copied(first, count, length)
+        for callback in self.on_copy:
+            callback(length)
+        return True
 
     def _pieces(self, first: int, count: int) -> list[tuple[int, int, bool]]:
         """Split a run into ``(first, count, reads_zero)`` pieces by the source's block status

@@ -152,15 +152,14 @@ def test_x_perf_is_validated_as_qemu_does(tmp_rig: list[Rig], tmp_path: Path,
 # --------------------------------------------------------------------------------------------
 
 def _max_in_flight(monkeypatch: pytest.MonkeyPatch, rendezvous: bool) -> list[int]:
-    """Count the job's target writes in flight; with ``rendezvous`` each write also waits
+    """Count the job's copies (runs of clusters) in flight; with ``rendezvous`` each also waits
     (up to 5 s) until a second one is in flight."""
     state = {"now": 0, "max": 0}
     lock = threading.Condition()
-    original = CopyBeforeWrite._write_old
+    original = CopyBeforeWrite._copy_run
     seen: list[int] = []
 
-    def write_old(self: CopyBeforeWrite, first: int, count: int, offset: int,
-                  data: memoryview) -> None:
+    def copy_run(self: CopyBeforeWrite, first: int, count: int) -> int:
         with lock:
             state["now"] += 1
             state["max"] = max(state["max"], state["now"])
@@ -170,13 +169,13 @@ def _max_in_flight(monkeypatch: pytest.MonkeyPatch, rendezvous: bool) -> list[in
         try:
             if not rendezvous:
                 time.sleep(0.002)  # give a second copy a chance to overlap
-            original(self, first, count, offset, data)
+            return original(self, first, count)
         finally:
             with lock:
                 state["now"] -= 1
                 seen.append(state["max"])
 
-    monkeypatch.setattr(CopyBeforeWrite, "_write_old", write_old)
+    monkeypatch.setattr(CopyBeforeWrite, "_copy_run", copy_run)
     return seen
 
 

@@ -66,7 +66,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleece.block.cbw import AHEAD_GROWTH, COPY_AHEAD_BYTES, CopyBeforeWrite
+from fleece.block.cbw import COPY_AHEAD_BYTES, CopyBeforeWrite
+from fleece.block.copy_ahead import GROWTH
 from fleece.block.device import Device
 from fleece.block.node import BlockNode, UserKind
 from fleece.block.perm import Perm
@@ -670,23 +671,31 @@ def test_copy_ahead_follows_a_writer_it_does_not_see_and_grows(fleecing: Fleecin
     """A sequential writer's writes to the clusters copied ahead need no copy (the native
     plane serves them without copy-before-write hearing of them): its next write here, just
     past the copied window and possibly out of order, still counts as sequential. It copies
-    from the window's end (so the writes still in flight find their clusters copied), and
-    the window doubles each time, up to AHEAD_GROWTH times copy-ahead."""
+    from the window's end (so the writes still in flight find their clusters copied), and the
+    window doubles each time, up to GROWTH times copy-ahead. A write elsewhere is another
+    writer: its own cluster only, and the windows start small again."""
     fleecing.snapshot()
     cbw = backup_job(fleecing.storage, "virtio0").cbw
     window = COPY_AHEAD_BYTES // CLUSTER
-    fleecing.device.pwrite(40 * CLUSTER, b"\x03" * CLUSTER)
-    fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)  # copies [41, 41 + window)
-    copied, end = 1 + window, 41 + window
-    # The writes inside each window are not seen here; one lands 2 clusters past its end.
-    for grown in (2 * window, 4 * window, 8 * window, AHEAD_GROWTH * window):
-        fleecing.device.pwrite((end + 2) * CLUSTER, b"\x03" * CLUSTER)
-        grown = min(grown, AHEAD_GROWTH * window)
-        copied, end = copied + grown, end + grown
+
+    def write(cluster: int) -> None:
+        fleecing.device.pwrite(cluster * CLUSTER, b"\x03" * CLUSTER)
+        cbw.drain()  # write-behind: the copies land
+
+    write(40)
+    write(41)  # continues it: copies [41, 41 + window)
+    copied, end, size = 1 + window, 41 + window, window
+    while end + 2 < cbw.nclusters:
+        write(end + 2)  # the writes in the window went by natively; this one lands past it
+        size = min(2 * size, GROWTH * window)
+        now = min(cbw.nclusters, end + size) - end
+        copied, end = copied + now, end + now
         assert cbw.copied_clusters == copied
         assert all(cbw.done.get(c) for c in range(40, end))
-    fleecing.device.pwrite(1000 * CLUSTER, b"\x03" * CLUSTER)  # not sequential: its own only
-    assert cbw.copied_clusters == copied + 1
+    assert size == GROWTH * window
+    write(20)  # not sequential: its own cluster only
+    write(22)  # nor this one
+    assert cbw.copied_clusters == copied + 2
     fleecing.check_snapshot()  # the point in time, whatever was copied
 
 

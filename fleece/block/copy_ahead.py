@@ -1,0 +1,62 @@
+"""Copy-ahead: how far a sequential writer's copy-before-write copies reach.
+
+Design note: QEMU copies exactly the clusters a guest write overwrites, one copy per write. A
+writer that goes on sequentially will overwrite what follows as well, so fleece copies ahead
+in one large I/O: ``base`` clusters, doubling while the writer keeps on, up to ``GROWTH``
+times, as a kernel's readahead window grows. Each window costs the writer's requests in
+flight a trip through Python (the native plane takes them only once their clusters are
+copied), so a long stream pays for few of them.
+
+A writer counts as sequential when its write starts where its previous one seen here ended,
+or just past the last window: its writes inside a window are served natively, never seen
+here, and a few of them may arrive out of order (``SLACK`` clusters). An extra copy is still
+point-in-time data, so a wrong guess costs space in the target, never correctness.
+
+(Copying the next window in the background while the writer writes this one was measured:
+device writes gained 10-20 %, writes over NBD lost 10 %, competing with the client and the
+plane for this machine's two cores.)
+"""
+
+from __future__ import annotations
+
+#: clusters past the last window where a write still counts as sequential: a client's
+#: requests in flight may reach copy-before-write out of order
+SLACK = 16
+#: how many times the first window the windows grow to while the writer stays sequential
+GROWTH = 8
+
+
+class CopyAhead:
+    """The sequential-writer state of one copy-before-write (a heuristic: its fields are read
+    and written without a lock; a race costs an extra or a missed copy-ahead)."""
+
+    def __init__(self, base: int, nclusters: int) -> None:
+        #: the first window's clusters (1: copy exactly what is overwritten)
+        self.base = max(1, base)
+        self.nclusters = nclusters
+        self._now = self.base  # the current window's size
+        self._last_end = -1  # where the last write seen here ended (bytes)
+        self._end = 0  # the cluster after the last window
+
+    def passed(self, offset: int, length: int) -> None:
+        """A write that needed no copy went by."""
+        self._last_end = offset + length
+
+    def plan(self, offset: int, length: int, first: int, end: int) -> tuple[int, int]:
+        """The clusters a write over bytes ``[offset, offset + length)`` (clusters ``[first,
+        end)``, some not copied yet) copies before it goes on."""
+        window_end = self._end
+        past = 0 < window_end <= first < window_end + SLACK
+        sequential = offset == self._last_end or past
+        self._last_end = offset + length
+        if not sequential:
+            self._now = self.base
+            return first, end
+        if self.base == 1:
+            return first, end
+        if past:
+            first = window_end  # the writes still in flight find their clusters copied
+            self._now = min(self._now * 2, self.base * GROWTH)
+        end = min(self.nclusters, max(end, first + self._now))
+        self._end = end
+        return first, end
