@@ -14,7 +14,9 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +25,9 @@ from fleece.nbd import dataplane
 from fleece.nbd.client import NBDClient, NBDError
 from fleece.nbd.constants import Cmd
 from fleece.storage import Storage
+
+if TYPE_CHECKING:
+    from fleece._fast.dataplane import Route
 
 MiB = 1 << 20
 CLUSTER = 64 * 1024
@@ -306,6 +311,20 @@ def test_device_writes_copy_before_write_once_fleecing_starts(
     assert device.pread(0, CLUSTER) == b"\xef" * CLUSTER
 
 
+@contextmanager
+def _file_route(tmp_path: Path, flags: int) -> Iterator[tuple[Route, int, Path]]:
+    """A fresh native route, and a file of 8 clusters of zeroes open with ``flags``."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8 * CLUSTER))
+    fd = os.open(path, flags)
+    try:
+        native = route.new_route()
+        assert native is not None
+        yield native, fd, path
+    finally:
+        os.close(fd)
+
+
 def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> None:
     """Copy-before-write's mapping: reads go through whatever is copied; a write goes
     natively only once every cluster it touches is copied, including a cluster copied after
@@ -314,12 +333,7 @@ def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> 
         return
     from fleece._fast.bitmap import ClusterBitmap
 
-    path = tmp_path / "f"
-    path.write_bytes(bytes(8 * CLUSTER))
-    fd = os.open(path, os.O_RDWR)
-    try:
-        native = route.new_route()
-        assert native is not None
+    with _file_route(tmp_path, os.O_RDWR) as (native, fd, path):
         copied = ClusterBitmap(4)  # the extent reaches past it: those clusters never qualify
         assert native.add(native.generation, 0, 8 * CLUSTER, fd, 0, cluster=CLUSTER,
                           writable=True, write_guard=copied)
@@ -334,8 +348,6 @@ def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> 
         assert not native.pwrite_from(4 * CLUSTER, data)  # past the bitmap
         assert path.read_bytes()[CLUSTER:2 * CLUSTER + 1] == data + data[:1]
         assert path.read_bytes()[:CLUSTER] == bytes(CLUSTER)
-    finally:
-        os.close(fd)
 
 
 def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> None:
@@ -343,12 +355,7 @@ def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> No
         return
     from fleece._fast.bitmap import ClusterBitmap
 
-    path = tmp_path / "f"
-    path.write_bytes(bytes(8 * CLUSTER))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        native = route.new_route()
-        assert native is not None
+    with _file_route(tmp_path, os.O_RDONLY) as (native, fd, _):
         done = ClusterBitmap(8)
         assert native.add(native.generation, 0, 8 * CLUSTER, fd, 0, done, CLUSTER)
         buf = bytearray(CLUSTER)
@@ -361,8 +368,6 @@ def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> No
         assert native.pread_into(4 * CLUSTER, buf)
         with pytest.raises(ValueError):
             native.add(native.generation, 0, CLUSTER, fd, 0, done, 0)  # no cluster size
-    finally:
-        os.close(fd)
 
 
 def _per_byte(extents: list[tuple[int, int]], start: int) -> dict[int, int]:
