@@ -6,11 +6,12 @@ Design note: once a plain NBD connection enters transmission, a :class:`Plane` o
 requests, answers a READ by itself when the export's :class:`Route` maps the whole range onto
 host files (``sendfile`` from each file after the header when the extents are settled and may
 be sent without a copy, else ``pread`` into one buffer, header in front, one ``writev``), and
-hands every other request, as the bytes the client sent (a WRITE's payload as it arrives), to Python through
-one callback: the Python side feeds
-them to its sans-I/O protocol, which validates and runs them as before (writes, zeroes, trims,
-flushes, block status, errors, and the reads the route cannot map). Python answers through
-:meth:`Plane.send`, so all replies leave through this object's one lock and never interleave.
+hands every other request, as the bytes the client sent (a WRITE's payload as it arrives), to
+Python through one callback: the Python side feeds them to its sans-I/O protocol, which
+validates and runs them as before (writes, zeroes, trims, flushes, block status, errors, and
+the reads the route cannot map). Python answers through :meth:`Plane.send`, so all replies
+leave through this object's one lock and never interleave (while a ``sendfile`` reply streams,
+they queue behind it).
 
 The route is the native view of an export's node: sorted extents ``[start, end) -> (fd,
 host)``, learned by Python (which asks the drivers, ``Driver.host_map``) and dropped by Python
@@ -20,13 +21,14 @@ A native read counts itself in flight on the route from its look-up to the end o
 reads, so a cluster that a discard frees cannot be reused under a reader. Pages ``sendfile``
 handed to the socket are read by the client later: they are used only where no page is ever
 rewritten for other data (``HostMap.zero_copy``: a qcow2 image punches its freed clusters out
-of the file, which detaches their pages). A generation number, bumped by every
-invalidation, makes a learner that raced with one drop what it learned.
+of the file, which detaches their pages). A generation number, bumped by every invalidation,
+makes a learner that raced with one drop what it learned.
 
 Back-pressure: while Python holds a batch, the thread goes on serving what it can and gathers
 the next batch, up to ``FB_HIGH`` bytes; it stops reading while Python paused the connection
-(its budget) and while more than ``OUTBOX_HIGH`` bytes of replies wait for the client; replies the socket does not take at once wait in an outbox that
-this thread flushes when the socket becomes writable.
+(its budget) and while more than ``OUTBOX_HIGH`` bytes of replies wait for the client;
+replies the socket does not take at once wait in an outbox that this thread flushes when the
+socket becomes writable.
 """
 
 cimport cython
