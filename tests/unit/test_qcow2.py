@@ -495,6 +495,50 @@ def test_concurrent_io(tmp_path: Path) -> None:
     check_refcounts(path)
 
 
+def test_concurrent_writers_crossing_reservations(tmp_path: Path) -> None:
+    """Writers that allocate, rewrite in place, zero and discard their own regions at once,
+    through several reservations of new clusters (and the ones made ahead): freeing the rest
+    of a reservation waits for older I/O with the lock let go, and a writer that came in
+    meanwhile must neither take the same clusters (a cluster mapped twice, then freed twice:
+    "refcount underflow") nor make a reservation that replaces another (leaked clusters)."""
+    path = tmp_path / "r.qcow2"
+    size = 48 << 20
+    create(str(path), size, cluster_size=4096)
+    writers = 8
+    share = size // writers
+    errors: list[BaseException] = []
+    with Image(path) as node:
+        def worker(k: int) -> None:
+            try:
+                region = k * share
+                mine = bytearray(share)
+                rng = random.Random(k)
+                for i in range(200):
+                    off = rng.randrange(0, share - 131072) & ~511
+                    op = rng.random()
+                    if op < 0.7:
+                        chunk = payload(rng.randrange(512, 131072), k * 1000 + i)
+                        node.pwrite(region + off, chunk)
+                        mine[off : off + len(chunk)] = chunk
+                    elif op < 0.85:
+                        node.pwrite_zeroes(region + off, 65536, may_unmap=True)
+                        mine[off : off + 65536] = bytes(65536)
+                    else:
+                        node.pdiscard(region + off, 65536)
+                        mine[off : off + 65536] = node.pread(region + off, 65536)
+                assert node.pread(region, share) == mine
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    check_refcounts(path)
+
+
 # -- dirty, corrupt, read-only ---------------------------------------------------------------
 def set_incompat(path: Path, bits: int) -> None:
     data = bytearray(path.read_bytes())

@@ -790,22 +790,27 @@ class Qcow2Driver(Driver):
 
     def _reserve_room(self, count: int) -> None:
         """Make the reservation hold at least ``count`` clusters (lock held): a new one when
-        the old is (nearly) used up, the rest of the old freed."""
-        nxt, end = self._reserve
-        if end - nxt >= count:
-            return
-        ahead = self._ahead
-        if ahead is not None and ahead[1] - ahead[0] >= count:
-            self._release_reserve()
-            self._ahead = None
-            self._reserve, self._fresh = (ahead[0], ahead[1]), ahead[2]
-            self._order.adopt(ahead[3])  # no sync when the background one finished
-            self._reserve_ahead()  # a stream: give the next sync all this one's time
-            return
-        size = self._next_reserve_size(end - nxt)
-        self._release_reserve()
-        nxt, end, self._fresh = self._allocate_reserve(max(count, size))
-        self._reserve = (nxt, end)
+        the old is (nearly) used up, the rest of the old freed. Freeing waits for older I/O
+        with the lock let go, so the new reservation is in place before, and the room is
+        checked again after: another thread may have taken from it meanwhile. (Freeing
+        first let a second thread, finding no reservation, make one that the first then
+        replaced: its rest leaked; with a reservation made ahead, both took that one.)"""
+        while True:
+            nxt, end = self._reserve
+            if end - nxt >= count:
+                return
+            old_fresh = self._fresh
+            ahead = self._ahead
+            if ahead is not None and ahead[1] - ahead[0] >= count:
+                self._ahead = None
+                self._reserve, self._fresh = (ahead[0], ahead[1]), ahead[2]
+                self._order.adopt(ahead[3])  # no sync when the background one finished
+                self._reserve_ahead()  # a stream: give the next sync all this one's time
+            else:
+                size = self._next_reserve_size(end - nxt)
+                first, last, self._fresh = self._allocate_reserve(max(count, size))
+                self._reserve = (first, last)
+            self._release(nxt, end, old_fresh, False)  # may let the lock go
 
     def _next_reserve_size(self, left: int) -> int:
         """The clusters of the next reservation, when the current one has ``left``; a stream
