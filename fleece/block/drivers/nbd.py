@@ -345,18 +345,24 @@ class NBDDriver(Driver):
             return
         flags = CmdFlag(0) if may_unmap else CmdFlag.NO_HOLE
         for at, n in _ranges(offset, length):
-            if (self.flags & TransmissionFlag.SEND_FAST_ZERO
-                    and flags not in self._slow_zero):
-                try:
-                    self._call(NBDClient.zero, at, n, flags | CmdFlag.FAST_ZERO)
-                    continue
-                except NBDError as exc:
-                    if exc.errno != NBDErr.ENOTSUP:
-                        raise
-                    log.debug("nbd node %r: the server refuses fast zeroes with flags %r; "
-                              "plain ones from now on", self.node.name, flags)
-                    self._slow_zero.add(flags)
-            self._call(NBDClient.zero, at, n, flags)
+            self._call(self._zero, at, n, flags)
+
+    def _zero(self, client: NBDClient, offset: int, length: int, flags: CmdFlag) -> None:
+        """One WRITE_ZEROES on ``client`` (its connection held): fast first, unless the
+        server refused a fast one with these flags, then plain. The refusal is checked and
+        recorded with the connection held, so parallel requests (a job's workers) meet it
+        at most once per connection."""
+        if self.flags & TransmissionFlag.SEND_FAST_ZERO and flags not in self._slow_zero:
+            try:
+                client.zero(offset, length, flags | CmdFlag.FAST_ZERO)
+                return
+            except NBDError as exc:
+                if exc.errno != NBDErr.ENOTSUP:
+                    raise
+                log.debug("nbd node %r: the server refuses fast zeroes with flags %r; "
+                          "plain ones from now on", self.node.name, flags)
+                self._slow_zero.add(flags)
+        client.zero(offset, length, flags)
 
     def try_fast_zero(self, offset: int, length: int) -> bool:
         """Zero the range only if the server can do it faster than writing zeroes
