@@ -193,7 +193,7 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         if native is not None and length and native.pread_into(offset, buf):
             return proto.read_reply(cookie, offset, buf)
         if proto.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
-            reply = _sparse_read(export, node, proto, cookie, offset, length)
+            reply = _sparse_read(export, node, proto, cookie, offset, buf)
         else:
             node.pread_into(offset, buf)
             reply = proto.read_reply(cookie, offset, buf)
@@ -260,7 +260,10 @@ def _sendfile_read(export: Export, node: BlockNode, proto: ServerConnection,
 
 
 def _sparse_read(export: Export, node: BlockNode, proto: ServerConnection, cookie: int,
-                 offset: int, length: int) -> list[Buffer]:
+                 offset: int, buf: bytearray) -> list[Buffer]:
+    """A structured read into ``buf`` (the request's length), its zero extents sent as
+    holes."""
+    length = len(buf)
     end = offset + length
     hint_start, hint_end = export.data_hint
     if not hint_start <= offset < end <= hint_end:
@@ -269,7 +272,6 @@ def _sparse_read(export: Export, node: BlockNode, proto: ServerConnection, cooki
             export.data_hint = (offset, offset + first.length)
             hint_start, hint_end = export.data_hint
     if hint_start <= offset < end <= hint_end:
-        buf = bytearray(length)
         node.pread_into(offset, buf)
         return proto.read_reply(cookie, offset, buf)
     extents: list[tuple[int, int, bool]] = []
@@ -283,21 +285,21 @@ def _sparse_read(export: Export, node: BlockNode, proto: ServerConnection, cooki
         if len(extents) > MAX_READ_PIECES:
             break
     if len(extents) > MAX_READ_PIECES or not any(zero for _, _, zero in extents):
-        buf = bytearray(length)
         node.pread_into(offset, buf)
         return proto.read_reply(cookie, offset, buf)
     pieces: list[tuple[int, int, Buffer | None]] = []
+    view = memoryview(buf)
     for start, size, zero in extents:
         if zero:
             pieces.append((start, size, None))
             continue
-        buf = bytearray(size)
+        piece = view[start - offset : start - offset + size]
         try:
-            node.pread_into(start, buf)
+            node.pread_into(start, piece)
         except OSError as exc:
             error = (nbd_error(exc.errno), exc.strerror or str(exc), start)
             return proto.sparse_read_reply(cookie, pieces, error)
-        pieces.append((start, size, buf))
+        pieces.append((start, size, piece))
     return proto.sparse_read_reply(cookie, pieces)
 
 
