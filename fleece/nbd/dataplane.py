@@ -45,9 +45,9 @@ def start(fd: int, export: Export, proto: ServerConnection, contexts: dict[int, 
           on_progress: Callable[[], None], ceiling: int) -> Plane | None:
     """Start a plane on socket ``fd`` for ``export`` (``contexts``: the meta contexts the
     client chose; the plane answers base:allocation when it is the only one); None when it
-    may not take over (the
-    protocol is half way through a request's payload, or the descriptor it needs would eat
-    into the server's reserve ``ceiling``). ``OSError`` when it cannot be made."""
+    may not take over (the protocol is half way through a request's payload, or the
+    descriptor it needs would eat into the server's reserve ``ceiling``). ``OSError`` when it
+    cannot be made."""
     native = export.root.native_route()
     if native is None:
         return None
