@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fleece.nbd import dataplane
 from fleece.storage import Storage
@@ -76,22 +77,28 @@ def nbdcopy(folder: Path) -> None:
     storage.close()
 
 
+def _fio_write(sock: Path, *options: str) -> tuple[dict[str, Any], float, int]:
+    """fio writing to the ``live`` export with ``options``: its write section, the CPU seconds
+    per GiB this process spent meanwhile, and how many requests the planes served natively."""
+    native, cpu = dataplane.native_requests(), _cpu()
+    out = subprocess.run(
+        ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///live?socket={sock}",
+         *options, "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    job: dict[str, Any] = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    gib = job["io_bytes"] / (1 << 30)
+    return job, (_cpu() - cpu) / gib, dataplane.native_requests() - native
+
+
 def randwrite(folder: Path) -> None:
     storage = _source(folder, 512 * MiB)
     sock = folder / "nbd.sock"
     storage.execute("nbd-server-add", {"device": "virtio0", "name": "live", "writable": True})
 
     def fio(label: str) -> None:
-        native, cpu = dataplane.native_requests(), _cpu()
-        out = subprocess.run(
-            ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///live?socket={sock}",
-             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=512M", "--time_based",
-             "--runtime=4", "--output-format=json"],
-            check=True, capture_output=True, text=True).stdout
-        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-        gib = job["io_bytes"] / (1 << 30)
-        print(f"{label:9} {job['iops']:7.0f} IOPS  CPU {(_cpu() - cpu) / gib:.1f} s/GiB  "
-              f"native {dataplane.native_requests() - native}")
+        job, cpu, native = _fio_write(sock, "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                                      "--size=512M", "--time_based", "--runtime=4")
+        print(f"{label:9} {job['iops']:7.0f} IOPS  CPU {cpu:.1f} s/GiB  native {native}")
 
     fio("plain")
     _fleece(storage, folder)
@@ -105,16 +112,9 @@ def seqwrite(folder: Path) -> None:
     storage.execute("nbd-server-add", {"device": "virtio0", "name": "live", "writable": True})
 
     def fio(label: str, offset: int) -> None:
-        native, cpu = dataplane.native_requests(), _cpu()
-        out = subprocess.run(
-            ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///live?socket={sock}",
-             "--rw=write", "--bs=64k", "--iodepth=16", f"--offset={offset}", "--size=512M",
-             "--output-format=json"],
-            check=True, capture_output=True, text=True).stdout
-        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-        gib = job["io_bytes"] / (1 << 30)
-        print(f"{label:9} {job['bw'] / 1024:7.0f} MiB/s  CPU {(_cpu() - cpu) / gib:.2f} s/GiB  "
-              f"native {dataplane.native_requests() - native}")
+        job, cpu, native = _fio_write(sock, "--rw=write", "--bs=64k", "--iodepth=16",
+                                      f"--offset={offset}", "--size=512M")
+        print(f"{label:9} {job['bw'] / 1024:7.0f} MiB/s  CPU {cpu:.2f} s/GiB  native {native}")
 
     fio("plain", 0)
     _fleece(storage, folder)
