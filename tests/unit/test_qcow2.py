@@ -458,41 +458,53 @@ def test_compressed_cluster_read_and_overwrite(tmp_path: Path) -> None:
 
 
 # -- concurrency ------------------------------------------------------------------------------
-def test_concurrent_io(tmp_path: Path) -> None:
-    path = tmp_path / "p.qcow2"
-    size = 4 << 20
-    create(str(path), size, cluster_size=4096)
+def _in_threads(path: Path, threads: int, work: Callable[[BlockNode, int, int], None]) -> None:
+    """``work(node, start, length)`` in ``threads`` threads at once, each on its own share of
+    the image at ``path``; none may fail, and the independent checker finds the refcounts
+    right afterwards."""
     errors: list[BaseException] = []
     with Image(path) as node:
-        def worker(k: int) -> None:
+        share = node.size // threads
+
+        def run(k: int) -> None:
             try:
-                region = k * (size // 4)
-                mine = bytearray(size // 4)
-                rng = random.Random(k)
-                for i in range(150):
-                    off = rng.randrange(0, size // 4 - 9000)
-                    op = rng.random()
-                    if op < 0.6:
-                        chunk = payload(rng.randrange(1, 9000), k * 1000 + i)
-                        node.pwrite(region + off, chunk)
-                        mine[off : off + len(chunk)] = chunk
-                    elif op < 0.8:
-                        node.pwrite_zeroes(region + off, 8192, may_unmap=rng.random() < 0.5)
-                        mine[off : off + 8192] = bytes(8192)
-                    else:
-                        node.pdiscard(region + off, 8192)
-                        mine[off : off + 8192] = node.pread(region + off, 8192)
-                    assert node.pread(region, size // 4) == mine
+                work(node, k * share, share)
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-        for t in threads:
+        running = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+        for t in running:
             t.start()
-        for t in threads:
+        for t in running:
             t.join()
     assert not errors, errors
     check_refcounts(path)
+
+
+def test_concurrent_io(tmp_path: Path) -> None:
+    path = tmp_path / "p.qcow2"
+    create(str(path), 4 << 20, cluster_size=4096)
+
+    def work(node: BlockNode, region: int, share: int) -> None:
+        k = region // share
+        mine = bytearray(share)
+        rng = random.Random(k)
+        for i in range(150):
+            off = rng.randrange(0, share - 9000)
+            op = rng.random()
+            if op < 0.6:
+                chunk = payload(rng.randrange(1, 9000), k * 1000 + i)
+                node.pwrite(region + off, chunk)
+                mine[off : off + len(chunk)] = chunk
+            elif op < 0.8:
+                node.pwrite_zeroes(region + off, 8192, may_unmap=rng.random() < 0.5)
+                mine[off : off + 8192] = bytes(8192)
+            else:
+                node.pdiscard(region + off, 8192)
+                mine[off : off + 8192] = node.pread(region + off, 8192)
+            assert node.pread(region, share) == mine
+
+    _in_threads(path, 4, work)
 
 
 def test_concurrent_writers_crossing_reservations(tmp_path: Path) -> None:
@@ -502,41 +514,28 @@ def test_concurrent_writers_crossing_reservations(tmp_path: Path) -> None:
     meanwhile must neither take the same clusters (a cluster mapped twice, then freed twice:
     "refcount underflow") nor make a reservation that replaces another (leaked clusters)."""
     path = tmp_path / "r.qcow2"
-    size = 48 << 20
-    create(str(path), size, cluster_size=4096)
-    writers = 8
-    share = size // writers
-    errors: list[BaseException] = []
-    with Image(path) as node:
-        def worker(k: int) -> None:
-            try:
-                region = k * share
-                mine = bytearray(share)
-                rng = random.Random(k)
-                for i in range(200):
-                    off = rng.randrange(0, share - 131072) & ~511
-                    op = rng.random()
-                    if op < 0.7:
-                        chunk = payload(rng.randrange(512, 131072), k * 1000 + i)
-                        node.pwrite(region + off, chunk)
-                        mine[off : off + len(chunk)] = chunk
-                    elif op < 0.85:
-                        node.pwrite_zeroes(region + off, 65536, may_unmap=True)
-                        mine[off : off + 65536] = bytes(65536)
-                    else:
-                        node.pdiscard(region + off, 65536)
-                        mine[off : off + 65536] = node.pread(region + off, 65536)
-                assert node.pread(region, share) == mine
-            except BaseException as exc:  # reported by the main thread
-                errors.append(exc)
+    create(str(path), 48 << 20, cluster_size=4096)
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-    check_refcounts(path)
+    def work(node: BlockNode, region: int, share: int) -> None:
+        k = region // share
+        mine = bytearray(share)
+        rng = random.Random(k)
+        for i in range(200):
+            off = rng.randrange(0, share - 131072) & ~511
+            op = rng.random()
+            if op < 0.7:
+                chunk = payload(rng.randrange(512, 131072), k * 1000 + i)
+                node.pwrite(region + off, chunk)
+                mine[off : off + len(chunk)] = chunk
+            elif op < 0.85:
+                node.pwrite_zeroes(region + off, 65536, may_unmap=True)
+                mine[off : off + 65536] = bytes(65536)
+            else:
+                node.pdiscard(region + off, 65536)
+                mine[off : off + 65536] = node.pread(region + off, 65536)
+        assert node.pread(region, share) == mine
+
+    _in_threads(path, 8, work)
 
 
 # -- dirty, corrupt, read-only ---------------------------------------------------------------
