@@ -2,7 +2,7 @@
 
 Both implementations take the bitmap of the same implementation as :mod:`fleece.bitmap` selects,
 and, like it, are loaded when one of their names is first asked for (the compiled twin imports
-the bitmap's, which imports numpy).
+the bitmap's).
 """
 
 from __future__ import annotations

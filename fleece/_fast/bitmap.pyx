@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled cluster bitmap: one bit per cluster in numpy ``uint64`` words.
+"""Compiled cluster bitmap: one bit per cluster in ``uint64`` words (an ``array('Q')``).
 
 Design note: every public method validates its arguments with the GIL held and then runs an
 unchecked kernel ``with nogil``; the kernels work word by word (masks at the two partial ends,
@@ -13,8 +13,8 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
 import operator
-
-import numpy as np
+import sys
+from array import array
 
 cdef extern from *:
     """
@@ -88,7 +88,7 @@ cdef class ClusterBitmap:
         if nbits < 0:
             raise ValueError(f"bitmap size must not be negative, got {nbits}")
         self.nbits = nbits
-        self._array = np.zeros((nbits + 63) // 64, dtype=np.uint64)
+        self._array = array("Q", bytes((nbits + 63) // 64 * 8))
         self._words = self._array
         self._ptr = &self._words[0] if self._words.shape[0] else NULL
 
@@ -173,7 +173,7 @@ cdef class ClusterBitmap:
         if not isinstance(other, ClusterBitmap):
             return NotImplemented
         cdef ClusterBitmap o = <ClusterBitmap>other
-        return self.nbits == o.nbits and bool(np.array_equal(self._array, o._array))
+        return self.nbits == o.nbits and self._array == o._array
 
     __hash__ = None
 
@@ -275,7 +275,11 @@ cdef class ClusterBitmap:
     # -- serialisation -----------------------------------------------------------------------
     def to_bytes(self):
         """``ceil(nbits / 8)`` bytes; bit i is bit ``i % 8`` of byte ``i // 8``."""
-        return self._array.astype("<u8").tobytes()[: (self.nbits + 7) // 8]
+        words = self._array
+        if sys.byteorder == "big":
+            words = array("Q", words)
+            words.byteswap()
+        return words.tobytes()[: (self.nbits + 7) // 8]
 
     @classmethod
     def from_bytes(cls, data, Py_ssize_t nbits):
@@ -290,5 +294,9 @@ cdef class ClusterBitmap:
             raise ValueError(f"bits set at or past bit {nbits} in the last byte")
         cdef ClusterBitmap bitmap = cls(nbits)
         padded = raw + bytes(bitmap._words.shape[0] * 8 - len(raw))
-        bitmap._array[:] = np.frombuffer(padded, dtype="<u8")
+        words = array("Q", padded)
+        if sys.byteorder == "big":
+            words.byteswap()
+        cdef uint64_t[::1] loaded = words
+        bitmap._words[:] = loaded
         return bitmap

@@ -23,10 +23,11 @@ Design note
   rewriting a compressed cluster) by first removing its reference, then waiting until every
   I/O ticket taken before that is done, then dropping the refcount. So a cluster is never
   reused while a read or write planned earlier still targets it.
-* **Whole runs, not clusters.** L2 tables are cached as native ``uint64`` numpy arrays in a
+* **Whole runs, not clusters.** L2 tables are cached as native ``array('Q')`` tables in a
   bounded LRU (32 MiB of entries by default, ``l2-cache-size`` overrides). A request maps a
-  table slice at once (numpy classification and run detection for long slices, a short Python
-  loop for a few clusters), and contiguous host clusters become one file read or write.
+  table slice at once (classification and run detection in one compiled loop,
+  :mod:`fleece.block.qcow2.kernels`), and contiguous host clusters become one file read or
+  write.
 * **Persistent dirty bitmaps** (:mod:`fleece.block.qcow2.bitmaps`): loaded on open (one left
   *in use* by a crash comes back inconsistent), flagged in use by a writable open, stored on
   close or when going read-only; autoclear bit 0 is kept, any other autoclear bit is cleared.
@@ -45,57 +46,57 @@ import os
 import struct
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, ClassVar
-
-import numpy as np
-import numpy.typing as npt
 
 from fleece.block.direct import DirectWrite
 from fleece.block.dirty_bitmap import DirtyBitmap, bitmaps_on, node_bitmaps
 from fleece.block.driver import BlockStatus, Driver, HostMap, Options, Status
 from fleece.block.node import BlockNode
 from fleece.block.perm import ChildRole, Perm
+from fleece.block.qcow2 import kernels
 from fleece.block.qcow2.bitmaps import BitmapStore, LoadedBitmap, check_new_bitmap
 from fleece.block.qcow2.create import probe_format
 from fleece.block.qcow2.format import (
     AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
+    COMPRESSED,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
+    NORMAL,
     OFF_AUTOCLEAR,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFT_OFFSET_MASK,
+    SHARED,
+    UNALLOC,
+    ZERO,
+    CorruptEntry,
+    be64_array,
     check_layout,
     check_metadata_layout,
     header_area,
     header_used,
     parse_header,
+    zero_table,
 )
 from fleece.block.qcow2.order import WriteOrder, rewrite_header
 from fleece.block.qcow2.refcount import Refcounts
 from fleece.errors import GenericError, ImageError
 
-U64 = npt.NDArray[np.uint64]
-
-# Kinds of cluster runs (a plan's segments use the same numbers).
-UNALLOC = 0  # this layer does not decide: the backing node (or zeroes)
-ZERO = 1  # reads as zeroes (zero flag, with or without a preallocated host cluster)
-NORMAL = 2  # data at a host cluster with refcount 1 (OFLAG_COPIED)
-SHARED = 3  # data at a host cluster that may be shared (no OFLAG_COPIED): copied on write
-COMPRESSED = 4  # a compressed cluster (one per run)
+#: an L1 or L2 table: its entries as native integers (:func:`be64_array`)
+Table = array
 
 _ZEROES = bytes(1 << 21)
 _MAX_CHAIN = 64
 _DEFAULT_L2_CACHE = 32 * 1024 * 1024
-_SMALL_SLICE = 16  # up to this many clusters, a Python loop beats numpy
 #: host clusters allocated at once for new clusters (allocating and direct writes, L2
 #: tables): one refcount update, and one sync, per reservation. The first is this many bytes;
 #: each one used up doubles the next, up to the maximum (and to the virtual disk's size).
@@ -190,7 +191,7 @@ class Qcow2Driver(Driver):
         self._waiting = 0
         self._file: BlockNode | None = None
         self._zcache: tuple[int, bytes] | None = None
-        self._l2_cache: OrderedDict[int, U64] = OrderedDict()
+        self._l2_cache: OrderedDict[int, Table[int]] = OrderedDict()
         self._reserve = (0, 0)  # host clusters [next, end) allocated, not handed out yet
 
     # -- opening -----------------------------------------------------------------------------
@@ -280,9 +281,8 @@ class Qcow2Driver(Driver):
         self._zero_copy = self._punches()
 
         l1_bytes = io.read(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
-        self._l1: U64 = np.frombuffer(l1_bytes, dtype=">u8").astype(np.uint64)
-        rt_bytes = io.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        reftable: U64 = np.frombuffer(rt_bytes, dtype=">u8").astype(np.uint64)
+        self._l1: Table[int] = be64_array(l1_bytes)
+        reftable = be64_array(io.read(h.refcount_table_offset, h.refcount_table_clusters * cs))
         check_metadata_layout(h, file_size, self._l1, reftable)
 
         cb = h.cluster_bits
@@ -292,10 +292,8 @@ class Qcow2Driver(Driver):
             meta.update(range(first, first + -(-h.l1_size * 8 // cs)))
         first = h.refcount_table_offset >> cb
         meta.update(range(first, first + h.refcount_table_clusters))
-        blocks = reftable[reftable != 0] & np.uint64(REFT_OFFSET_MASK)
-        meta.update((blocks >> np.uint64(cb)).tolist())
-        tables = self._l1[self._l1 != 0] & np.uint64(L1E_OFFSET_MASK)
-        meta.update((tables >> np.uint64(cb)).tolist())
+        meta.update((e & REFT_OFFSET_MASK) >> cb for e in reftable if e)
+        meta.update((e & L1E_OFFSET_MASK) >> cb for e in self._l1 if e)
         self._meta = meta
         self._refs = Refcounts(
             io,
@@ -486,7 +484,7 @@ class Qcow2Driver(Driver):
             h.backing_format = fmt if filename else None
 
     # -- mapping -----------------------------------------------------------------------------
-    def _l2_table(self, l1_index: int) -> U64 | None:
+    def _l2_table(self, l1_index: int) -> Table[int] | None:
         """The cached L2 table for ``l1_index``, or None when it is unallocated."""
         offset = int(self._l1[l1_index]) & L1E_OFFSET_MASK
         if offset == 0:
@@ -495,8 +493,7 @@ class Qcow2Driver(Driver):
         if table is not None:
             self._l2_cache.move_to_end(offset)
             return table
-        raw = self._io.read(offset, self._cs)
-        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        table = be64_array(self._io.read(offset, self._cs))
         self._l2_cache[offset] = table
         if len(self._l2_cache) > self._l2_cache_tables:
             self._l2_cache.popitem(last=False)
@@ -520,49 +517,14 @@ class Qcow2Driver(Driver):
             raise self._corrupt(f"unaligned data cluster offset {host:#x}")
         return (NORMAL if entry & OFLAG_COPIED else SHARED), host
 
-    def _slice_runs(self, entries: U64, cluster: int) -> list[tuple[int, int, int, int]]:
-        """Runs ``(kind, first cluster, count, host or entry)`` of one L2 table slice."""
-        n = len(entries)
-        cs = self._cs
-        runs: list[tuple[int, int, int, int]] = []
-        if n <= _SMALL_SLICE:
-            for j, entry in enumerate(entries.tolist()):
-                kind, aux = self._classify(entry)
-                if runs:
-                    k, first, count, a = runs[-1]
-                    if k == kind and kind != COMPRESSED and (
-                        kind not in (NORMAL, SHARED) or a + count * cs == aux
-                    ):
-                        runs[-1] = (k, first, count + 1, a)
-                        continue
-                runs.append((kind, cluster + j, 1, aux))
-            return runs
-        comp = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
-        zero = ((entries & np.uint64(OFLAG_ZERO)) != 0) & ~comp
-        host = entries & np.uint64(L2E_OFFSET_MASK)
-        kinds = np.full(n, UNALLOC, dtype=np.int8)
-        copied = (entries & np.uint64(OFLAG_COPIED)) != 0
-        data = (host != 0) & ~comp & ~zero
-        kinds[data & copied] = NORMAL
-        kinds[data & ~copied] = SHARED
-        kinds[zero] = ZERO
-        kinds[comp] = COMPRESSED
-        if zero.any() and not self._v3:
-            raise self._corrupt("zero cluster flag in a version 2 image")
-        bad = data & ((host & np.uint64(cs - 1)) != 0)
-        if bad.any():
-            raise self._corrupt(f"unaligned data cluster offset {int(host[bad][0]):#x}")
-        brk = np.ones(n, dtype=bool)
-        brk[1:] = (kinds[1:] != kinds[:-1]) | comp[1:] | (
-            data[1:] & (host[1:] != host[:-1] + np.uint64(cs))
-        )
-        starts = np.flatnonzero(brk).tolist()
-        ends = [*starts[1:], n]
-        kind_list = kinds[starts].tolist()
-        aux = np.where(comp, entries, host)[starts].tolist()
-        for s, e, k, a in zip(starts, ends, kind_list, aux, strict=True):
-            runs.append((k, cluster + s, e - s, a if k in (NORMAL, SHARED, COMPRESSED) else 0))
-        return runs
+    def _slice_runs(self, table: Table[int], i0: int, i1: int, cluster: int
+                    ) -> list[tuple[int, int, int, int]]:
+        """Runs ``(kind, first cluster, count, host or entry)`` of entries ``[i0, i1)`` of an
+        L2 table, the first of them guest cluster ``cluster``."""
+        try:
+            return kernels.l2_runs(table, i0, i1, cluster, self._cs, self._v3)
+        except CorruptEntry as exc:
+            raise self._corrupt(str(exc)) from None
 
     def _first_run(self, first: int, end: int) -> tuple[int, int, int, int]:
         """The merged run at cluster ``first`` (within ``[first, end)``), looking only as far
@@ -590,7 +552,7 @@ class Qcow2Driver(Driver):
                 runs = [(UNALLOC, c, stop - c, 0)]
             else:
                 i0 = c & self._l2_mask
-                runs = self._slice_runs(table[i0 : i0 + stop - c], c)
+                runs = self._slice_runs(table, i0, i0 + stop - c, c)
             for run in runs:
                 if pending is not None:
                     k, f, n, a = pending
@@ -748,7 +710,7 @@ class Qcow2Driver(Driver):
         i0 = first & self._l2_mask
         with self._lock:
             table, l2_offset = self._l2_for_write(l1_index)
-            if np.count_nonzero(table[i0 : i0 + count] >> 1):  # any bit but OFLAG_ZERO (bit 0)
+            if kernels.any_but_zero_flag(table, i0, i0 + count):
                 return None
             base = self._new_clusters(count)
             clusters = list(range(base, base + count))
@@ -934,7 +896,7 @@ class Qcow2Driver(Driver):
                 if c in meta:
                     raise self._corrupt(f"data cluster {c << cb:#x} overlaps metadata")
 
-    def _l2_for_write(self, l1_index: int) -> tuple[U64, int]:
+    def _l2_for_write(self, l1_index: int) -> tuple[Table[int], int]:
         """The L2 table for ``l1_index`` and its offset, allocating a zeroed one if needed."""
         offset = int(self._l1[l1_index]) & L1E_OFFSET_MASK
         if offset:
@@ -954,15 +916,16 @@ class Qcow2Driver(Driver):
         self._io.write(self.header.l1_table_offset + 8 * l1_index, struct.pack(">Q", entry))
         self._order.wrote_pointer()
         self._l1[l1_index] = entry
-        table = np.zeros(self._cs // 8, dtype=np.uint64)
+        table = zero_table(self._cs // 8)
         self._l2_cache[offset] = table
         if len(self._l2_cache) > self._l2_cache_tables:
             self._l2_cache.popitem(last=False)
         return table, offset
 
-    def _write_entries(self, l2_offset: int, table: U64, first: int, values: list[int]) -> None:
+    def _write_entries(self, l2_offset: int, table: Table[int], first: int, values: list[int]
+                       ) -> None:
         """Set ``table[first:first + len(values)]`` in memory and on disk."""
-        table[first : first + len(values)] = values
+        table[first : first + len(values)] = array("Q", values)
         self._order.before_pointer()
         self._io.write(l2_offset + 8 * first, struct.pack(f">{len(values)}Q", *values))
         self._order.wrote_pointer()
@@ -1185,6 +1148,17 @@ class Qcow2Driver(Driver):
         with self._lock:
             self._zero_clusters(first, end_cluster, mode, self._pass_discard_request)
 
+    @staticmethod
+    def _zeroed_entry(entry: int, mode: str, no_backing: bool) -> int:
+        """What an L2 entry becomes when its cluster is zeroed in ``mode`` (see
+        :meth:`_zero_clusters`)."""
+        if mode == "dealloc" or (no_backing and entry == 0):
+            return 0
+        host = entry & L2E_OFFSET_MASK
+        if mode == "keep" and host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED:
+            return host | OFLAG_COPIED | OFLAG_ZERO  # ours alone: the host cluster stays
+        return OFLAG_ZERO
+
     def _zero_clusters(self, first: int, end: int, mode: str, discard: bool) -> None:
         """Rewrite the entries of clusters ``[first, end)`` (lock held).
 
@@ -1198,7 +1172,6 @@ class Qcow2Driver(Driver):
         # header names a backing file that is not attached now (drive-backup mode=existing)
         # would read through to it once opened with it, so it gets zero clusters.
         no_backing = self.node.backing() is None and not self.backing_filename()
-        copied = np.uint64(OFLAG_COPIED)
         c = first
         while c < end:
             l1_index = c >> self._l2_bits
@@ -1210,32 +1183,17 @@ class Qcow2Driver(Driver):
                 continue
             table, l2_offset = self._l2_for_write(l1_index)
             i0 = c & self._l2_mask
-            i1 = i0 + stop - c
-            old = table[i0:i1].copy()
-            comp = (old & np.uint64(OFLAG_COMPRESSED)) != 0
-            host = old & np.uint64(L2E_OFFSET_MASK)
-            allocated = (host != 0) & ~comp
-            if mode == "dealloc":
-                new = np.zeros_like(old)
-                kept = np.zeros(len(old), dtype=bool)
-            else:
-                kept = (
-                    allocated & ((old & copied) != 0)
-                    if mode == "keep"
-                    else np.zeros(len(old), dtype=bool)
-                )
-                new = np.where(kept, host | copied | np.uint64(OFLAG_ZERO), np.uint64(OFLAG_ZERO))
-                if no_backing:
-                    new = np.where(old == 0, np.uint64(0), new)
-            changed = np.flatnonzero(old != new)
-            if changed.size:
-                a, b = int(changed[0]), int(changed[-1]) + 1
-                self._write_entries(l2_offset, table, i0 + a, new[a:b].tolist())
-                gone = allocated & ~kept
-                gone[:a] = False
-                gone[b:] = False
-                frees.extend((host[gone] >> np.uint64(self._cb)).tolist())
-                compressed.extend(old[comp].tolist())
+            old: list[int] = table[i0 : i0 + stop - c].tolist()
+            new = [self._zeroed_entry(entry, mode, no_backing) for entry in old]
+            changed = [j for j, (o, n) in enumerate(zip(old, new, strict=True)) if o != n]
+            if changed:
+                a, b = changed[0], changed[-1] + 1
+                self._write_entries(l2_offset, table, i0 + a, new[a:b])
+                for entry, now in zip(old[a:b], new[a:b], strict=True):
+                    if entry & OFLAG_COMPRESSED:
+                        compressed.append(entry)
+                    elif entry & L2E_OFFSET_MASK and not now & L2E_OFFSET_MASK:
+                        frees.append((entry & L2E_OFFSET_MASK) >> self._cb)
             c = stop
         self._free(frees, compressed, discard)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from fleece.block.qcow2 import kernels
 from fleece.block.qcow2.format import (
     EXT_BACKING_FORMAT,
     EXT_END,
@@ -22,8 +21,10 @@ from fleece.block.qcow2.format import (
     MAX_L1_BYTES,
     MIN_CLUSTER_BITS,
     Header,
+    be64_bytes,
     pack_extension,
     pack_header,
+    zero_table,
 )
 
 
@@ -137,29 +138,24 @@ def create(
         header_length=header_length,
     )
     first = pack_header(header) + ext + name
-    table = np.zeros(table_clusters * cluster_size // 8, dtype=">u8")
-    table[:blocks] = (1 + table_clusters + np.arange(blocks, dtype=np.uint64)) * cluster_size
-    counts = np.zeros(blocks * per_block, dtype=np.uint8)
-    counts[:total] = 1
-    if order >= 3:
-        refcounts = counts.astype(f">u{refcount_bits // 8}")
-    else:  # sub-byte counters, least significant first within each byte
-        per_byte = 8 >> order
-        shifts = np.arange(0, 8, refcount_bits, dtype=np.uint8)
-        refcounts = (counts.reshape(-1, per_byte) << shifts).sum(axis=1).astype(np.uint8)
+    table = zero_table(table_clusters * cluster_size // 8)
+    for k in range(blocks):
+        table[k] = (1 + table_clusters + k) * cluster_size
+    refcounts = bytearray(blocks * cluster_size)  # the blocks' counters follow each other
+    kernels.refblock_add(refcounts, order, 0, total, 1)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         _write_all(fd, 0, first)
-        _write_all(fd, cluster_size, table.tobytes())
-        _write_all(fd, (1 + table_clusters) * cluster_size, refcounts.tobytes())
+        _write_all(fd, cluster_size, be64_bytes(table))
+        _write_all(fd, (1 + table_clusters) * cluster_size, refcounts)
         os.ftruncate(fd, total * cluster_size)
         os.fdatasync(fd)  # on stable storage before anyone writes into it (QEMU flushes too)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, offset: int, data: bytes) -> None:
+def _write_all(fd: int, offset: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         done = os.pwrite(fd, view, offset)

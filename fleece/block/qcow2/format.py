@@ -2,19 +2,20 @@
 
 Everything here is pure: functions take bytes (and the file size) and return values or raise
 :class:`fleece.errors.ImageError` naming what is wrong. Table contents (L1, refcount table) are
-validated by :func:`check_metadata_layout` once they are read, with numpy over whole tables.
+validated by :func:`check_metadata_layout` once they are read. Tables are ``array('Q')`` in the
+host's byte order (:func:`be64_array`); the scans over them that must be fast are in
+:mod:`fleece.block.qcow2.kernels`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import struct
+import sys
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
 
 from fleece.errors import ImageError
 
@@ -62,6 +63,13 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1
+
+# Kinds of cluster runs (a plan's segments use the same numbers).
+UNALLOC = 0  # this layer does not decide: the backing node (or zeroes)
+ZERO = 1  # reads as zeroes (zero flag, with or without a preallocated host cluster)
+NORMAL = 2  # data at a host cluster with refcount 1 (OFLAG_COPIED)
+SHARED = 3  # data at a host cluster that may be shared (no OFLAG_COPIED): copied on write
+COMPRESSED = 4  # a compressed cluster (one per run)
 
 # byte offsets of header fields the driver rewrites in place
 OFF_REFTABLE = 48  # refcount_table_offset (u64) + refcount_table_clusters (u32)
@@ -388,12 +396,34 @@ def _check_table(what: str, offset: int, length: int, cs: int, file_size: int) -
         )
 
 
-def check_metadata_layout(
-    h: Header,
-    file_size: int,
-    l1: npt.NDArray[np.uint64],
-    reftable: npt.NDArray[np.uint64],
-) -> None:
+class CorruptEntry(ValueError):
+    """An L2 entry no valid image has (the driver reports it as its image being corrupt)."""
+
+
+def be64_array(raw: bytes | bytearray) -> array[int]:
+    """A table of big-endian 64-bit entries, as native integers."""
+    table = array("Q", raw)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def be64_bytes(table: array[int]) -> bytes:
+    """A table's entries, big-endian, as the image stores them."""
+    if sys.byteorder == "big":
+        return table.tobytes()
+    swapped = array("Q", table)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def zero_table(entries: int) -> array[int]:
+    """A table of ``entries`` zero entries."""
+    return array("Q", bytes(8 * entries))
+
+
+def check_metadata_layout(h: Header, file_size: int, l1: array[int], reftable: array[int]
+                          ) -> None:
     """Check every refcount block and L2 table the tables point at.
 
     Each must be cluster aligned, inside the file, and must not overlap the header, the L1
@@ -407,50 +437,33 @@ def check_metadata_layout(
     ranges.append(
         ("the refcount table", h.refcount_table_offset >> cb, h.refcount_table_clusters)
     )
-    seen: list[tuple[str, npt.NDArray[np.uint64]]] = []
-    for what, raw, mask in (
+    seen: list[list[int]] = []
+    for what, table, mask in (
         ("refcount block", reftable, REFT_OFFSET_MASK),
         ("L2 table", l1, L1E_OFFSET_MASK),
     ):
-        offsets = raw[raw != 0] & np.uint64(mask)
-        if what == "refcount block":
-            bad = (raw[raw != 0] & np.uint64(0x1FF)) != 0
-            if bad.any():
-                raise ImageError("qcow2 refcount table has an entry with reserved bits set")
-        if offsets.size == 0:
-            seen.append((what, offsets))
-            continue
-        unaligned = offsets & np.uint64(cs - 1)
-        if unaligned.any():
-            off = int(offsets[np.flatnonzero(unaligned)[0]])
-            raise ImageError(f"qcow2 {what} offset {off:#x} is not cluster aligned")
-        beyond = offsets > np.uint64(max(file_size - cs, 0))
-        if beyond.any() or file_size < cs:
-            off = int(offsets[np.flatnonzero(beyond)[0]]) if beyond.any() else int(offsets[0])
-            raise ImageError(
-                f"qcow2 {what} offset {off:#x} lies beyond the end of the image "
-                f"({file_size} bytes)"
-            )
-        clusters = offsets >> np.uint64(cb)
+        if what == "refcount block" and any(e & 0x1FF for e in table):
+            raise ImageError("qcow2 refcount table has an entry with reserved bits set")
+        offsets = [e & mask for e in table if e]
+        for off in offsets:
+            if off & (cs - 1):
+                raise ImageError(f"qcow2 {what} offset {off:#x} is not cluster aligned")
+        for off in offsets:
+            if off > max(file_size - cs, 0) or file_size < cs:
+                raise ImageError(f"qcow2 {what} offset {off:#x} lies beyond the end of the "
+                                 f"image ({file_size} bytes)")
+        clusters = [off >> cb for off in offsets]
         for name, start, count in ranges:
-            hit = (clusters >= np.uint64(start)) & (clusters < np.uint64(start + count))
-            if hit.any():
+            if any(start <= c < start + count for c in clusters):
                 raise ImageError(f"qcow2 metadata overlap: a {what} overlaps {name}")
-        seen.append((what, clusters))
-    (_, blocks), (_, tables) = seen
-    if _repeats(blocks):
+        seen.append(clusters)
+    blocks, tables = seen
+    if len(set(blocks)) < len(blocks):
         raise ImageError("qcow2 metadata overlap: two refcount table entries share a block")
-    if _repeats(tables):
+    if len(set(tables)) < len(tables):
         raise ImageError("qcow2 metadata overlap: two L1 entries share an L2 table")
-    if _repeats(np.concatenate((blocks, tables))):  # each alone has none, checked above
+    if not set(blocks).isdisjoint(tables):
         raise ImageError("qcow2 metadata overlap: an L2 table is also a refcount block")
-
-
-def _repeats(values: npt.NDArray[np.uint64]) -> bool:
-    """True when some value occurs twice. Sorting, not ``np.unique``/``np.intersect1d``:
-    those import ``numpy.ma`` (1.2 MiB of the daemon's memory) on their first call."""
-    ordered = np.sort(values)
-    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def extensions_except(h: Header, first: bytes, dropped: int) -> list[bytes]:

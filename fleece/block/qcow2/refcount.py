@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import errno
 import struct
+from array import array
 from collections import OrderedDict
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
-from fleece.block.qcow2.format import MAX_REFTABLE_BYTES, OFF_REFTABLE, REFT_OFFSET_MASK
+from fleece.block.qcow2 import kernels
+from fleece.block.qcow2.format import (
+    MAX_REFTABLE_BYTES,
+    OFF_REFTABLE,
+    REFT_OFFSET_MASK,
+    be64_bytes,
+    zero_table,
+)
 from fleece.block.qcow2.order import WriteOrder
-
-_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
-U64 = npt.NDArray[np.uint64]
 
 
 class MetaIO(Protocol):
@@ -56,35 +58,13 @@ class Refblock:
         self.order = order
         self.entries = len(buf) * 8 >> order
 
-    def _view(self) -> npt.NDArray[np.unsignedinteger]:
-        return np.frombuffer(self.buf, dtype=_DTYPES[self.order])
-
     def get(self, i: int) -> int:
         if self.order >= 3:
-            return int(self._view()[i])
+            width = 1 << (self.order - 3)
+            return int.from_bytes(self.buf[i * width : (i + 1) * width], "big")
         bits = 1 << self.order
         per = 8 >> self.order
         return self.buf[i // per] >> (bits * (i % per)) & ((1 << bits) - 1)
-
-    def set(self, i: int, value: int) -> None:
-        if self.order >= 3:
-            self._view()[i] = value
-            return
-        bits = 1 << self.order
-        per = 8 >> self.order
-        shift = bits * (i % per)
-        mask = ((1 << bits) - 1) << shift
-        self.buf[i // per] = (self.buf[i // per] & ~mask) | (value << shift)
-
-    def values(self) -> U64:
-        """Every counter of the block, as native integers."""
-        if self.order >= 3:
-            return self._view().astype(np.uint64)
-        raw = np.frombuffer(self.buf, dtype=np.uint8)
-        bits = 1 << self.order
-        shifts = np.arange(0, 8, bits, dtype=np.uint8)
-        out = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
-        return out.reshape(-1).astype(np.uint64)
 
     def byte_span(self, first: int, end: int) -> tuple[int, int]:
         """The bytes of the buffer holding counters ``first`` to ``end - 1``."""
@@ -92,28 +72,9 @@ class Refblock:
         return first * bits // 8, -(-end * bits // 8)
 
     def add(self, first: int, end: int, delta: int) -> None:
-        """Add ``delta`` to counters ``first..end-1``; ``OSError`` if any leaves its range."""
-        maximum = (1 << (1 << self.order)) - 1
-        if self.order >= 3:
-            view = self._view()
-            part = view[first:end]
-            if delta > 0 and bool((part > maximum - delta).any()):
-                raise OSError(errno.ERANGE, "qcow2 refcount overflow")
-            if delta < 0 and bool((part < -delta).any()):
-                raise OSError(errno.EIO, "qcow2 refcount underflow: the image is corrupt")
-            scalar = view.dtype.type(abs(delta))
-            if delta > 0:
-                part += scalar
-            else:
-                part -= scalar
-            return
-        for i in range(first, end):
-            value = self.get(i) + delta
-            if value < 0:
-                raise OSError(errno.EIO, "qcow2 refcount underflow: the image is corrupt")
-            if value > maximum:
-                raise OSError(errno.ERANGE, "qcow2 refcount overflow")
-            self.set(i, value)
+        """Add ``delta`` to counters ``first..end-1``, or to none: ``OSError`` if any would
+        leave its range."""
+        kernels.refblock_add(self.buf, self.order, first, end, delta)
 
 
 class Refcounts:
@@ -127,7 +88,7 @@ class Refcounts:
         order: int,
         table_offset: int,
         table_clusters: int,
-        table: U64,
+        table: array[int],
         meta: set[int],
         write_order: WriteOrder | None = None,
         cache_blocks: int = 1024,
@@ -141,7 +102,7 @@ class Refcounts:
         self.entries = (self.cluster_size * 8) >> order  # counters per block
         self.table_offset = table_offset
         self.table_clusters = table_clusters
-        self.table = table.copy()
+        self.table = array("Q", table)
         self.meta = meta  # cluster indices holding metadata; shared with the driver
         self._cache: OrderedDict[int, Refblock] = OrderedDict()
         self._cache_blocks = max(cache_blocks, 4)
@@ -200,12 +161,11 @@ class Refcounts:
             lo, hi = blk.byte_span(first, stop)
             self.io.write((int(self.table[index]) & REFT_OFFSET_MASK) + lo, blk.buf[lo:hi])
             if delta < 0:
-                zero = np.flatnonzero(blk.values()[first:stop] == 0)
-                if zero.size:
-                    base = index * self.entries + first
-                    for run_start, run_len in _runs(zero):
-                        freed.append((base + run_start, run_len))
-                    self.hint = min(self.hint, base + int(zero[0]))
+                zeroes = kernels.refblock_zero_runs(blk.buf, blk.order, first, stop)
+                if zeroes:
+                    base = index * self.entries
+                    freed.extend((base + run_start, run_len) for run_start, run_len in zeroes)
+                    self.hint = min(self.hint, base + zeroes[0][0])
             cluster = index * self.entries + stop
         if delta > 0:
             self.writes.wrote_target()
@@ -286,44 +246,45 @@ class Refcounts:
         fast = self._free_at(start, count)
         if fast is not None:
             return fast
+        entries = self.entries
         run_start, run_len = start, 0
-        index = start // self.entries
+        index = start // entries
         first_free: int | None = None
         while True:
-            base = index * self.entries
+            base = index * entries
             lo = max(start - base, 0)
             blk = self.block(index)
-            free = (
-                np.ones(self.entries - lo, dtype=bool) if blk is None else blk.values()[lo:] == 0
-            )
-            if first_free is None and free.any():
-                first_free = base + lo + int(np.argmax(free))
-                self.hint = first_free
-            pos = 0
-            n = free.size
-            while pos < n:
+
+            def next_counter(pos: int, zero: bool, blk: Refblock | None = blk) -> int:
+                """The first counter from ``pos`` that is zero (or not); ``entries`` if none."""
+                if blk is None:  # no block: every cluster it would count is free
+                    return pos if zero else entries
+                return kernels.refblock_next(blk.buf, blk.order, pos, entries, zero)
+
+            if first_free is None:
+                found_free = next_counter(lo, True)
+                if found_free < entries:
+                    first_free = self.hint = base + found_free
+            pos = lo
+            while pos < entries:
                 if run_len == 0:
-                    nz = np.flatnonzero(free[pos:])
-                    if nz.size == 0:
+                    pos = next_counter(pos, True)
+                    if pos >= entries:
                         break
-                    pos += int(nz[0])
-                    run_start = base + lo + pos
-                used = np.flatnonzero(~free[pos:])
-                length = int(used[0]) if used.size else n - pos
-                if run_len + length >= count:
+                    run_start = base + pos
+                stop = next_counter(pos, False)
+                if run_len + stop - pos >= count:
                     found = self._skip_meta(run_start, count)
                     if found is None:
                         return run_start
                     # A metadata cluster its refcount does not count (a hostile image):
                     # restart after it.
                     run_len = 0
-                    pos = found + 1 - (base + lo)
-                    if pos < 0:
-                        pos = 0
+                    pos = max(found + 1 - base, lo)
                     continue
-                run_len += length
-                pos += length
-                if pos < n:
+                run_len += stop - pos
+                pos = stop
+                if pos < entries:
                     run_len = 0
             index += 1
 
@@ -331,15 +292,13 @@ class Refcounts:
         """``start`` if the ``count`` clusters there are free: the common case of an image
         that grows at its end, answered without scanning the whole refcount block."""
         index, lo = divmod(start, self.entries)
-        if lo + count > self.entries or (count > 64 and self.order < 3):
+        if lo + count > self.entries:
             return None
         blk = self.block(index)
-        if blk is not None:
-            if blk.order >= 3:
-                if blk._view()[lo : lo + count].any():
-                    return None
-            elif any(blk.get(lo + i) for i in range(count)):
-                return None
+        if blk is not None and kernels.refblock_next(
+            blk.buf, blk.order, lo, lo + count, False
+        ) < lo + count:
+            return None
         return start if self._skip_meta(start, count) is None else None
 
     def _skip_meta(self, start: int, count: int) -> int | None:
@@ -355,13 +314,14 @@ class Refcounts:
     def _highest_used(self) -> int:
         """One past the highest cluster with a nonzero refcount, or metadata."""
         top = max(self.meta, default=-1) + 1
-        nonzero = np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK))
-        for index in nonzero[::-1]:
-            blk = self.block(int(index))
+        for index in range(len(self.table) - 1, -1, -1):
+            if self.table[index] & REFT_OFFSET_MASK == 0:
+                continue
+            blk = self.block(index)
             assert blk is not None
-            used = np.flatnonzero(blk.values())
-            if used.size:
-                return max(top, int(index) * self.entries + int(used[-1]) + 1)
+            last = kernels.refblock_last_used(blk.buf, blk.order)
+            if last >= 0:
+                return max(top, index * self.entries + last + 1)
         return top
 
     def _grow_table(self, min_entries: int) -> None:
@@ -406,7 +366,7 @@ class Refcounts:
             hi = min(region_end, (index + 1) * self.entries)
             self.change(lo, hi - lo, +1)
         # 2. write the new blocks, counting the region (themselves included)
-        table = np.zeros(clusters * per_cluster, dtype=np.uint64)
+        table = zero_table(clusters * per_cluster)
         table[:old_len] = self.table
         for k, index in enumerate(new_blocks):
             blk = Refblock(bytearray(cs), self.order)
@@ -419,7 +379,7 @@ class Refcounts:
             self._cache[index] = blk
         # 3. the new table, then 4. the header
         new_offset = table_at << self.cluster_bits
-        self.io.write(new_offset, table.astype(">u8").tobytes())
+        self.io.write(new_offset, be64_bytes(table))
         self.writes.wrote_target()
         self.writes.before_pointer()
         self.io.write(OFF_REFTABLE, struct.pack(">QI", new_offset, clusters))
@@ -434,13 +394,3 @@ class Refcounts:
         self.meta.update(start + clusters + k for k in range(len(new_blocks)))
         # 5. release the old table
         self.change(old_first, old_clusters, -1)
-
-
-def _runs(indices: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
-    """Runs ``(first, length)`` of consecutive integers in a sorted index array."""
-    if indices.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [indices.size]))
-    return [(int(indices[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
