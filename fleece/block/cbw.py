@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 from fleece import bitmap as cluster_bitmap
 from fleece import cbw_plan
 from fleece.block import nowait, route
+from fleece.block.ahead_copier import AheadCopier
 from fleece.block.copy_ahead import CopyAhead
 from fleece.block.direct import DirectWrite
 from fleece.block.driver import HostMap
@@ -85,6 +86,9 @@ MAX_COPY_BYTES = 4 << 20
 #: how far ahead a sequential writer's copies reach: one large copy instead of many small ones
 #: (the first window: see :mod:`fleece.block.copy_ahead`)
 COPY_AHEAD_BYTES = 2 << 20
+#: the pieces a sequential writer's window is copied in beside it (each under its own lock, so
+#: the writer waits for at most one piece)
+AHEAD_PIECE_BYTES = 2 << 20
 #: how much old data a backup job's hook may hold in memory while its target write is pending
 WRITE_BEHIND_BYTES = 4 << 20
 
@@ -157,6 +161,10 @@ class CopyBeforeWrite:
         self._max_run = max(1, MAX_COPY_BYTES // cluster_size)
         #: where a sequential writer's copies reach
         self.ahead = CopyAhead(copy_ahead // cluster_size, self.nclusters)
+        #: copies the rest of a window beside the writer (None: the guest's copy takes it all;
+        #: a timeout bounds the guest's copy, which must then be the whole of it)
+        self._ahead_copier = (AheadCopier(self._copy_piece)
+                              if copy_ahead > cluster_size and not timeout else None)
         #: copies may go host file to host file in the kernel (``copy_file_range``): with the
         #: native data plane, as part of the native I/O it turns off (the Python path, the
         #: oracle, copies through memory)
@@ -194,8 +202,11 @@ class CopyBeforeWrite:
             self.target.read_guard = self._guard
 
     def detach(self) -> None:
-        """The filter is closing (drained): pending write-behind copies land in the target, and
-        the target's guard goes (its reads now read through to the live source)."""
+        """The filter is closing (drained): copies ahead not started are dropped, pending
+        write-behind copies land in the target, and the target's guard goes (its reads now read
+        through to the live source)."""
+        if self._ahead_copier is not None:
+            self._ahead_copier.close()
         if self._behind is not None:
             self._behind.close()
         if self._guard is not None:
@@ -285,11 +296,38 @@ class CopyBeforeWrite:
             return
         # Only clusters not done yet are copied, and an extra copy is still point-in-time
         # data: copying ahead of a sequential writer is safe.
+        needed = end
         first, end = self.ahead.plan(offset, length, first, end)
+        if end > needed and self._ahead_copier is not None:
+            self._copy_beside(needed, end)
+            end = needed
         if self.on_error is CbwErrorPolicy.BREAK_SNAPSHOT:
             self._copy_or_break(first, end)
         else:
             self._guest_copy(first, end)
+
+    def _copy_beside(self, first: int, end: int) -> None:
+        """Hand ``[first, end)`` to the copier thread in pieces, each locked here first (without
+        waiting: a piece someone else holds is left to whoever writes it)."""
+        copier = self._ahead_copier
+        assert copier is not None
+        step = max(1, AHEAD_PIECE_BYTES // self.cluster_size)
+        for at in range(first, end, step):
+            stop = min(end, at + step)
+            if self.all_done(at, stop):
+                continue
+            token = self.locks.try_exclusive(at, stop)
+            if token is None:
+                continue
+            if not copier.submit(at, stop, partial(self.locks.release, token)):
+                self.locks.release(token)
+                return
+
+    def _copy_piece(self, first: int, end: int) -> None:
+        """A piece of a window, copied by the copier thread (its exclusive lock held)."""
+        if self.broken is None:
+            for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
+                self._copy_run(run_first, count)
 
     def _guest_copy(self, first: int, end: int) -> None:
         """The copy a guest write waits for: write-behind when it is on, else synchronous."""
@@ -521,7 +559,9 @@ class CopyBeforeWrite:
         return memoryview(buf)[:length]
 
     def drain(self) -> None:
-        """Wait until every write-behind copy so far has landed in the target."""
+        """Wait until every copy ahead and write-behind copy so far has landed in the target."""
+        if self._ahead_copier is not None:
+            self._ahead_copier.idle()
         if self._behind is not None:
             self._behind.await_range(0, self.nclusters)
 

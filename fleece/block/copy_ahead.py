@@ -7,6 +7,9 @@ times, as a kernel's readahead window grows. Each window costs the writer's requ
 flight a trip through Python (the native plane takes them only once their clusters are
 copied), so a long stream pays for few of them.
 
+The guest write waits only for its own clusters (and those of the requests in flight before
+it); the rest of the window is copied beside it (:mod:`fleece.block.ahead_copier`).
+
 A writer counts as sequential when its write starts where its previous one seen here ended,
 or just past the last window: its writes inside a window are served natively, never seen
 here, and a few of them may arrive out of order (``SLACK`` clusters). An extra copy is still
@@ -36,6 +39,7 @@ class CopyAhead:
         self.nclusters = nclusters
         self._now = self.base  # the current window's size
         self._last_end = -1  # where the last write seen here ended (bytes)
+        self._start = 0  # the first cluster of the last window
         self._end = 0  # the cluster after the last window
 
     def passed(self, offset: int, length: int) -> None:
@@ -46,6 +50,11 @@ class CopyAhead:
         """The clusters a write over bytes ``[offset, offset + length)`` (clusters ``[first,
         end)``, some not copied yet) copies before it goes on."""
         window_end = self._end
+        if self._start <= first and end <= window_end:
+            # Inside the last window, whose copy is still under way in the background (see
+            # :mod:`fleece.block.ahead_copier`): this write waits for its own clusters only.
+            self._last_end = offset + length
+            return first, end
         past = 0 < window_end <= first < window_end + SLACK
         sequential = offset == self._last_end or past
         self._last_end = offset + length
@@ -58,5 +67,5 @@ class CopyAhead:
             first = window_end  # the writes still in flight find their clusters copied
             self._now = min(self._now * 2, self.base * GROWTH)
         end = min(self.nclusters, max(end, first + self._now))
-        self._end = end
+        self._start, self._end = first, end
         return first, end

@@ -64,6 +64,12 @@ class ClusterRangeLocks:
             self._table.release(token)
             self.mutex.notify_all()
 
+    def try_exclusive(self, first: int, end: int) -> int | None:
+        """The token of an exclusive hold on ``[first, end)`` if one can be had without
+        waiting, else None. Never waiting, it can be taken in any order with other holds."""
+        with self.mutex:
+            return self._table.try_acquire(first, end, True) or None
+
     def try_shared(self, first: int, end: int) -> AbstractContextManager[None] | None:
         """A shared hold on ``[first, end)`` if one can be had without waiting (no conflicting
         lock held, no exclusive request waiting over the range), else None."""

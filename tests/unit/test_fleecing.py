@@ -699,6 +699,95 @@ def test_copy_ahead_follows_a_writer_it_does_not_see_and_grows(fleecing: Fleecin
     fleecing.check_snapshot()  # the point in time, whatever was copied
 
 
+def _hold_the_copier(cbw: CopyBeforeWrite, fail: bool = False
+                     ) -> tuple[threading.Event, list[tuple[int, int]]]:
+    """Make the copier thread wait for the event returned before each piece (then copy it,
+    or fail it with EIO); the list collects the pieces it was given."""
+    copier = cbw._ahead_copier
+    assert copier is not None
+    go = threading.Event()
+    pieces: list[tuple[int, int]] = []
+    copy_piece = copier._copy
+
+    def held(first: int, end: int) -> object:
+        pieces.append((first, end))
+        assert go.wait(30)
+        if fail:
+            raise OSError(5, "the source went away")
+        return copy_piece(first, end)
+
+    copier._copy = held
+    return go, pieces
+
+
+def test_a_window_is_copied_beside_the_writer(fleecing: Fleecing) -> None:
+    """The write that opens a window waits for its own clusters only: the rest is copied by
+    the copier thread, locked before that write went on. A write that reaches it while it is
+    being copied waits for it and finds it copied: nothing is copied twice."""
+    fleecing.snapshot()
+    cbw = backup_job(fleecing.storage, "virtio0").cbw
+    go, pieces = _hold_the_copier(cbw)
+    window = COPY_AHEAD_BYTES // CLUSTER
+    fleecing.device.pwrite(40 * CLUSTER, b"\x03" * CLUSTER)
+    fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)  # opens [41, 41 + window)
+    assert cbw.copied_clusters == 2
+    assert not any(cbw.done.get(c) for c in range(42, 41 + window))
+    reached = threading.Thread(target=fleecing.device.pwrite,
+                               args=(45 * CLUSTER, b"\x04" * CLUSTER))
+    reached.start()
+    time.sleep(0.2)
+    assert reached.is_alive()  # waits for the piece's lock
+    go.set()
+    reached.join(30)
+    assert not reached.is_alive()
+    cbw.drain()
+    assert pieces == [(42, 41 + window)]
+    assert all(cbw.done.get(c) for c in range(40, 41 + window))
+    assert cbw.copied_clusters == 1 + window  # every cluster once, 45 by the copier
+    fleecing.check_snapshot()
+
+
+def test_a_failed_copy_ahead_leaves_its_clusters_to_the_writer(fleecing: Fleecing) -> None:
+    """A background copy that fails copies nothing and lets its lock go: the guest write that
+    reaches those clusters copies its own, as if nothing had been copied ahead."""
+    fleecing.snapshot()
+    cbw = backup_job(fleecing.storage, "virtio0").cbw
+    go, pieces = _hold_the_copier(cbw, fail=True)
+    go.set()
+    fleecing.device.pwrite(40 * CLUSTER, b"\x03" * CLUSTER)
+    fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)
+    cbw.drain()
+    assert pieces and cbw.copied_clusters == 2
+    assert len(cbw.locks) == 0
+    fleecing.device.pwrite(45 * CLUSTER, b"\x04" * CLUSTER)  # inside the window: 45 alone
+    assert cbw.copied_clusters == 3 and cbw.done.get(45) and not cbw.done.get(44)
+    fleecing.check_snapshot()
+
+
+def test_closing_the_filter_drops_the_copies_not_started(fleecing: Fleecing) -> None:
+    """When the filter closes, the piece being copied ahead finishes, the others are dropped
+    with their locks, and no copier thread is left."""
+    fleecing.snapshot()
+    cbw = backup_job(fleecing.storage, "virtio0").cbw
+    go, pieces = _hold_the_copier(cbw)
+    window = COPY_AHEAD_BYTES // CLUSTER
+    fleecing.device.pwrite(0, b"\x03" * CLUSTER)
+    fleecing.device.pwrite(CLUSTER, b"\x03" * CLUSTER)  # the first window: one piece
+    end = 1 + window
+    for _ in range(3):  # windows of 2, 4 and 8 pieces
+        fleecing.device.pwrite((end + 1) * CLUSTER, b"\x03" * CLUSTER)
+        end = cbw.ahead._end
+    closing = threading.Thread(target=cbw.detach)
+    closing.start()
+    time.sleep(0.2)
+    assert closing.is_alive()  # the piece under way finishes first
+    go.set()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert len(pieces) == 1 and len(cbw.locks) == 0
+    assert not any(t.name == "fleece-cbw-ahead" and t.is_alive() for t in threading.enumerate())
+
+
 # --------------------------------------------------------------------------------------------
 # sync=full, sync=top, blockdev-backup
 # --------------------------------------------------------------------------------------------

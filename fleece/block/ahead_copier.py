@@ -1,0 +1,107 @@
+"""Background copies for a sequential writer: the rest of a copy-ahead window, off its path.
+
+Design note: when a sequential writer crosses into a new copy-ahead window
+(:mod:`fleece.block.copy_ahead`), the guest write needs only its own clusters copied before it
+goes on. Copy-before-write copies those in the guest's thread and hands the rest of the window
+to this thread, piece by piece, each piece already held under an exclusive range lock (taken
+without waiting, so in no particular order with other holds). The writer's next requests then
+meet copied clusters (the native plane takes them) or a piece still held, whose lock they wait
+for, after which they find it copied. On two cores the copy runs beside the guest's writes
+instead of before them.
+
+A background copy that fails leaves its clusters as they were, not copied: the guest write
+that reaches them copies them itself, under its error policy. Closing cancels the pieces not
+started (their locks go) and waits for the one being copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class AheadCopier:
+    """One thread (started when there is work, gone when there is none) copying pieces.
+
+    ``copy(first, end)`` copies the clusters of ``[first, end)`` not copied yet, with the
+    piece's exclusive lock held; each piece comes with the ``release`` that lets its lock go.
+    """
+
+    def __init__(self, copy: Callable[[int, int], object]) -> None:
+        self._copy = copy
+        self._pieces: deque[tuple[int, int, Callable[[], None]]] = deque()
+        self._cond = threading.Condition()
+        self._running = False  # a thread is (or is about to be) taking pieces
+        self._closed = False
+
+    def submit(self, first: int, end: int, release: Callable[[], None]) -> bool:
+        """Queue a piece; False once closed or when no thread can be had (the caller then
+        releases the lock itself)."""
+        piece = (first, end, release)
+        with self._cond:
+            if self._closed:
+                return False
+            self._pieces.append(piece)
+            if self._running:
+                return True
+            self._running = True
+        try:
+            threading.Thread(target=self._run, name="fleece-cbw-ahead", daemon=True).start()
+        except RuntimeError:  # no thread to be had: nothing is copied ahead
+            with self._cond:  # pieces queued meanwhile expected this thread: drop them too
+                dropped = [queued for queued in self._pieces if queued is not piece]
+                self._pieces.clear()
+                self._running = False
+                self._cond.notify_all()
+            for _, _, other in dropped:
+                other()
+            return False
+        return True
+
+    def close(self) -> None:
+        """Cancel the pieces not started and wait for the one being copied."""
+        with self._cond:
+            self._closed = True
+            cancelled = list(self._pieces)
+            self._pieces.clear()
+            while self._running:
+                self._cond.wait()
+        for _, _, release in cancelled:
+            release()
+
+    def idle(self) -> None:
+        """Wait until every piece submitted so far is copied (or cancelled)."""
+        with self._cond:
+            while self._running:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        finished = False
+        try:
+            while True:
+                with self._cond:
+                    if not self._pieces:  # seen empty and stopped in one hold of the lock
+                        self._running = False
+                        self._cond.notify_all()
+                        finished = True
+                        return
+                    first, end, release = self._pieces.popleft()
+                try:
+                    self._copy(first, end)
+                except OSError as exc:  # left uncopied: the write that reaches it copies it
+                    log.debug("copy-ahead of clusters %d-%d failed: %s", first, end, exc)
+                finally:
+                    release()
+        finally:
+            if not finished:  # a bug: let every lock go, then the exception shows
+                with self._cond:
+                    left = list(self._pieces)
+                    self._pieces.clear()
+                    self._running = False
+                    self._cond.notify_all()
+                for _, _, release in left:
+                    release()
