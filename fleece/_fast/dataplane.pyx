@@ -81,6 +81,12 @@ cdef extern from "<poll.h>" nogil:
     short POLLERR
     short POLLHUP
 
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int nanosleep(const timespec *req, timespec *rem)
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     int EFD_NONBLOCK
@@ -164,6 +170,10 @@ cdef enum:
     STREAM_WAIT_MS = 20
     #: a route forgets everything it learned when it holds this many extents
     MAX_EXTENTS = 1 << 16
+    #: a write to clusters whose copy is under way looks again after this long ...
+    PENDING_WAIT_US = 50
+    #: ... for at most this long (a 2 MiB piece copies in 1-2 ms here), then goes to Python
+    PENDING_WAIT_MAX_US = 20000
 
 
 def native_requests():
@@ -189,6 +199,9 @@ cdef struct Extent:
     const uint64_t *copied
     int64_t copied_bits
     int64_t copied_cluster
+    # with copied: the clusters whose copy is under way (as many bits), which a write may
+    # wait for; NULL when a write finding uncopied clusters goes to Python at once
+    const uint64_t *pending
     # a reply may hand the pages to the socket (sendfile): they never hold other data
     bint zero_copy
     # the export's block status says "data" here (base:allocation 0) while the extent holds
@@ -233,10 +246,12 @@ cdef inline bint _any_done(const Segment *seg) noexcept nogil:
     return _first_done(seg) < seg.guest + seg.length
 
 
-cdef bint _all_copied(const Extent *ext, int64_t offset, int64_t length) noexcept nogil:
+cdef bint _all_copied(const Extent *ext, int64_t offset, int64_t length,
+                      bint or_pending=False) noexcept nogil:
     """Every cluster of ``[offset, offset + length)`` (route offsets, which index the
-    extent's copied bitmap) is copied. A set bit stays set while the extent holds, so a
-    write that saw it needs no lock; the acquire loads order it after the copy."""
+    extent's copied bitmap) is copied (``or_pending``: or its copy under way). A set copied
+    bit stays set while the extent holds, so a write that saw it needs no lock; the acquire
+    loads order it after the copy."""
     cdef int64_t first = offset // ext.copied_cluster
     cdef int64_t end = (offset + length + ext.copied_cluster - 1) // ext.copied_cluster
     cdef int64_t w, hi
@@ -249,7 +264,11 @@ cdef bint _all_copied(const Extent *ext, int64_t offset, int64_t length) noexcep
         want = (~<uint64_t>0) << (first & 63)
         if hi < 64:
             want &= (<uint64_t>1 << hi) - 1
-        if fleece_load_word(ext.copied + w) & want != want:
+        if or_pending:
+            if (fleece_load_word(ext.copied + w) | fleece_load_word(ext.pending + w)) & (
+                    want) != want:
+                return False
+        elif fleece_load_word(ext.copied + w) & want != want:
             return False
         first = (w + 1) << 6
     return True
@@ -303,14 +322,16 @@ cdef class Route:
     def add(self, unsigned long long generation, int64_t start, int64_t length, int fd,
             int64_t host, ClusterBitmap unless_done=None, int64_t cluster=0,
             bint writable=False, bint data=False, ClusterBitmap write_guard=None,
-            bint zero_copy=False):
+            bint zero_copy=False, ClusterBitmap write_pending=None):
         """Learn that ``[start, start + length)`` reads as ``fd`` at ``host`` (with
         ``unless_done``: only the clusters of ``cluster`` bytes whose bit is clear there, a
         snapshot's read-through to its source; ``writable``: and a write may go there
         directly; ``data``: and the export's block status calls it data; ``write_guard``: a
         copied bitmap of ``cluster``-byte clusters, indexed by the route's offsets, and a
         write may go there only where all its clusters are set; ``zero_copy``: a reply may
-        send the pages with ``sendfile``, see ``HostMap.zero_copy``). Ignored (False) when
+        send the pages with ``sendfile``, see ``HostMap.zero_copy``; ``write_pending``: with
+        ``write_guard``, the clusters whose copy is under way, as many, which a write may
+        wait for, see ``HostMap.write_pending``). Ignored (False) when
         the route was invalidated or closed since ``generation`` was read."""
         if length <= 0 or start < 0 or host < 0 or fd < 0:
             raise ValueError(f"bad extent {start}+{length} -> fd {fd} at {host}")
@@ -318,6 +339,7 @@ cdef class Route:
         cdef int64_t done_bits = 0
         cdef const uint64_t *copied = NULL
         cdef int64_t copied_bits = 0
+        cdef const uint64_t *pending = NULL
         if unless_done is not None or write_guard is not None:
             if cluster <= 0:
                 raise ValueError(f"bad cluster size {cluster}")
@@ -332,6 +354,10 @@ cdef class Route:
             else:
                 self._guards[id(write_guard)] = write_guard
                 copied, copied_bits = write_guard._ptr, write_guard.nbits
+                if (write_pending is not None and write_pending.nbits == copied_bits
+                        and write_pending._ptr != NULL):
+                    self._guards[id(write_pending)] = write_pending
+                    pending = write_pending._ptr
         cdef bint added
         with nogil:
             pthread_mutex_lock(&self._lock)
@@ -339,14 +365,15 @@ cdef class Route:
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
                                      cluster, writable and done == NULL, data, copied,
-                                     copied_bits, zero_copy)
+                                     copied_bits, pending, zero_copy)
             pthread_mutex_unlock(&self._lock)
         return added
 
     cdef bint _insert(self, int64_t start, int64_t end, int fd, int64_t host,
                       const uint64_t *done, int64_t done_bits, int64_t cluster,
                       bint writable, bint data, const uint64_t *copied,
-                      int64_t copied_bits, bint zero_copy) noexcept nogil:
+                      int64_t copied_bits, const uint64_t *pending,
+                      bint zero_copy) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
         cdef Extent *grown
@@ -394,6 +421,7 @@ cdef class Route:
         self._ext[i].copied = copied
         self._ext[i].copied_bits = copied_bits
         self._ext[i].copied_cluster = cluster
+        self._ext[i].pending = pending
         self._ext[i].zero_copy = zero_copy
         i += 1
         if has_tail:
@@ -444,8 +472,27 @@ cdef class Route:
                      bint write) noexcept nogil:
         """Map ``[offset, offset + length)`` onto at most ``MAX_SEGMENTS`` host pieces (for a
         ``write``: writable ones) and count a request in flight (pair with :meth:`release`);
-        -1 when the route cannot."""
+        -1 when the route cannot. A write to clusters whose copy is under way waits for it,
+        ``PENDING_WAIT_US`` at a time up to ``PENDING_WAIT_MAX_US``, rather than go to Python
+        (where it would wait for the copy's lock)."""
+        cdef int count, waited = 0
+        cdef timespec pause
+        pause.tv_sec = 0
+        pause.tv_nsec = PENDING_WAIT_US * 1000
+        while True:
+            count = self._acquire_once(offset, length, segs, write)
+            if count != -2:
+                return count
+            if waited >= PENDING_WAIT_MAX_US:
+                return -1
+            nanosleep(&pause, NULL)
+            waited += PENDING_WAIT_US
+
+    cdef int _acquire_once(self, int64_t offset, int64_t length, Segment *segs,
+                           bint write) noexcept nogil:
+        """:meth:`acquire` once: -2 when a write found clusters whose copy is under way."""
         cdef int count = 0
+        cdef bint pending
         cdef int64_t pos = offset, end = offset + length, piece
         cdef Py_ssize_t i
         pthread_mutex_lock(&self._lock)
@@ -461,8 +508,11 @@ cdef class Route:
             piece = min(self._ext[i].end, end) - pos
             if (write and self._ext[i].copied != NULL
                     and not _all_copied(&self._ext[i], pos, piece)):
+                pending = self._ext[i].pending != NULL and _all_copied(
+                    &self._ext[i], pos, piece, True)
                 pthread_mutex_unlock(&self._lock)
-                return -1  # copy-before-write owes this cluster a copy: Python's
+                # copy-before-write owes this cluster a copy: Python's, unless under way
+                return -2 if pending else -1
             if count and segs[count - 1].fd == self._ext[i].fd and (
                     segs[count - 1].host + segs[count - 1].length
                     == self._ext[i].host + (pos - self._ext[i].start)) and (

@@ -165,6 +165,9 @@ class CopyBeforeWrite:
         #: a timeout bounds the guest's copy, which must then be the whole of it)
         self._ahead_copier = (AheadCopier(self._copy_piece)
                               if copy_ahead > cluster_size and not timeout else None)
+        #: the clusters the copier holds, not copied yet: a native write there may wait for
+        #: the copy instead of going to Python (set and cleared under ``locks.mutex``)
+        self.pending = cluster_bitmap.ClusterBitmap(self.nclusters)
         #: copies may go host file to host file in the kernel (``copy_file_range``): with the
         #: native data plane, as part of the native I/O it turns off (the Python path, the
         #: oracle, copies through memory)
@@ -319,9 +322,19 @@ class CopyBeforeWrite:
             token = self.locks.try_exclusive(at, stop)
             if token is None:
                 continue
-            if not copier.submit(at, stop, partial(self.locks.release, token)):
-                self.locks.release(token)
+            with self.locks.mutex:
+                self.pending.set_range(at, stop - at)
+            release = partial(self._piece_copied, at, stop, token)
+            if not copier.submit(at, stop, release):
+                release()
                 return
+
+    def _piece_copied(self, first: int, end: int, token: int) -> None:
+        """A piece is copied (or given up): no write waits for it any more, and its lock
+        goes. Its copied bits, if any, were set before."""
+        with self.locks.mutex:
+            self.pending.clear_range(first, end - first)
+        self.locks.release(token)
 
     def _copy_piece(self, first: int, end: int) -> None:
         """A piece of a window, copied by the copier thread (its exclusive lock held)."""

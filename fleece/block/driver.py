@@ -74,6 +74,9 @@ class HostMap(NamedTuple):
     ``write_guard``: copy-before-write's copied bitmap (clusters of ``cluster`` bytes), with
     ``writable``: a write may go there only where every cluster it touches is copied. A bit,
     once set, stays set while the mapping holds, so a writer that saw it set needs no lock.
+    ``write_pending``: with ``write_guard``, the clusters whose copy is under way (the rest of
+    a sequential writer's window): a write that finds its clusters copied or pending may wait
+    a little for the copy rather than hand itself to Python.
     ``zero_copy``: the host bytes are never rewritten for *other* data while the file is
     open (a freed qcow2 cluster is punched out before it can be allocated again), so a reply
     may hand their page cache pages to the socket (``sendfile``), which the client reads
@@ -91,6 +94,8 @@ class HostMap(NamedTuple):
     data: bool | None = None
     #: writes only where these clusters are copied (see the class's note)
     write_guard: ClusterBitmap | None = None
+    #: clusters whose copy is under way: a write there may wait for it (see the class's note)
+    write_pending: ClusterBitmap | None = None
     #: the pages may be sent without a copy (see the class's note)
     zero_copy: bool = True
 

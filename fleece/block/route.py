@@ -85,6 +85,8 @@ class _Piece(NamedTuple):
     write_guard: ClusterBitmap | None
     #: replies may send its pages without a copy (``sendfile``: HostMap.zero_copy)
     zero_copy: bool
+    #: with write_guard: the clusters whose copy is under way, which a write may wait for
+    write_pending: ClusterBitmap | None
 
 
 def learn(route: Route, node: BlockNode, offset: int, length: int, *,
@@ -115,6 +117,7 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
                     and last.host + last.length == piece.host
                     and last.unless_done is piece.unless_done
                     and last.write_guard is piece.write_guard
+                    and last.write_pending is piece.write_pending
                     and last.zero_copy == piece.zero_copy
                     and last.writable == piece.writable and last.data == piece.data):
                 learned[-1] = last._replace(length=last.length + piece.length)
@@ -128,7 +131,8 @@ def learn(route: Route, node: BlockNode, offset: int, length: int, *,
         if not route.add(generation, piece.start, piece.length, piece.fd, piece.host,
                          cast("NativeBitmap | None", piece.unless_done), piece.cluster,
                          piece.writable, piece.data,
-                         cast("NativeBitmap | None", piece.write_guard), piece.zero_copy):
+                         cast("NativeBitmap | None", piece.write_guard), piece.zero_copy,
+                         cast("NativeBitmap | None", piece.write_pending)):
             break
         total += piece.length
     return total
@@ -140,6 +144,7 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
     current, at, count = node, offset, length
     guard: tuple[ClusterBitmap, int] | None = None
     write_guard: tuple[ClusterBitmap, int] | None = None
+    pending: ClusterBitmap | None = None
     writable = True
     zero_copy = True
     data: bool | None = None  # the first node on the way that decides
@@ -157,7 +162,7 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
             if writable and write_guard is not None and guard is None:
                 copied, cluster = write_guard
             return _Piece(offset, count, fd, at, done, cluster, writable, bool(data), copied,
-                          zero_copy)
+                          zero_copy, pending if copied is not None else None)
         found = current.host_map(at, count)
         if found is None or found.length <= 0:
             return None
@@ -174,5 +179,6 @@ def _resolve(route: Route, node: BlockNode, offset: int, length: int) -> _Piece 
                 writable = False  # one guard per extent, indexed by the route's offsets
             else:
                 write_guard = (found.write_guard, found.cluster)
+                pending = found.write_pending
         count = min(count, found.length)
         current, at = found.node, found.offset

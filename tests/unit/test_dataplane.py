@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -348,6 +349,38 @@ def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> 
         assert not native.pwrite_from(4 * CLUSTER, data)  # past the bitmap
         assert path.read_bytes()[CLUSTER:2 * CLUSTER + 1] == data + data[:1]
         assert path.read_bytes()[:CLUSTER] == bytes(CLUSTER)
+
+
+def test_a_write_waits_for_a_copy_under_way_then_goes_natively(tmp_path: Path) -> None:
+    """A write to clusters not copied but pending (the copier holds them) waits for their
+    copy natively and then goes on natively; one to clusters neither copied nor pending,
+    or whose copy stays pending past the wait, goes to Python (False)."""
+    if not NATIVE:  # the route is compiled only
+        return
+    from fleece._fast.bitmap import ClusterBitmap
+
+    with _file_route(tmp_path, os.O_RDWR) as (native, fd, path):
+        copied, pending = ClusterBitmap(8), ClusterBitmap(8)
+        assert native.add(native.generation, 0, 8 * CLUSTER, fd, 0, cluster=CLUSTER,
+                          writable=True, write_guard=copied, write_pending=pending)
+        data = b"\x5b" * CLUSTER
+        assert not native.pwrite_from(CLUSTER, data)  # neither: Python's, at once
+        pending.set_range(1, 2)
+        began = time.monotonic()
+        assert not native.pwrite_from(CLUSTER, data)  # its copy never comes: gives up
+        assert 0.01 < time.monotonic() - began < 5
+
+        def copy_done() -> None:  # as copy-before-write's copier ends a piece
+            copied.set_range(1, 2)
+            pending.clear_range(1, 2)
+
+        copier = threading.Timer(0.005, copy_done)
+        copier.start()
+        assert native.pwrite_from(CLUSTER, data + data)  # waited, then native
+        copier.join()
+        assert path.read_bytes()[CLUSTER:3 * CLUSTER] == data + data
+        pending.set_range(4, 1)  # a pending cluster beside one neither copied nor pending
+        assert not native.pwrite_from(4 * CLUSTER, data + data)
 
 
 def test_a_guarded_extent_ends_at_its_first_copied_cluster(tmp_path: Path) -> None:

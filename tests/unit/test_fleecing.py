@@ -732,6 +732,8 @@ def test_a_window_is_copied_beside_the_writer(fleecing: Fleecing) -> None:
     fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)  # opens [41, 41 + window)
     assert cbw.copied_clusters == 2
     assert not any(cbw.done.get(c) for c in range(42, 41 + window))
+    assert cbw.pending.count() == window - 1  # native writes there may wait for the copy
+    assert all(cbw.pending.get(c) for c in range(42, 41 + window))
     reached = threading.Thread(target=fleecing.device.pwrite,
                                args=(45 * CLUSTER, b"\x04" * CLUSTER))
     reached.start()
@@ -743,6 +745,7 @@ def test_a_window_is_copied_beside_the_writer(fleecing: Fleecing) -> None:
     cbw.drain()
     assert pieces == [(42, 41 + window)]
     assert all(cbw.done.get(c) for c in range(40, 41 + window))
+    assert cbw.pending.count() == 0
     assert cbw.copied_clusters == 1 + window  # every cluster once, 45 by the copier
     fleecing.check_snapshot()
 
@@ -758,7 +761,7 @@ def test_a_failed_copy_ahead_leaves_its_clusters_to_the_writer(fleecing: Fleecin
     fleecing.device.pwrite(41 * CLUSTER, b"\x03" * CLUSTER)
     cbw.drain()
     assert pieces and cbw.copied_clusters == 2
-    assert len(cbw.locks) == 0
+    assert len(cbw.locks) == 0 and cbw.pending.count() == 0
     fleecing.device.pwrite(45 * CLUSTER, b"\x04" * CLUSTER)  # inside the window: 45 alone
     assert cbw.copied_clusters == 3 and cbw.done.get(45) and not cbw.done.get(44)
     fleecing.check_snapshot()
@@ -784,7 +787,7 @@ def test_closing_the_filter_drops_the_copies_not_started(fleecing: Fleecing) -> 
     go.set()
     closing.join(30)
     assert not closing.is_alive()
-    assert len(pieces) == 1 and len(cbw.locks) == 0
+    assert len(pieces) == 1 and len(cbw.locks) == 0 and cbw.pending.count() == 0
     assert not any(t.name == "fleece-cbw-ahead" and t.is_alive() for t in threading.enumerate())
 
 

@@ -107,9 +107,9 @@ class CopyBeforeWriteDriver(Driver):
         """Reads pass through to the source; so do writes of copied clusters (a cluster,
         once copied, stays so), which need nothing of the filter. The copied bitmap guards
         the writes, so a cluster copied after the mapping was learned takes its next write
-        without Python."""
+        without Python; one being copied ahead may be waited for."""
         return HostMap(length, self.file, offset, writable=True, write_guard=self.cbw.done,
-                       cluster=self.cbw.cluster_size)
+                       write_pending=self.cbw.pending, cluster=self.cbw.cluster_size)
 
     def stop_writing_child(self) -> None:
         """Drop the write permission on ``file`` (the filter is being removed: the users that
