@@ -6,7 +6,6 @@ selects the pure-Python twins instead; it does not change what is built here.
 
 from pathlib import Path
 
-import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -17,8 +16,7 @@ extensions = [
     Extension(
         f"fleece._fast.{pyx.stem}",
         [str(pyx.relative_to(HERE))],
-        include_dirs=[numpy.get_include(), str(FAST.relative_to(HERE))],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        include_dirs=[str(FAST.relative_to(HERE))],
         extra_compile_args=["-O3"],
     )
     for pyx in sorted(FAST.glob("*.pyx"))
