@@ -6,7 +6,7 @@ from libc.stdint cimport uint64_t
 
 cdef class ClusterBitmap:
     cdef readonly Py_ssize_t nbits
-    cdef object _array           # the array('Q') that owns the words
+    cdef object _array           # the cython.view.array that owns the (calloc'ed) words
     cdef uint64_t[::1] _words    # a typed view of _array
     cdef uint64_t *_ptr          # &_words[0], or NULL for an empty bitmap
 

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled cluster bitmap: one bit per cluster in ``uint64`` words (an ``array('Q')``).
+"""Compiled cluster bitmap: one bit per cluster in ``uint64`` words (``calloc``'ed).
 
 Design note: every public method validates its arguments with the GIL held and then runs an
 unchecked kernel ``with nogil``; the kernels work word by word (masks at the two partial ends,
@@ -9,8 +9,10 @@ is the words' memory prefix on little-endian hosts and is byte-swapped otherwise
 """
 
 cimport cython
+from cython.view cimport array as cvarray
 from libc.stdint cimport uint64_t
-from libc.string cimport memset
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcmp, memset
 
 import operator
 import sys
@@ -88,9 +90,18 @@ cdef class ClusterBitmap:
         if nbits < 0:
             raise ValueError(f"bitmap size must not be negative, got {nbits}")
         self.nbits = nbits
-        self._array = array("Q", bytes((nbits + 63) // 64 * 8))
-        self._words = self._array
-        self._ptr = &self._words[0] if self._words.shape[0] else NULL
+        cdef Py_ssize_t nwords = (nbits + 63) // 64
+        # calloc: a large bitmap's zero pages cost no memory until a bit in them is set
+        cdef uint64_t *words = <uint64_t *>calloc(max(nwords, 1), 8)
+        if words == NULL:
+            raise MemoryError()
+        cdef cvarray owner = cvarray(shape=(max(nwords, 1),), itemsize=8, format="Q",
+                                     allocate_buffer=False)
+        owner.data = <char *>words
+        owner.callback_free_data = free
+        self._array = owner
+        self._words = owner[:nwords]
+        self._ptr = words if nwords else NULL
 
     # -- kernels (no GIL, no checks) ------------------------------------------------------------
     @cython.boundscheck(False)
@@ -173,7 +184,9 @@ cdef class ClusterBitmap:
         if not isinstance(other, ClusterBitmap):
             return NotImplemented
         cdef ClusterBitmap o = <ClusterBitmap>other
-        return self.nbits == o.nbits and self._array == o._array
+        if self.nbits != o.nbits:
+            return False
+        return self._ptr == NULL or memcmp(self._ptr, o._ptr, self._words.shape[0] * 8) == 0
 
     __hash__ = None
 
@@ -275,7 +288,7 @@ cdef class ClusterBitmap:
     # -- serialisation -----------------------------------------------------------------------
     def to_bytes(self):
         """``ceil(nbits / 8)`` bytes; bit i is bit ``i % 8`` of byte ``i // 8``."""
-        words = self._array
+        words = array("Q", self._words)
         if sys.byteorder == "big":
             words = array("Q", words)
             words.byteswap()

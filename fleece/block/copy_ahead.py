@@ -2,22 +2,23 @@
 
 Design note: QEMU copies exactly the clusters a guest write overwrites, one copy per write. A
 writer that goes on sequentially will overwrite what follows as well, so fleece copies ahead
-in one large I/O: ``base`` clusters, doubling while the writer keeps on, up to ``GROWTH``
-times, as a kernel's readahead window grows. Each window costs the writer's requests in
-flight a trip through Python (the native plane takes them only once their clusters are
-copied), so a long stream pays for few of them.
-
-The guest write waits only for its own clusters (and those of the requests in flight before
-it); the rest of the window is copied beside it (:mod:`fleece.block.ahead_copier`).
+in large I/Os: windows of ``base`` clusters, doubling while the writer keeps on, up to
+``GROWTH`` times, as a kernel's readahead window grows. The write that opens a window waits
+only for its own clusters (and those of the requests in flight before it); the rest of the
+window is copied beside it (:mod:`fleece.block.ahead_copier`), and the writer's next requests
+wait for that copy natively. Each window still costs one trip through Python, so a long
+stream pays for few of them.
 
 A writer counts as sequential when its write starts where its previous one seen here ended,
 or just past the last window: its writes inside a window are served natively, never seen
-here, and a few of them may arrive out of order (``SLACK`` clusters). An extra copy is still
-point-in-time data, so a wrong guess costs space in the target, never correctness.
+here, and a few of them may arrive out of order (``SLACK`` clusters). A write inside the last
+window (one that reached copy-before-write before the copy of its clusters) copies its own
+clusters only. An extra copy is still point-in-time data, so a wrong guess costs space in the
+target, never correctness.
 
-(Copying the next window in the background while the writer writes this one was measured:
-device writes gained 10-20 %, writes over NBD lost 10 %, competing with the client and the
-plane for this machine's two cores.)
+(Copying the *next* window in the background, before the writer reached it, was measured and
+not kept: device writes gained 10-20 %, writes over NBD lost 10 %, competing with the client
+and the plane for this machine's two cores.)
 """
 
 from __future__ import annotations

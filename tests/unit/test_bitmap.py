@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,6 +160,22 @@ def test_new_bitmap_is_clear(bitmap_impl: BitmapClass, nbits: int) -> None:
     assert list(bm.runs()) == ([(0, nbits, False)] if nbits else [])
     assert bm.to_bytes() == bytes((nbits + 7) // 8)
     assert not any(bm.get(i) for i in range(nbits))
+
+
+def test_a_large_clear_bitmap_costs_no_memory_until_bits_are_set(
+        bitmap_impl: BitmapClass) -> None:
+    """A 1 TiB disk's copied, access and pending bitmaps are 2 MiB each at 64 KiB clusters:
+    their zero pages stay unmapped until a bit in them is set (calloc, or numpy's zeros)."""
+    def rss_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    before = rss_mib()
+    bitmaps = [bitmap_impl(1 << 27) for _ in range(4)]  # 4 x 16 MiB of words
+    grown = rss_mib() - before
+    bitmaps[0].set_range(0, 1 << 27)  # every page of one written: 16 MiB
+    assert grown < 8 and rss_mib() - before > 12
+    assert bitmaps[1].count() == 0
 
 
 def test_empty_bitmap(bitmap_impl: BitmapClass) -> None:
