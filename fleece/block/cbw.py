@@ -190,6 +190,7 @@ class CopyBeforeWrite:
         self.timeout = timeout
         #: bytes the target may receive (0: no limit); past it, a copy fails with ENOSPC
         self.size_limit = size_limit
+        self._claimed = 0  # bytes of the limit held by copies under way (see _room)
         #: why the snapshot broke, or None while it is valid
         self.broken: str | None = None
         #: clusters the snapshot still holds (a discard through snapshot-access drops them)
@@ -394,12 +395,13 @@ class CopyBeforeWrite:
         copied = 0
         for piece_first, piece_count, zero in self._pieces(first, count):
             offset, length = self._run_bytes(piece_first, piece_count)
-            if zero:
-                self._zero_old(piece_first, piece_count, offset, length)
-            elif not self._copy_in_kernel(piece_first, piece_count, offset, length):
-                buf = self._buffer(length)
-                self._read_old(offset, buf)
-                self._write_old(piece_first, piece_count, offset, buf)
+            with self._room(length):
+                if zero:
+                    self._zero_old(piece_first, piece_count, offset, length)
+                elif not self._copy_in_kernel(piece_first, piece_count, offset, length):
+                    buf = self._buffer(length)
+                    self._read_old(offset, buf)
+                    self._write_old(piece_first, piece_count, offset, buf)
             copied += length
         return copied
 
@@ -479,15 +481,32 @@ class CopyBeforeWrite:
             callback(len(data))
 
     def _run_bytes(self, first: int, count: int) -> tuple[int, int]:
-        """The byte range of a run of clusters; ``ENOSPC`` past the target's size limit."""
+        """The byte range of a run of clusters."""
         offset = first * self.cluster_size
-        length = min(count * self.cluster_size, self.size - offset)
-        if self.size_limit and self.copied_bytes + length > self.size_limit:
-            raise CopyWriteError(
-                errno.ENOSPC,
-                f"the fleecing target would exceed its size limit of {self.size_limit} bytes",
-            )
-        return offset, length
+        return offset, min(count * self.cluster_size, self.size - offset)
+
+    @contextmanager
+    def _room(self, length: int) -> Iterator[None]:
+        """Hold ``length`` bytes of the target's size limit for a copy under way (``ENOSPC``
+        past it): copies running at once (guest writes, the job, the copier thread) count
+        each other's bytes before any of them is marked copied, so together they cannot pass
+        the limit."""
+        if not self.size_limit:
+            yield
+            return
+        with self.locks.mutex:
+            if self.copied_bytes + self._claimed + length > self.size_limit:
+                raise CopyWriteError(
+                    errno.ENOSPC,
+                    f"the fleecing target would exceed its size limit of {self.size_limit} "
+                    "bytes",
+                )
+            self._claimed += length
+        try:
+            yield
+        finally:
+            with self.locks.mutex:
+                self._claimed -= length
 
     def _read_old(self, offset: int, buf: memoryview) -> None:
         try:
@@ -516,13 +535,20 @@ class CopyBeforeWrite:
         """One piece of :meth:`_copy_behind` (exclusive lock held). Zeroes are written here:
         a metadata update, with nothing to gain from the writer thread."""
         offset, length = self._run_bytes(run_first, count)
-        if zero:
-            self._zero_old(run_first, count, offset, length)
-            return
-        buf = behind.buffer(length)
-        if buf is None:  # detached meanwhile
-            self._copy_run(run_first, count)
-            return
+        with self._room(length):
+            if zero:
+                self._zero_old(run_first, count, offset, length)
+                return
+            buf = behind.buffer(length)
+            if buf is not None:
+                self._copy_old_behind(behind, run_first, count, offset, length, buf)
+                return
+        self._copy_run(run_first, count)  # detached meanwhile (it holds its own room)
+
+    def _copy_old_behind(self, behind: WriteBehind, run_first: int, count: int, offset: int,
+                         length: int, buf: bytearray) -> None:
+        """Read the old data into ``buf`` and hand its target write to the writer thread (or
+        write it here when the target takes no direct write); ``buf`` goes back if unused."""
         submitted = False
         try:
             view = memoryview(buf)[:length]

@@ -8,8 +8,10 @@ size limit. Transactions across two disks are in ``test_transaction.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,40 @@ def test_target_size_limit_under_both_policies(disk: Disk) -> None:
         disk.device.pwrite(32 * MiB, b"\x01" * 4096)  # a third cluster: over the limit
     assert info.value.errno == errno.ENOSPC
     assert disk.snapshot() == disk.expected
+
+
+def test_target_size_limit_holds_for_copies_at_once(disk: Disk,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two guest writes whose copies run at the same time, with room for one: the second
+    copy finds the first one's bytes claimed and fails with ENOSPC, rather than both passing
+    the check before either counted its bytes."""
+    disk.target()
+    disk.fleece(**{"target-size-limit": 64 * KiB})
+    cbw = disk.storage.graph.get("fl").driver.cbw  # type: ignore[attr-defined]
+    both_checked = threading.Barrier(2, timeout=1)
+    mark_copied = cbw._mark_copied
+
+    def slow_mark(first: int, count: int, length: int) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_checked.wait()  # the other copy is past its check too, if it got there
+        mark_copied(first, count, length)
+
+    monkeypatch.setattr(cbw, "_mark_copied", slow_mark)
+    errors: list[OSError] = []
+
+    def write(offset: int) -> None:
+        try:
+            disk.device.pwrite(offset, b"\x01" * 4096)
+        except OSError as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(at,)) for at in (0, 32 * MiB)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(10)
+    assert [e.errno for e in errors] == [errno.ENOSPC]
+    assert cbw.copied_bytes == 64 * KiB
 
 
 def test_target_size_limit_breaks_the_snapshot_instead(tmp_path: Path) -> None:
