@@ -53,12 +53,12 @@ class AheadCopier:
             threading.Thread(target=self._run, name="fleece-cbw-ahead", daemon=True).start()
         except RuntimeError:  # no thread to be had: nothing is copied ahead
             with self._cond:  # pieces queued meanwhile expected this thread: drop them too
-                dropped = [queued for queued in self._pieces if queued is not piece]
-                self._pieces.clear()
+                self._pieces.remove(piece)  # the caller releases this one
+                dropped = self._dequeue_all()
                 self._running = False
                 self._cond.notify_all()
-            for _, _, other in dropped:
-                other()
+            for release in dropped:
+                release()
             return False
         return True
 
@@ -66,11 +66,10 @@ class AheadCopier:
         """Cancel the pieces not started and wait for the one being copied."""
         with self._cond:
             self._closed = True
-            cancelled = list(self._pieces)
-            self._pieces.clear()
+            cancelled = self._dequeue_all()
             while self._running:
                 self._cond.wait()
-        for _, _, release in cancelled:
+        for release in cancelled:
             release()
 
     def idle(self) -> None:
@@ -78,6 +77,12 @@ class AheadCopier:
         with self._cond:
             while self._running:
                 self._cond.wait()
+
+    def _dequeue_all(self) -> list[Callable[[], None]]:
+        """Take every piece not started off the queue (lock held); their releases."""
+        releases = [release for _, _, release in self._pieces]
+        self._pieces.clear()
+        return releases
 
     def _run(self) -> None:
         finished = False
@@ -99,9 +104,8 @@ class AheadCopier:
         finally:
             if not finished:  # a bug: let every lock go, then the exception shows
                 with self._cond:
-                    left = list(self._pieces)
-                    self._pieces.clear()
+                    left = self._dequeue_all()
                     self._running = False
                     self._cond.notify_all()
-                for _, _, release in left:
+                for release in left:
                     release()

@@ -340,8 +340,7 @@ class CopyBeforeWrite:
     def _copy_piece(self, first: int, end: int) -> None:
         """A piece of a window, copied by the copier thread (its exclusive lock held)."""
         if self.broken is None:
-            for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
-                self._copy_run(run_first, count)
+            self._copy_runs(first, end)
 
     def _guest_copy(self, first: int, end: int) -> None:
         """The copy a guest write waits for: write-behind when it is on, else synchronous."""
@@ -384,10 +383,15 @@ class CopyBeforeWrite:
 
     def copy_clusters(self, first: int, end: int) -> int:
         """Copy the clusters of ``[first, end)`` not yet done; returns the bytes copied."""
-        copied = 0
         with self.locks.locked(first, end, exclusive=True):
-            for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
-                copied += self._copy_run(run_first, count)
+            return self._copy_runs(first, end)
+
+    def _copy_runs(self, first: int, end: int) -> int:
+        """Copy the clusters of ``[first, end)`` not yet done (exclusive lock held); returns
+        the bytes copied."""
+        copied = 0
+        for run_first, count in cbw_plan.plan_runs(self.done, first, end, self._max_run):
+            copied += self._copy_run(run_first, count)
         return copied
 
     def _copy_run(self, first: int, count: int) -> int:
@@ -437,9 +441,7 @@ class CopyBeforeWrite:
             direct.finish(True)
         except OSError as exc:
             raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
-        self._mark_copied(first, count, length)
-        for callback in self.on_copy:
-            callback(length)
+        self._copied(first, count, length)
         return True
 
     def _pieces(self, first: int, count: int) -> list[tuple[int, int, bool]]:
@@ -466,9 +468,7 @@ class CopyBeforeWrite:
             self.target.pwrite_zeroes(offset, length, may_unmap=True)
         except OSError as exc:
             raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
-        self._mark_copied(first, count, length)
-        for callback in self.on_copy:
-            callback(length)
+        self._copied(first, count, length)
 
     def _write_old(self, first: int, count: int, offset: int, data: memoryview) -> None:
         """Write a run's old data into the target, then count it copied."""
@@ -476,9 +476,7 @@ class CopyBeforeWrite:
             self.target.pwrite(offset, data)
         except OSError as exc:
             raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
-        self._mark_copied(first, count, len(data))
-        for callback in self.on_copy:
-            callback(len(data))
+        self._copied(first, count, len(data))
 
     def _run_bytes(self, first: int, count: int) -> tuple[int, int]:
         """The byte range of a run of clusters."""
@@ -572,6 +570,12 @@ class CopyBeforeWrite:
             return self.target.begin_direct_write(offset, length)
         except OSError as exc:
             raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+
+    def _copied(self, first: int, count: int, length: int) -> None:
+        """A run is in the target: mark it copied and tell whoever counts the copies."""
+        self._mark_copied(first, count, length)
+        for callback in self.on_copy:
+            callback(length)
 
     def _mark_copied(self, first: int, count: int, length: int) -> None:
         with self.locks.mutex:  # the bitmap's word updates are not atomic; neither are the counters
