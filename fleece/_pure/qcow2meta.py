@@ -25,26 +25,12 @@ from fleece.block.qcow2.format import (
     UNALLOC,
     ZERO,
     CorruptEntry,
+    classify_entry,
 )
 
 U64 = npt.NDArray[np.uint64]
 _DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 _SMALL_SLICE = 16  # up to this many entries, a Python loop beats numpy
-
-
-def _classify(entry: int, cluster_size: int, v3: bool) -> tuple[int, int]:
-    if entry & OFLAG_COMPRESSED:
-        return COMPRESSED, entry
-    host = entry & L2E_OFFSET_MASK
-    if entry & OFLAG_ZERO:
-        if not v3:
-            raise CorruptEntry("zero cluster flag in a version 2 image")
-        return ZERO, 0
-    if host == 0:
-        return UNALLOC, 0
-    if host & (cluster_size - 1):
-        raise CorruptEntry(f"unaligned data cluster offset {host:#x}")
-    return (NORMAL if entry & OFLAG_COPIED else SHARED), host
 
 
 def l2_runs(table: array[int], i0: int, i1: int, cluster: int, cluster_size: int,
@@ -61,7 +47,7 @@ def l2_runs(table: array[int], i0: int, i1: int, cluster: int, cluster_size: int
         if not v3 and any(e & OFLAG_ZERO and not e & OFLAG_COMPRESSED for e in entries_list):
             raise CorruptEntry("zero cluster flag in a version 2 image")  # before any other
         for j, entry in enumerate(entries_list):
-            kind, aux = _classify(entry, cluster_size, v3)
+            kind, aux = classify_entry(entry, cluster_size, v3)
             if runs:
                 k, first, count, a = runs[-1]
                 if k == kind and kind != COMPRESSED and (

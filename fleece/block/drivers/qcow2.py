@@ -82,6 +82,7 @@ from fleece.block.qcow2.format import (
     be64_array,
     check_layout,
     check_metadata_layout,
+    classify_entry,
     header_area,
     header_used,
     parse_header,
@@ -503,19 +504,11 @@ class Qcow2Driver(Driver):
         return OSError(errno.EIO, f"qcow2 image '{self.filename()}' is corrupt: {what}")
 
     def _classify(self, entry: int) -> tuple[int, int]:
-        """``(kind, host offset or entry)`` of one L2 entry."""
-        if entry & OFLAG_COMPRESSED:
-            return COMPRESSED, entry
-        host = entry & L2E_OFFSET_MASK
-        if entry & OFLAG_ZERO:
-            if not self._v3:
-                raise self._corrupt("zero cluster flag in a version 2 image")
-            return ZERO, host
-        if host == 0:
-            return UNALLOC, 0
-        if host & (self._cs - 1):
-            raise self._corrupt(f"unaligned data cluster offset {host:#x}")
-        return (NORMAL if entry & OFLAG_COPIED else SHARED), host
+        """``(kind, host offset or entry)`` of one L2 entry (:func:`classify_entry`)."""
+        try:
+            return classify_entry(entry, self._cs, self._v3)
+        except CorruptEntry as exc:
+            raise self._corrupt(str(exc)) from None
 
     def _slice_runs(self, table: Table[int], i0: int, i1: int, cluster: int
                     ) -> list[tuple[int, int, int, int]]:

@@ -400,6 +400,24 @@ class CorruptEntry(ValueError):
     """An L2 entry no valid image has (the driver reports it as its image being corrupt)."""
 
 
+def classify_entry(entry: int, cluster_size: int, v3: bool) -> tuple[int, int]:
+    """``(kind, aux)`` of one L2 entry: ``aux`` is a data cluster's host offset, a compressed
+    cluster's entry, else 0. ``CorruptEntry`` for a zero flag in a version 2 image or an
+    unaligned data cluster."""
+    if entry & OFLAG_COMPRESSED:
+        return COMPRESSED, entry
+    host = entry & L2E_OFFSET_MASK
+    if entry & OFLAG_ZERO:
+        if not v3:
+            raise CorruptEntry("zero cluster flag in a version 2 image")
+        return ZERO, 0
+    if host == 0:
+        return UNALLOC, 0
+    if host & (cluster_size - 1):
+        raise CorruptEntry(f"unaligned data cluster offset {host:#x}")
+    return (NORMAL if entry & OFLAG_COPIED else SHARED), host
+
+
 def be64_array(raw: bytes | bytearray) -> array[int]:
     """A table of big-endian 64-bit entries, as native integers."""
     table = array("Q", raw)
