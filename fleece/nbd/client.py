@@ -4,7 +4,14 @@
 It is what the demo and the tests use when libnbd is not around. Requests may be submitted
 many at a time (:meth:`NBDClient.submit`) and collected in any order (:meth:`NBDClient.wait`);
 the convenience methods (``pread``, ``pwrite``, ...) submit one request and wait for it.
-Not thread-safe: one thread drives a client.
+
+Threads: without TLS a client is :attr:`~NBDClient.concurrent`. Any thread may submit (the
+sends are serialised) and any may wait; one waiting thread at a time reads replies, whoever they
+are for, while the others sleep until theirs has been read. So several threads keep requests in
+flight on one connection, as QEMU's ``nbd`` driver does. When reading a reply fails, the stream
+is lost for every request on it: each waiter raises ``ConnectionError``. With TLS, one thread at a
+time drives the client (OpenSSL does not allow a connection to read in one thread while it
+writes in another).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from fleece.nbd.constants import (
@@ -100,6 +108,13 @@ class NBDClient:
         self.block_size: tuple[int, int, int] | None = None
         self._cookie = 0
         self._pending: dict[int, _Pending] = {}
+        self._sending = threading.Lock()
+        #: guards ``_reading`` and ``_broken``; waiters sleep on it
+        self._replies = threading.Condition(threading.Lock())
+        self._reading = False  # a waiting thread is reading replies
+        self._broken: str | None = None  # why the stream is lost, once it is
+        #: whether threads may submit and wait at once (see the module's note)
+        self.concurrent = tls is None
         self._negotiate(structured, contexts, tls, server_hostname)
 
     @classmethod
@@ -211,29 +226,59 @@ class NBDClient:
         payload: bytes | bytearray | memoryview | None = None,
     ) -> int:
         """Send a request; returns its cookie for :meth:`wait`."""
-        self._cookie += 1
-        cookie = self._cookie
         if payload is not None:
             length = len(payload)
         pending = _Pending(command, offset, length)
         if command == Cmd.READ:
             pending.data = bytearray(length)
-        self._pending[cookie] = pending
-        header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
-        if payload is None or len(payload) < 65536:
-            self.sock.sendall(header if payload is None else header + bytes(payload))
-        else:
-            self.sock.sendall(header)
-            self.sock.sendall(payload)
+        with self._sending:
+            if self._broken is not None:
+                raise ConnectionError(f"the NBD connection is lost: {self._broken}")
+            self._cookie += 1
+            cookie = self._cookie
+            self._pending[cookie] = pending  # before the send: the reply may come at once
+            header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+            try:
+                if payload is None or len(payload) < 65536:
+                    self.sock.sendall(header if payload is None else header + bytes(payload))
+                else:
+                    self.sock.sendall(header)
+                    self.sock.sendall(payload)
+            except BaseException as exc:
+                del self._pending[cookie]
+                self._lose(exc)  # a request cut short: the server may read anything next
+                raise
         return cookie
 
     def wait(self, cookie: int) -> Reply:
-        """Read replies until the one for ``cookie`` is complete; returns it."""
+        """Read replies until the one for ``cookie`` is complete; returns it. Another thread
+        may be reading replies meanwhile: then this one sleeps until it has read this one."""
         pending = self._pending.get(cookie)
         if pending is None:
             raise KeyError(f"no request with cookie {cookie}")
-        while not pending.done:
-            self._read_reply()
+        with self._replies:
+            while not pending.done:
+                if self._broken is not None:
+                    del self._pending[cookie]
+                    raise ConnectionError(f"the NBD connection is lost: {self._broken}")
+                if self._reading:
+                    self._replies.wait()
+                    continue
+                self._reading = True
+                self._replies.release()
+                failure: BaseException | None = None
+                try:
+                    self._read_reply()
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    self._replies.acquire()
+                    self._reading = False
+                    if failure is not None:
+                        self._broken = self._broken or _reason(failure)
+                        self._pending.pop(cookie, None)
+                    self._replies.notify_all()
         del self._pending[cookie]
         names = {v: k for k, v in self.contexts.items()}
         return Reply(
@@ -243,6 +288,13 @@ class NBDClient:
             {names.get(k, str(k)): v for k, v in pending.extents.items()},
             tuple(pending.holes),
         )
+
+    def _lose(self, exc: BaseException) -> None:
+        """The stream is lost: every waiter, now or later, raises."""
+        with self._replies:
+            if self._broken is None:
+                self._broken = _reason(exc)
+            self._replies.notify_all()
 
     def _read_reply(self) -> None:
         (magic,) = struct.unpack(">I", self._recv(4))
@@ -329,3 +381,7 @@ class NBDClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -508,3 +508,44 @@ def test_request_timeout_is_off_by_default(proxy: Proxy, local: Storage) -> None
     assert isinstance(node.driver, NBDDriver) and node.driver.request_timeout == 0
     node.pwrite(0, b"w" * 4096)
     assert node.pread(0, 4096) == b"w" * 4096
+
+
+def test_threads_keep_requests_in_flight_together_and_resend_them_all(
+        proxy: Proxy, local: Storage, remote: Remote) -> None:
+    """Four threads' writes reach the server together on one connection, before any reply
+    (a backup job's workers keep the server busy so). When that connection is lost with all
+    four in flight (here its replies never come and the request timeout fires), each is sent
+    again on the new connection and completes."""
+    node = _add_via(local, proxy, **{"x-request-timeout": 2, "reconnect-delay": 10})
+    node.pwrite(0, b"\0" * 4096)  # connected and answering
+    proxy.hang()  # from now on the server executes this connection's requests, says nothing
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    def writer(i: int) -> None:
+        try:
+            node.pwrite(i * MiB, bytes([i + 1]) * 65536)
+            done.append(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+
+    def arrived() -> int:
+        with remote.image.open("rb") as f:
+            return sum(1 for i in range(4)
+                       if f.seek(i * MiB) >= 0 and f.read(65536) == bytes([i + 1]) * 65536)
+
+    deadline = time.monotonic() + 1.5  # before the request timeout
+    while arrived() < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert arrived() == 4, "the writes did not reach the server together"
+    assert not done  # no reply has come to any of them
+    for t in threads:
+        t.join(20)
+    assert not errors and sorted(done) == [0, 1, 2, 3]
+    assert _link(node) is Link.CONNECTED
+    for i in range(4):
+        assert node.pread(i * MiB, 65536) == bytes([i + 1]) * 65536

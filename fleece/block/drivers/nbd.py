@@ -11,15 +11,19 @@ its connection counts as lost (0, the default: forever, as QEMU), so a server th
 its socket open is handled like one that went away.
 
 Design note: each connection (:class:`fleece.nbd.client.NBDClient`, the client half of the
-protocol) has a lock; a request holds one connection's lock from its send to its reply, so a
-connection is never shared mid-request. A request takes the first free connection from a
-rotating start (so even one thread's requests go round all of them), or waits for the one at
-that start. A flush goes to every connection in turn (the spec says one is enough with
-multi-conn; every one also covers a server that advertises it wrongly). The node's link has one
-state (:class:`Link`). When the server goes away (the socket fails, or the reply is cut), the
-request that saw it closes its connection and connects it again, holding its lock, for up to
+protocol) is shared by the threads that use the node: each request is sent as soon as its
+thread has it and its reply is awaited beside the others' (a backup job's workers keep one
+write each in flight, as QEMU's driver keeps many), so the server receives the next write while
+it stores the last. With TLS a connection carries one request at a time: the request holds the
+connection's lock from its send to its reply. A request takes the first connection not held from
+a rotating start (so even one thread's requests go round all of them). A flush goes to every
+connection in turn (the spec says one is enough with multi-conn; every one also covers a server
+that advertises it wrongly). The node's link has one state (:class:`Link`). When the server goes
+away (the socket fails, or the reply is cut), every request on that connection sees it; the
+first to take the connection's lock closes it and connects again, holding the lock, for up to
 ``reconnect-delay`` seconds since the loss (the requests behind it wait on the lock, as QEMU's
-wait for the reconnect), then sends itself again: every NBD command fleece sends is idempotent.
+wait for the reconnect), then each sends itself again: every NBD command fleece sends is
+idempotent.
 Each connection finds out about a lost server by itself and reconnects alone; a loss seen while
 the link is ``CONNECTED`` starts a new delay. Past the delay the link is ``FAILED``: that request
 and each later one try one connection and, when it fails, fail with ``EIO`` (the backup job
@@ -52,7 +56,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from typing import Any, ClassVar, TypeVar
 
 from fleece.block.driver import BlockStatus, Driver, Options, Status
@@ -94,8 +98,8 @@ class Link(enum.Enum):
 
 
 class _Connection:
-    """One connection to the server (None while lost) and the lock a request holds on it
-    from its send to its reply."""
+    """One connection to the server (None while lost) and its lock: held to replace the
+    client, and by a request from its send to its reply when the client is not concurrent."""
 
     def __init__(self, client: NBDClient | None) -> None:
         self.client = client
@@ -213,13 +217,16 @@ class NBDDriver(Driver):
         """How many connections to the server are open now."""
         return sum(conn.client is not None for conn in self._conns)
 
-    def _lost(self, conn: _Connection, exc: BaseException) -> None:
-        """``conn`` broke under a request (its lock held): close it; a loss seen while the
-        link is up starts the ``reconnect-delay``."""
-        log.warning("nbd node %r: connection to %s lost: %s", self.node.name, self._where(),
-                    exc)
-        client, conn.client = conn.client, None
-        if client is not None:
+    def _lost(self, conn: _Connection, client: NBDClient, exc: BaseException) -> None:
+        """``client``, ``conn``'s, broke under a request: close it, unless another request saw
+        the loss first (then ``conn`` is closed or has a new client already); a loss seen while
+        the link is up starts the ``reconnect-delay``."""
+        with conn.lock:
+            if conn.client is not client:
+                return
+            log.warning("nbd node %r: connection to %s lost: %s", self.node.name,
+                        self._where(), exc)
+            conn.client = None
             with suppress(OSError):
                 client.sock.close()
         with self._state:
@@ -264,36 +271,43 @@ class NBDDriver(Driver):
             return client
 
     def _take(self) -> _Connection:
-        """A connection, its lock held: the first free one from a rotating start, else the
-        one at the start once it is free."""
+        """A connection: the first one not held from a rotating start, else the one at the
+        start."""
         conns = self._conns
         with self._state:
             start = self._next
             self._next = (start + 1) % len(conns)
         for i in range(len(conns)):
             conn = conns[(start + i) % len(conns)]
-            if conn.lock.acquire(blocking=False):
+            if not conn.lock.locked():
                 return conn
-        conns[start].lock.acquire()
         return conns[start]
 
-    def _on(self, conn: _Connection, request: Callable[..., T], *args: Any) -> T:
-        """``request(client, *args)`` on ``conn`` (its lock held), reconnecting as the module
-        note says. Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
-        first_loss: float | None = None
-        while True:
+    def _client(self, conn: _Connection) -> NBDClient:
+        """``conn``'s client, connected again first if it was lost (``EIO`` when it cannot
+        be, ``ENODEV`` once the node is closed)."""
+        with conn.lock:
             if self.link is Link.CLOSED:
                 raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is closed")
             client = conn.client
             if client is None:
                 client = self._reconnect(conn)
+            return client
+
+    def _on(self, conn: _Connection, request: Callable[..., T], *args: Any) -> T:
+        """``request(client, *args)`` on ``conn``, reconnecting as the module note says.
+        Raises ``OSError``: the server's error, or ``EIO`` without a connection."""
+        first_loss: float | None = None
+        while True:
+            client = self._client(conn)
             try:
-                return request(client, *args)
+                with nullcontext() if client.concurrent else conn.lock:
+                    return request(client, *args)
             except NBDError:
                 raise
             except (OSError, ValueError, KeyError, struct.error) as exc:
                 # not OSError: a reply the client could not make sense of (a cut stream)
-                self._lost(conn, exc)
+                self._lost(conn, client, exc)
                 now = time.monotonic()
                 if first_loss is None:
                     first_loss = now
@@ -308,11 +322,7 @@ class NBDDriver(Driver):
         """``request(client, *args)`` on one connection (see :meth:`_on`)."""
         if not self._conns:
             raise OSError(errno.ENODEV, f"nbd node '{self.node.name}' is not open")
-        conn = self._take()
-        try:
-            return self._on(conn, request, *args)
-        finally:
-            conn.lock.release()
+        return self._on(self._take(), request, *args)
 
     # -- the vtable --------------------------------------------------------------------------
     def size(self) -> int:
@@ -348,10 +358,9 @@ class NBDDriver(Driver):
             self._call(self._zero, at, n, flags)
 
     def _zero(self, client: NBDClient, offset: int, length: int, flags: CmdFlag) -> None:
-        """One WRITE_ZEROES on ``client`` (its connection held): fast first, unless the
-        server refused a fast one with these flags, then plain. The refusal is checked and
-        recorded with the connection held, so parallel requests (a job's workers) meet it
-        at most once per connection."""
+        """One WRITE_ZEROES on ``client``: fast first, unless the server refused a fast one
+        with these flags, then plain. Requests in flight when the refusal comes each meet
+        it once; later ones no more."""
         if self.flags & TransmissionFlag.SEND_FAST_ZERO and flags not in self._slow_zero:
             try:
                 client.zero(offset, length, flags | CmdFlag.FAST_ZERO)
@@ -390,8 +399,7 @@ class NBDDriver(Driver):
         if not self.flags & TransmissionFlag.SEND_FLUSH or self.node.read_only:
             return
         for conn in self._conns:  # each connection's completed writes
-            with conn.lock:
-                self._on(conn, NBDClient.flush)
+            self._on(conn, NBDClient.flush)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         length = min(length, MAX_RANGE)
