@@ -165,7 +165,10 @@ class CopyBeforeWriteDriver(Driver):
         self.file.pdiscard(offset, length)
 
     def flush(self) -> None:
-        self.target.flush()
+        """Nothing of its own: its copies are in the target, which a flush of this node makes
+        durable with its other children (:meth:`BlockNode.flush`). Closing the filter leaves
+        the target's flush to the target's own close, as QEMU does: a backup's end does not
+        wait for everything it sent to reach the target's disk."""
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         status = self.file.block_status_above(offset, length)
