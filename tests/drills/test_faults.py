@@ -31,7 +31,7 @@ import pytest
 from fleece.block.qcow2 import create
 from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient
-from fleece.nbd.connection import MAX_HELD_BYTES
+from fleece.nbd.connection import MAX_HELD_BYTES, PLANE_HELD_BYTES
 from fleece.nbd.constants import REQUEST_MAGIC, Cmd
 from fleece.storage import Storage
 from tests.drills.support import KiB, MiB, pattern
@@ -231,22 +231,38 @@ def test_stalled_client_blocks_no_one(served: tuple[Storage, str]) -> None:
         stalled.sock.close()
 
 
-def test_stalled_client_queue_is_bounded(served: tuple[Storage, str]) -> None:
+@pytest.mark.parametrize("through", ["qcow2", "blkdebug"])
+def test_stalled_client_queue_is_bounded(tmp_path: Path, images: tuple[Path, Path],
+                                         through: str) -> None:
     """What the server holds for a client that never reads stays within its budget (requests
-    in flight plus unread replies: MAX_HELD_BYTES, and the one request that crossed it),
-    however many requests it sent."""
-    storage, sock = served
-    stalled, _ = stall(sock, 320, 1 * MiB)
-    try:
-        time.sleep(1.0)
-        server = storage.nbd_server
-        assert server is not None
-        (connection,) = [c for c in server.connections if c.export is not None]
-        queued = connection.sender.pending if connection.sender is not None else 0
-        held = queued + connection.in_flight_bytes
-        assert held <= MAX_HELD_BYTES + 1 * MiB, f"{held / MiB:.0f} MiB held, never read"
-    finally:
-        stalled.sock.close()
+    in flight plus unread replies: MAX_HELD_BYTES, PLANE_HELD_BYTES with the native data
+    plane, and the one request that crossed it), however many requests it sent. Through
+    ``blkdebug`` (which maps nothing for the plane) every read is Python's."""
+    src, _ = images
+    sock = str(tmp_path / "nbd.sock")
+    image = qcow2(src, "disk0")
+    if through == "blkdebug":
+        image = {"driver": "blkdebug", "node-name": "disk0",
+                 "image": {**image, "node-name": "img"}}
+    with Storage() as storage:
+        storage.execute("blockdev-add", image)
+        storage.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        storage.execute("nbd-server-add", {"device": "disk0", "name": "disk0"})
+        stalled, _ = stall(sock, 320, 1 * MiB)
+        try:
+            time.sleep(1.0)
+            server = storage.nbd_server
+            assert server is not None
+            (connection,) = [c for c in server.connections if c.export is not None]
+            assert connection.held_limit == (MAX_HELD_BYTES if connection.plane is None
+                                             else PLANE_HELD_BYTES)
+            queued = connection.sender.pending if connection.sender is not None else 0
+            held = queued + connection.in_flight_bytes
+            assert held >= connection.held_limit // 2, "the test stalled nothing"
+            assert held <= connection.held_limit + 1 * MiB, (
+                f"{held / MiB:.1f} MiB held, never read")
+        finally:
+            stalled.sock.close()
 
 
 def test_injected_errors_are_rejected_cleanly(tmp_path: Path) -> None:
