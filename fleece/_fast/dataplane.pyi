@@ -5,6 +5,7 @@ from typing_extensions import Buffer
 from fleece._fast.bitmap import ClusterBitmap
 
 def native_requests() -> int: ...
+def sendfile_bytes() -> int: ...
 
 class Route:
     @property

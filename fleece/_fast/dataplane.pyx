@@ -26,9 +26,10 @@ makes a learner that raced with one drop what it learned.
 
 Back-pressure: while Python holds a batch, the thread goes on serving what it can and gathers
 the next batch, up to ``FB_HIGH`` bytes; it stops reading while Python paused the connection
-(its budget) and while more than ``OUTBOX_HIGH`` bytes of replies wait for the client;
-replies the socket does not take at once wait in an outbox that this thread flushes when the
-socket becomes writable.
+(its budget) and while replies wait in its outbox for the client: the replies the socket does
+not take at once wait there, and this thread flushes them when the socket becomes writable.
+A read served behind queued replies could not stream with ``sendfile`` (it would be copied
+into the outbox), so the plane takes no request until the socket has taken every reply.
 """
 
 cimport cython
@@ -115,9 +116,18 @@ cdef extern from *:
     static inline unsigned long long fleece_native_count(void) {
         return __atomic_load_n(&fleece_native_served, __ATOMIC_RELAXED);
     }
+    static unsigned long long fleece_sendfile_sent = 0;
+    static inline void fleece_count_sendfile(unsigned long long n) {
+        __atomic_fetch_add(&fleece_sendfile_sent, n, __ATOMIC_RELAXED);
+    }
+    static inline unsigned long long fleece_sendfile_count(void) {
+        return __atomic_load_n(&fleece_sendfile_sent, __ATOMIC_RELAXED);
+    }
     """
     void fleece_count_native() nogil
     unsigned long long fleece_native_count() nogil
+    void fleece_count_sendfile(unsigned long long n) nogil
+    unsigned long long fleece_sendfile_count() nogil
 
 cdef extern from *:
     """
@@ -151,11 +161,6 @@ cdef enum:
     INBUF_SIZE = 256 * 1024
     #: stop taking requests while this many bytes wait to be handed to Python
     FB_HIGH = 1024 * 1024
-    #: stop taking requests while this many bytes of replies wait for the client (the
-    #: Python path's budget is 8 MiB of requests in flight and replies unsent). The socket
-    #: holds as much again; with large reads streamed by sendfile the outbox is rarely
-    #: used, and 2 MiB per connection cost 6 MiB of peak RSS under nbdcopy -C 4 for nothing
-    OUTBOX_HIGH = 512 * 1024
     #: Python's replies smaller than this are sent without letting the GIL go
     SEND_WITH_GIL = 64 * 1024
     #: the largest reply buffer a plane keeps for reuse (qemu-img reads 2 MiB at a time)
@@ -179,6 +184,12 @@ cdef enum:
 def native_requests():
     """How many NBD requests the native planes served without Python, process-wide."""
     return fleece_native_count()
+
+
+def sendfile_bytes():
+    """How many bytes of read replies the native planes sent with ``sendfile``, process-wide
+    (the rest of their read replies were copied through a buffer)."""
+    return fleece_sendfile_count()
 
 
 # -- the route ---------------------------------------------------------------------------------
@@ -1080,7 +1091,7 @@ cdef class Plane:
                 return -1
             handed, paused = self._handed, self._paused
             want_out = self._head != NULL
-            want_in = not (paused or self._stopped) and self._queued < OUTBOX_HIGH and (
+            want_in = not (paused or self._stopped) and self._head == NULL and (
                 self._fb_len < FB_HIGH)
             pthread_mutex_unlock(&self._lock)
             if self._fb_len and not handed:  # Python took the last batch: the next one
@@ -1092,7 +1103,7 @@ cdef class Plane:
                     return -1
                 pthread_mutex_lock(&self._lock)
                 want_in = not (self._paused or self._stopped) and (
-                    self._queued < OUTBOX_HIGH) and self._fb_len < FB_HIGH
+                    self._head == NULL) and self._fb_len < FB_HIGH
                 want_out = self._head != NULL
                 pthread_mutex_unlock(&self._lock)
                 if want_in and not self._wants_more():
@@ -1114,8 +1125,7 @@ cdef class Plane:
                 flushed = self._flush()
                 if flushed < 0:
                     return -1
-                if flushed and (self._queued == 0 or self._queued < queued_before // 2
-                                or queued_before >= OUTBOX_HIGH):
+                if flushed and (self._queued == 0 or self._queued < queued_before // 2):
                     with gil:
                         self._call(self._on_progress)
             if fds[0].revents & (POLLIN | POLLERR | POLLHUP) and want_in:
@@ -1251,12 +1261,12 @@ cdef class Plane:
         return self._hand_batch()
 
     cdef bint _paused_now(self) noexcept nogil:
-        """Stop taking requests: Python paused the client, the plane is closing, or the
-        client leaves its replies unread (checked before every request: one receive may
-        hold thousands of them)."""
+        """Stop taking requests: Python paused the client, the plane is closing, or replies
+        wait in the outbox (checked before every request: one receive may hold thousands of
+        them)."""
         cdef bint stop
         pthread_mutex_lock(&self._lock)
-        stop = self._paused or self._closed or self._failed or self._queued >= OUTBOX_HIGH
+        stop = self._paused or self._closed or self._failed or self._head != NULL
         pthread_mutex_unlock(&self._lock)
         return stop or self._fb_len >= FB_HIGH
 
@@ -1429,6 +1439,8 @@ cdef class Plane:
                 break
             if n == 0:  # the file ends inside the extent: the rest reads as zeroes
                 break
+            if sent >= header:
+                fleece_count_sendfile(n)
             sent += n
             if sent > header and sent == at + segs[i].length:
                 at += segs[i].length

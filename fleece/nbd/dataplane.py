@@ -39,6 +39,16 @@ def native_requests() -> int:
     return count()
 
 
+def sendfile_bytes() -> int:
+    """How many bytes of read replies the native planes sent with ``sendfile`` (without
+    copying them), process-wide."""
+    if not route.available():
+        return 0
+    from fleece._fast.dataplane import sendfile_bytes as count
+
+    return count()
+
+
 def start(fd: int, export: Export, proto: ServerConnection, contexts: dict[int, str],
           peer: str, *,
           on_input: Callable[[bytes], None], on_error: Callable[[], None],

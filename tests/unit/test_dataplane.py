@@ -160,6 +160,37 @@ def test_replies_stay_whole_and_in_place_when_the_client_lags(
     assert _grew(before) is NATIVE
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native data plane is compiled out")
+def test_a_deep_pipeline_read_slowly_still_goes_out_with_sendfile(
+        storage: Storage, tmp_path: Path) -> None:
+    """A client that keeps many reads in flight and takes its replies a little late (nbdcopy
+    with its 64 requests per connection, on a busy machine) fills the socket, so one reply's
+    rest is copied into the outbox. The plane takes the next request only once the outbox is
+    empty: had it served it behind the queued rest, the reply could not have streamed with
+    ``sendfile`` and would have been copied too, and the next, as long as the client lags."""
+    image = tmp_path / "disk.qcow2"
+    _qemu_img("create", "-f", "qcow2", str(image), str(SIZE))
+    pattern = os.urandom(SIZE)
+    storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "disk",
+                                     "file": {"driver": "file", "filename": str(image)}})
+    storage.graph.get("disk").pwrite(0, pattern)
+    sock = _serve(storage, tmp_path)
+    storage.execute("nbd-server-add", {"device": "disk", "name": "disk"})
+    piece = 256 * 1024
+    with NBDClient.connect_unix(sock, "disk") as client:
+        assert client.pread(0, SIZE) == pattern  # the route learns the disk
+        before = dataplane.sendfile_bytes()
+        offsets = [n * piece % SIZE for n in range(48)]
+        cookies = [client.submit(Cmd.READ, offset, piece) for offset in offsets]
+        time.sleep(0.1)  # the socket fills; the first stream's wait for room runs out
+        for cookie, offset in zip(cookies, offsets, strict=True):
+            reply = client.wait(cookie)
+            assert reply.error == 0 and reply.data == pattern[offset:offset + piece]
+            time.sleep(0.005)  # a client a little late for each reply
+    streamed = dataplane.sendfile_bytes() - before
+    assert streamed >= 0.8 * len(offsets) * piece, f"{streamed} of {len(offsets) * piece}"
+
+
 def test_a_trim_drops_the_mapping_of_the_freed_cluster(storage: Storage, tmp_path: Path) -> None:
     """A qcow2 cluster freed by a trim, then written again (a new host cluster): a native read
     must find the new data, not the freed cluster through a stale mapping."""
