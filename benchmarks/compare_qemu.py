@@ -20,9 +20,11 @@ filled with random data:
 4. the daemon's peak RSS (``VmHWM``).
 
 The nbdcopy of ``snap`` in step 3 runs with ``-C 4`` (multi-conn: both daemons advertise it
-on a read-only export, so nbdcopy opens up to 4 connections) and right after with ``-C 1``;
-the row ``multi-conn: -C 4 / -C 1`` says how much more than one connection's worth a daemon
-serves (the second copy finds fleece's routes learned: if anything it flatters ``-C 1``).
+on a read-only export, so nbdcopy opens up to 4 connections), right after with ``-C 1``, then
+with ``-C 4`` again; the row ``multi-conn: -C 4 / -C 1`` divides the third by the second and
+says how much more than one connection's worth a daemon serves. (The first copy pays for
+fleece's native routes learning the snapshot's mapping, the later ones find it learned: the
+first is the figure compared with QEMU, the later two compare like with like.)
 
 A push scenario (issue #16, push backup with fleecing), per daemon and repeat, on a fresh copy
 of the same source: the filter scheme (``blockdev-add`` ``copy-before-write`` ``fl`` with
@@ -103,6 +105,7 @@ FIGURES = (
     Figure("rand_write_fleece", "rand 4k writes, fleecing", "IOPS", target=0.7),
     Figure("copy_snapshot", "nbdcopy snapshot (half copied)", "MiB/s", target=1.0),
     Figure("copy_snapshot_1conn", "nbdcopy -C 1 of that snapshot", "MiB/s"),
+    Figure("copy_snapshot_again", "nbdcopy -C 4 of it again", "MiB/s"),
     Figure("copy_live", "nbdcopy live export", "MiB/s"),
     Figure("rand_read_snapshot", "rand 4k reads, snapshot", "IOPS", target=0.7),
     Figure("read_scattered", "rand 256k reads, scattered snapshot", "MiB/s", target=1.0),
@@ -353,6 +356,7 @@ def scenario(kind: str, work: Path, base: Path, size: int, seconds: int) -> Figu
                 lambda: mib_per_s(fio(d.nbd, "live", "write", "64k", 8, 0, half)))
         measure("copy_snapshot", lambda: (nbdcopy_rate(d.nbd, "snap", size, 4), size))
         measure("copy_snapshot_1conn", lambda: (nbdcopy_rate(d.nbd, "snap", size, 1), size))
+        measure("copy_snapshot_again", lambda: (nbdcopy_rate(d.nbd, "snap", size, 4), size))
         measure("rand_read_snapshot",
                 lambda: iops(fio(d.nbd, "snap", "randread", "4k", 16, 0, size, seconds)))
         measure("rand_write_fleece", lambda: iops(fio(d.nbd, "live", "randwrite", "4k", 16,
@@ -561,7 +565,7 @@ def table(results: dict[str, dict[str, float]],
     derived("fleece_fleecing_over_plain", "fleece: fleecing / no fleecing",
             "seq_write_fleece", "seq_write")
     derived("multi_conn", "multi-conn: -C 4 / -C 1 (snapshot)",
-            "copy_snapshot", "copy_snapshot_1conn")
+            "copy_snapshot_again", "copy_snapshot_1conn")
     for row in rows:
         judge(row)
     return rows
