@@ -160,14 +160,14 @@ def test_replies_stay_whole_and_in_place_when_the_client_lags(
     assert _grew(before) is NATIVE
 
 
-@pytest.mark.skipif(not NATIVE, reason="the native data plane is compiled out")
 def test_a_deep_pipeline_read_slowly_still_goes_out_with_sendfile(
         storage: Storage, tmp_path: Path) -> None:
     """A client that keeps many reads in flight and takes its replies a little late (nbdcopy
     with its 64 requests per connection, on a busy machine) fills the socket, so one reply's
     rest is copied into the outbox. The plane takes the next request only once the outbox is
     empty: had it served it behind the queued rest, the reply could not have streamed with
-    ``sendfile`` and would have been copied too, and the next, as long as the client lags."""
+    ``sendfile`` and would have been copied too, and the next, as long as the client lags.
+    (Without the compiled plane Python serves them, as correctly.)"""
     image = tmp_path / "disk.qcow2"
     _qemu_img("create", "-f", "qcow2", str(image), str(SIZE))
     pattern = os.urandom(SIZE)
@@ -188,7 +188,10 @@ def test_a_deep_pipeline_read_slowly_still_goes_out_with_sendfile(
             assert reply.error == 0 and reply.data == pattern[offset:offset + piece]
             time.sleep(0.005)  # a client a little late for each reply
     streamed = dataplane.sendfile_bytes() - before
-    assert streamed >= 0.8 * len(offsets) * piece, f"{streamed} of {len(offsets) * piece}"
+    if NATIVE:
+        assert streamed >= 0.8 * len(offsets) * piece, f"{streamed} of {len(offsets) * piece}"
+    else:
+        assert streamed == 0  # no plane: Python served them
 
 
 def test_a_trim_drops_the_mapping_of_the_freed_cluster(storage: Storage, tmp_path: Path) -> None:
