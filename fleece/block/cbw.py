@@ -410,20 +410,28 @@ class CopyBeforeWrite:
         return copied
 
     def _copy_in_kernel(self, first: int, count: int, offset: int, length: int) -> bool:
-        """Copy a piece with ``copy_file_range`` when the source maps it onto one run of a
-        host file and the target takes a direct write of it (exclusive lock held, so the
-        source cannot change meanwhile): one copy in the kernel, page cache to page cache,
-        instead of a read into memory and a write out of it. False when it cannot (nothing
-        was copied); raises ``CopyReadError``/``CopyWriteError`` as the two halves would."""
+        """Copy a piece in the kernel when the source maps it onto one run of a host file
+        (exclusive lock held, so the source cannot change meanwhile): with
+        ``copy_file_range``, page cache to page cache, when the target takes a direct write
+        of it; else from the file to the target's socket when it can send one (a push to an
+        ``nbd`` node: ``sendfile``), instead of a read into memory and a write out of it.
+        False when it cannot (nothing was copied); raises ``CopyReadError``/``CopyWriteError``
+        as the two halves would."""
         if not self._in_kernel:
             return False
         source = _host_run(self.source, offset, length)
         if source is None:
             return False
+        fd, host = source
         direct = self._reserve_target(offset, length)
         if direct is None:
-            return False
-        fd, host = source
+            try:
+                if not self.target.pwrite_from_file(offset, fd, host, length):
+                    return False
+            except OSError as exc:
+                raise CopyWriteError(exc.errno, f"copy-before-write write failed: {exc}") from exc
+            self._copied(first, count, length)
+            return True
         done = 0
         try:
             while done < length:

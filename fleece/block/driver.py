@@ -225,6 +225,12 @@ class Driver:
         when this driver cannot, which is the default."""
         return None
 
+    def pwrite_from_file(self, offset: int, fd: int, host: int, length: int) -> bool:
+        """Write ``length`` bytes of the open host file ``fd`` from ``host`` at ``offset``
+        without reading them into memory (:meth:`BlockNode.pwrite_from_file`); False when
+        this driver cannot, which is the default (nothing was written)."""
+        return False
+
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Make the range read as zeroes; ``may_unmap`` allows a hole instead of written zeroes."""
         zeroes = memoryview(bytes(min(length, 1 << 20)))

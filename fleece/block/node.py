@@ -530,6 +530,27 @@ class BlockNode:
         direct.finishers.append(lambda _written: self._end())
         return direct
 
+    def pwrite_from_file(self, offset: int, fd: int, host: int, length: int) -> bool:
+        """Write ``length`` bytes of the open host file ``fd`` from ``host`` at ``offset``
+        without reading them into memory, when the driver can (an ``nbd`` node sends them to
+        its server with ``sendfile``); False when it cannot, and nothing was written. The
+        caller keeps those bytes of the file unchanged until this returns (the kernel may
+        pass the page cache's pages on instead of copying them)."""
+        self._check_write(offset, length)
+        if not length or self.serialiser is not None:
+            return False
+        self._begin()
+        try:
+            written: bool | None = None  # None: failed part-way, as a pwrite that raised
+            try:
+                written = self.driver.pwrite_from_file(offset, fd, host, length)
+            finally:
+                if written is not False:
+                    self._written(offset, length)
+            return written
+        finally:
+            self._end()
+
     def pwrite(
         self, offset: int, data: bytes | bytearray | memoryview, *, unchanged: bool = False
     ) -> None:

@@ -16,11 +16,14 @@ writes in another).
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleece.nbd.constants import (
@@ -226,8 +229,35 @@ class NBDClient:
         payload: bytes | bytearray | memoryview | None = None,
     ) -> int:
         """Send a request; returns its cookie for :meth:`wait`."""
-        if payload is not None:
-            length = len(payload)
+        if payload is None:
+            return self._submit(command, offset, length, flags, None)
+
+        def send(header: bytes) -> None:
+            if len(payload) < 65536:
+                self.sock.sendall(header + bytes(payload))
+            else:
+                self.sock.sendall(header)
+                self.sock.sendall(payload)
+
+        return self._submit(command, offset, len(payload), flags, send)
+
+    def submit_file_write(self, offset: int, fd: int, host: int, length: int,
+                          flags: CmdFlag = _NO_FLAGS) -> int:
+        """Send a WRITE whose payload is ``length`` bytes of the open file ``fd`` from
+        ``host``, with ``sendfile``: the kernel passes the page cache's pages to the socket
+        instead of copying them through memory. The caller keeps those bytes of the file
+        unchanged until the reply comes (the server has read them then). Not over TLS."""
+        if not self.concurrent:
+            raise OSError(errno.EOPNOTSUPP, "sendfile cannot go through TLS")
+
+        def send(header: bytes) -> None:
+            self.sock.sendall(header)
+            self._sendfile(fd, host, length)
+
+        return self._submit(Cmd.WRITE, offset, length, flags, send)
+
+    def _submit(self, command: Cmd, offset: int, length: int, flags: CmdFlag,
+                send: Callable[[bytes], None] | None) -> int:
         pending = _Pending(command, offset, length)
         if command == Cmd.READ:
             pending.data = bytearray(length)
@@ -239,16 +269,32 @@ class NBDClient:
             self._pending[cookie] = pending  # before the send: the reply may come at once
             header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
             try:
-                if payload is None or len(payload) < 65536:
-                    self.sock.sendall(header if payload is None else header + bytes(payload))
-                else:
+                if send is None:
                     self.sock.sendall(header)
-                    self.sock.sendall(payload)
+                else:
+                    send(header)
             except BaseException as exc:
                 del self._pending[cookie]
                 self._lose(exc)  # a request cut short: the server may read anything next
                 raise
         return cookie
+
+    def _sendfile(self, fd: int, host: int, length: int) -> None:
+        """``length`` bytes of ``fd`` from ``host`` into the socket, within its timeout."""
+        timeout = self.sock.gettimeout()
+        sent = 0
+        while sent < length:
+            try:
+                n = os.sendfile(self.sock.fileno(), fd, host + sent, length - sent)
+            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+                ready = select.poll()
+                ready.register(self.sock.fileno(), select.POLLOUT)
+                if not ready.poll(None if timeout is None else timeout * 1000):
+                    raise TimeoutError("the NBD server took no data in time") from None
+                continue
+            if n == 0:
+                raise OSError(errno.EIO, "the file ended before the write's payload")
+            sent += n
 
     def wait(self, cookie: int) -> Reply:
         """Read replies until the one for ``cookie`` is complete; returns it. Another thread
@@ -345,6 +391,12 @@ class NBDClient:
                flags: CmdFlag = _NO_FLAGS) -> None:
         """Write ``data`` at ``offset``; ``NBDError`` on failure."""
         self._check(self.wait(self.submit(Cmd.WRITE, offset, flags=flags, payload=data)))
+
+    def pwrite_file(self, offset: int, fd: int, host: int, length: int,
+                    flags: CmdFlag = _NO_FLAGS) -> None:
+        """Write ``length`` bytes of the open file ``fd`` from ``host`` at ``offset`` (see
+        :meth:`submit_file_write`); ``NBDError`` on failure."""
+        self._check(self.wait(self.submit_file_write(offset, fd, host, length, flags)))
 
     def flush(self) -> None:
         """``NBD_CMD_FLUSH``; ``NBDError`` on failure."""

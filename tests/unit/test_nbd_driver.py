@@ -5,7 +5,9 @@ I/O, block status, zeroes and trims, threads, and reconnecting within and past
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from fleece.block import route
 from fleece.block.drivers.nbd import Link, NBDDriver
 from fleece.block.node import BlockNode
 from fleece.errors import GenericError
 from fleece.nbd.client import NBDClient
 from fleece.nbd.constants import Cmd, CmdFlag, TransmissionFlag
 from fleece.storage import Storage
+from tests.events import EventLog
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -549,3 +553,50 @@ def test_threads_keep_requests_in_flight_together_and_resend_them_all(
     assert _link(node) is Link.CONNECTED
     for i in range(4):
         assert node.pread(i * MiB, 65536) == bytes([i + 1]) * 65536
+
+
+def test_a_push_sends_the_fleecing_images_clusters_with_sendfile(
+        remote: Remote, local: Storage, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push from ``snapshot-access`` to an ``nbd`` node: the clusters the fleecing image
+    holds go from its file to the server's socket with ``sendfile`` (they are copied and
+    settled: nothing rewrites them), the clusters still in the live disk through memory (a
+    guest write could change their pages before the server read them). Either way the
+    pushed image is the point in time. (The pure build copies through memory only.)"""
+    src = tmp_path / "src.raw"
+    at_the_instant = bytes(range(256)) * (SIZE // 256)
+    src.write_bytes(at_the_instant)
+    fleecing = tmp_path / "fleecing.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleecing), str(SIZE)],
+                   check=True)
+    local.execute("blockdev-add", {"driver": "raw", "node-name": "src",
+                                   "file": {"driver": "file", "filename": str(src)}})
+    local.execute("blockdev-add", {"driver": "qcow2", "node-name": "fl-img",
+                                   "file": {"driver": "file", "filename": str(fleecing)}})
+    local.execute("blockdev-add", {"driver": "copy-before-write", "node-name": "fl",
+                                   "file": "src", "target": "fl-img"})
+    local.execute("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                   "file": "fl"})
+    guest = local.graph.get("fl")
+    guest.pwrite(0, b"\xee" * (SIZE // 2))  # the first half is copied into fl-img first
+    sent: list[int] = []
+    real = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    _add(local, remote)
+    log = EventLog()
+    local.subscribe(log)
+    local.execute("blockdev-backup", {"device": "acc", "target": "nbd0", "sync": "full",
+                                      "job-id": "push"})
+    assert "error" not in log.wait("BLOCK_JOB_COMPLETED", device="push")
+    if route.available():
+        assert SIZE // 4 <= sum(sent) <= SIZE // 2
+    else:
+        assert not sent
+    local.execute("blockdev-del", {"node-name": "nbd0"})  # flushed
+    assert remote.image.read_bytes() == at_the_instant

@@ -349,6 +349,17 @@ class NBDDriver(Driver):
             self._call(NBDClient.pwrite, offset + at, data[at:at + chunk])
             at += chunk
 
+    def pwrite_from_file(self, offset: int, fd: int, host: int, length: int) -> bool:
+        """The payload goes from the file to the socket with ``sendfile``; not over TLS."""
+        if self._tls is not None:
+            return False
+        at = 0
+        while at < length:
+            chunk = min(length - at, self._max)
+            self._call(NBDClient.pwrite_file, offset + at, fd, host + at, chunk)
+            at += chunk
+        return True
+
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         if not self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
             super().pwrite_zeroes(offset, length, may_unmap)
