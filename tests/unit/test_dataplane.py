@@ -189,7 +189,7 @@ def test_a_deep_pipeline_read_slowly_still_goes_out_with_sendfile(
             time.sleep(0.005)  # a client a little late for each reply
     streamed = dataplane.sendfile_bytes() - before
     if NATIVE:
-        assert streamed >= 0.8 * len(offsets) * piece, f"{streamed} of {len(offsets) * piece}"
+        assert streamed >= 0.5 * len(offsets) * piece, f"{streamed} of {len(offsets) * piece}"
     else:
         assert streamed == 0  # no plane: Python served them
 

@@ -520,7 +520,7 @@ def test_threads_keep_requests_in_flight_together_and_resend_them_all(
     (a backup job's workers keep the server busy so). When that connection is lost with all
     four in flight (here its replies never come and the request timeout fires), each is sent
     again on the new connection and completes."""
-    node = _add_via(local, proxy, **{"x-request-timeout": 2, "reconnect-delay": 10})
+    node = _add_via(local, proxy, **{"x-request-timeout": 3, "reconnect-delay": 10})
     node.pwrite(0, b"\0" * 4096)  # connected and answering
     proxy.hang()  # from now on the server executes this connection's requests, says nothing
     errors: list[BaseException] = []
@@ -542,7 +542,7 @@ def test_threads_keep_requests_in_flight_together_and_resend_them_all(
             return sum(1 for i in range(4)
                        if f.seek(i * MiB) >= 0 and f.read(65536) == bytes([i + 1]) * 65536)
 
-    deadline = time.monotonic() + 1.5  # before the request timeout
+    deadline = time.monotonic() + 2  # before the request timeout
     while arrived() < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert arrived() == 4, "the writes did not reach the server together"
