@@ -129,14 +129,9 @@ def test_reads_answer_like_the_graph(storage: Storage, tmp_path: Path, fmt: str,
     assert _grew(before) is NATIVE
 
 
-@pytest.mark.parametrize("structured", [True, False])
-def test_replies_stay_whole_and_in_place_when_the_client_lags(
-        storage: Storage, tmp_path: Path, structured: bool) -> None:
-    """A large native read goes out with ``sendfile`` and streams when the socket is full:
-    the plane waits a little for room, then reads the rest into the front of its outbox.
-    Python's reply to the flush sent just before it is queued meanwhile, and must leave after
-    all of the read. Each round sends a flush and a read the socket cannot hold, and reads
-    nothing until the plane's wait has run out."""
+def _random_qcow2_served(storage: Storage, tmp_path: Path) -> tuple[str, bytes]:
+    """A qcow2 disk full of random data, exported read-only as ``disk``: the socket and the
+    data."""
     image = tmp_path / "disk.qcow2"
     _qemu_img("create", "-f", "qcow2", str(image), str(SIZE))
     pattern = os.urandom(SIZE)
@@ -145,6 +140,18 @@ def test_replies_stay_whole_and_in_place_when_the_client_lags(
     storage.graph.get("disk").pwrite(0, pattern)
     sock = _serve(storage, tmp_path)
     storage.execute("nbd-server-add", {"device": "disk", "name": "disk"})
+    return sock, pattern
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_replies_stay_whole_and_in_place_when_the_client_lags(
+        storage: Storage, tmp_path: Path, structured: bool) -> None:
+    """A large native read goes out with ``sendfile`` and streams when the socket is full:
+    the plane waits a little for room, then reads the rest into the front of its outbox.
+    Python's reply to the flush sent just before it is queued meanwhile, and must leave after
+    all of the read. Each round sends a flush and a read the socket cannot hold, and reads
+    nothing until the plane's wait has run out."""
+    sock, pattern = _random_qcow2_served(storage, tmp_path)
     chunk = 4 * MiB
     with NBDClient.connect_unix(sock, "disk", structured=structured) as client:
         assert client.pread(0, SIZE) == pattern  # the route learns the disk
@@ -168,14 +175,7 @@ def test_a_deep_pipeline_read_slowly_still_goes_out_with_sendfile(
     empty: had it served it behind the queued rest, the reply could not have streamed with
     ``sendfile`` and would have been copied too, and the next, as long as the client lags.
     (Without the compiled plane Python serves them, as correctly.)"""
-    image = tmp_path / "disk.qcow2"
-    _qemu_img("create", "-f", "qcow2", str(image), str(SIZE))
-    pattern = os.urandom(SIZE)
-    storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "disk",
-                                     "file": {"driver": "file", "filename": str(image)}})
-    storage.graph.get("disk").pwrite(0, pattern)
-    sock = _serve(storage, tmp_path)
-    storage.execute("nbd-server-add", {"device": "disk", "name": "disk"})
+    sock, pattern = _random_qcow2_served(storage, tmp_path)
     piece = 256 * 1024
     with NBDClient.connect_unix(sock, "disk") as client:
         assert client.pread(0, SIZE) == pattern  # the route learns the disk
