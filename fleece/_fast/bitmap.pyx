@@ -288,9 +288,8 @@ cdef class ClusterBitmap:
     # -- serialisation -----------------------------------------------------------------------
     def to_bytes(self):
         """``ceil(nbits / 8)`` bytes; bit i is bit ``i % 8`` of byte ``i // 8``."""
-        words = array("Q", self._words)
+        words = array("Q", self._words)  # a copy: swapping it leaves the bitmap as it is
         if sys.byteorder == "big":
-            words = array("Q", words)
             words.byteswap()
         return words.tobytes()[: (self.nbits + 7) // 8]
 
