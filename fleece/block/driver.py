@@ -225,6 +225,18 @@ class Driver:
         when this driver cannot, which is the default."""
         return None
 
+    def native_fua(self) -> bool:
+        """True when the driver can make one write durable by itself (:meth:`pwritev_fua`, a
+        file's ``RWF_DSYNC``), without flushing every other write. False, the default: a
+        ``fua`` write is then a write and a flush of the node (QEMU's ``BDRV_REQ_FUA``
+        emulation)."""
+        return False
+
+    def pwritev_fua(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset``, durable when this returns; called only when
+        :meth:`native_fua` says the driver can."""
+        raise NotImplementedError(f"{self.name} makes no single write durable by itself")
+
     def pwrite_from_file(self, offset: int, fd: int, host: int, length: int) -> bool:
         """Write ``length`` bytes of the open host file ``fd`` from ``host`` at ``offset``
         without reading them into memory (:meth:`BlockNode.pwrite_from_file`); False when

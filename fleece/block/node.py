@@ -530,6 +530,11 @@ class BlockNode:
         direct.finishers.append(lambda _written: self._end())
         return direct
 
+    def native_fua(self) -> bool:
+        """True when a ``fua`` write makes only itself durable; False when it flushes all the
+        node's writes (see :meth:`~fleece.block.driver.Driver.native_fua`)."""
+        return self.driver.native_fua()
+
     def pwrite_from_file(self, offset: int, fd: int, host: int, length: int) -> bool:
         """Write ``length`` bytes of the open host file ``fd`` from ``host`` at ``offset``
         without reading them into memory, when the driver can (an ``nbd`` node sends them to
@@ -552,32 +557,38 @@ class BlockNode:
             self._end()
 
     def pwrite(
-        self, offset: int, data: bytes | bytearray | memoryview, *, unchanged: bool = False
+        self, offset: int, data: bytes | bytearray | memoryview, *, unchanged: bool = False,
+        fua: bool = False,
     ) -> None:
         """Write ``data`` at ``offset``.
 
         ``unchanged`` promises the bytes already read so (a stream job copying backing data up,
         holding the clusters itself): such a write neither serialises nor marks dirty bitmaps.
+        ``fua``: durable when this returns (see :meth:`native_fua` for what that costs).
         """
         view = memoryview(data).cast("B")
         self._check_write(offset, len(view))
         if not view:
             return
+        native = fua and self.driver.native_fua()
+        write = self.driver.pwritev_fua if native else self.driver.pwritev
         self._begin()
         try:
             if unchanged:
-                self.driver.pwritev(offset, view)
-                return
-            try:
-                if self.serialiser is None:
-                    self.driver.pwritev(offset, view)
-                else:
-                    with self.serialiser.hold(offset, len(view)):
-                        self.driver.pwritev(offset, view)
-            finally:
-                self._written(offset, len(view))
+                write(offset, view)
+            else:
+                try:
+                    if self.serialiser is None:
+                        write(offset, view)
+                    else:
+                        with self.serialiser.hold(offset, len(view)):
+                            write(offset, view)
+                finally:
+                    self._written(offset, len(view))
         finally:
             self._end()
+        if fua and not native:
+            self.flush()
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self._check_write(offset, length)

@@ -201,9 +201,8 @@ def _perform(export: Export, node: BlockNode, request: Request, proto: ServerCon
         return reply
     if command == Cmd.WRITE:
         assert request.payload is not None
-        node.pwrite(offset, request.payload)
-        if flags & CmdFlag.FUA or export.writethrough:
-            node.flush()
+        # FUA: a file makes this write durable alone; other nodes write, then flush
+        node.pwrite(offset, request.payload, fua=bool(flags & CmdFlag.FUA or export.writethrough))
         _teach_route(export, node, offset, length, pieces=1)
     elif command == Cmd.FLUSH:
         node.flush()

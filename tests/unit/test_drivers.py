@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from fleece.block.driver import BlockStatus, Status
+from fleece.block.drivers.file import FileDriver
 from fleece.block.node import BlockNode
 from fleece.errors import GenericError
 from fleece.storage import Storage
@@ -256,6 +257,37 @@ def test_flush_reaches_fdatasync_through_raw(
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     r.flush()
     assert synced == [file.driver.fd]  # type: ignore[attr-defined]
+
+
+def test_a_fua_write_is_durable_alone_on_a_file_and_flushed_above_it(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file makes one write durable by itself (``RWF_DSYNC``: its other dirty pages stay);
+    a driver that cannot writes, then flushes everything (``raw`` here, as QEMU emulates
+    ``BDRV_REQ_FUA``)."""
+    r = raw_node(storage, make_image(tmp_path, "f.img"))
+    file = r.file_child()
+    assert file is not None
+    calls: list[tuple[str, int]] = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0, /) -> int:
+        calls.append(("pwritev", flags))
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", 0))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(FileDriver.ops, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    assert file.native_fua() and not r.native_fua()
+    file.pwrite(0, b"alone", fua=True)
+    assert calls == [("pwritev", os.RWF_DSYNC)]
+    calls.clear()
+    r.pwrite(8, b"emulated", fua=True)
+    assert calls == [("pwritev", 0), ("fdatasync", 0)]
+    assert r.pread(0, 16) == b"alone\0\0\0emulated"
 
 
 def test_read_only_file_node_refuses_writes(storage: Storage, tmp_path: Path) -> None:

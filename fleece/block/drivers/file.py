@@ -208,9 +208,20 @@ class FileDriver(Driver):
             done += n
 
     def pwritev(self, offset: int, data: memoryview) -> None:
+        self._pwrite_all(offset, data, 0)
+
+    def pwritev_fua(self, offset: int, data: memoryview) -> None:
+        """With ``RWF_DSYNC``: the kernel writes back this range alone (and the file's size,
+        if it grew), then flushes the disk's cache; the file's other dirty pages stay."""
+        self._pwrite_all(offset, data, os.RWF_DSYNC)
+
+    def native_fua(self) -> bool:
+        return True
+
+    def _pwrite_all(self, offset: int, data: memoryview, flags: int) -> None:
         done = 0
         while done < len(data):
-            done += self.ops.pwritev(self.fd, [data[done:]], offset + done)
+            done += self.ops.pwritev(self.fd, [data[done:]], offset + done, flags)
         if offset + done > self._size:
             self._size = -1  # grown: ask the kernel (another thread may have grown it more)
 
