@@ -7,7 +7,8 @@ selects instead of the native one), so every ``pwritev``, ``fallocate``, ``ftrun
 log entry happen under one lock).
 
 A *crash state* of a file is what a power loss at log position ``k`` may leave on the disk:
-everything up to the file's last sync before ``k``, then some of the writes since (a prefix,
+everything up to the file's last sync before ``k`` and every ``RWF_DSYNC`` write before ``k``
+(durable by itself when it returned), then some of the other writes since (a prefix,
 as a ``kill -9`` leaves them; any subset, as a disk cache may; and writes *torn*, each of their
 512-byte sectors kept or lost on its own; a sector itself is atomic). :meth:`Recorder.states`
 draws them at random; :func:`check_state` runs ``qemu-img check`` on each image (exit 0, or 3
@@ -50,6 +51,7 @@ class Write:
     length: int
     data: bytes | None
     grows: bool = True  # False: a hole punched with KEEP_SIZE never extends the file
+    durable: bool = False  # written with RWF_DSYNC: on the disk, whole, once it returned
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,9 @@ class Recorder(FileOps):
             path = self._watched(fd)
             if path is not None and n:
                 data = b"".join(bytes(buffers[i]) for i in range(len(buffers)))[:n]
-                self.events.append(Write(path, offset, n, data))
+                self.events.append(
+                    Write(path, offset, n, data, durable=bool(flags & os.RWF_DSYNC))
+                )
             return n
 
     def fdatasync(self, fd: int, /) -> None:
@@ -241,7 +245,7 @@ class Recorder(FileOps):
         for i, e in enumerate(events):
             if isinstance(e, Write | Truncate):
                 content = files[e.path]
-                synced = i < last_sync.get(e.path, -1)
+                synced = i < last_sync.get(e.path, -1) or (isinstance(e, Write) and e.durable)
                 if not synced and mode in ("subset", "torn") and rng.random() >= keep_p:
                     if isinstance(e, Write):
                         st.lost.append(i)

@@ -28,7 +28,7 @@ import pytest
 from fleece._pure.filewriter import FileWriter
 from fleece.block.qcow2 import create
 from fleece.storage import Storage
-from tests.crashsim import CrashState, Guest, Recorder, check_state
+from tests.crashsim import CrashState, Guest, Recorder, Sync, Write, check_state
 from tests.drills.support import KiB, MiB, pattern, run, scale
 
 pytestmark = pytest.mark.timeout(scale(300, 7200))
@@ -183,6 +183,31 @@ def test_direct_writes_survive_power_loss(tmp_path: Path) -> None:
             writer.close()
             user.release()
     _verify(tmp_path, recorder, [real], seed=2)
+
+
+def test_a_stream_through_reservations_made_ahead_survives_power_loss(tmp_path: Path) -> None:
+    """A sequential stream allocates from a reservation made ahead of it, whose refcounts the
+    file makes durable write by write (``RWF_DSYNC``) rather than with a sync of the whole
+    image: no pointer into it may outlive them."""
+    size = 32 * MiB  # twice the first reservation: the stream's second half uses the next one
+    image = tmp_path / "disk.qcow2"
+    create(str(image), size)
+    recorder = Recorder()
+    real = recorder.watch(image)
+    with recorder.recording(), Storage() as storage:
+        _open(storage, image)
+        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
+        device = storage.device("virtio0")
+        guest = Guest(recorder, real, bytes(size))
+        chunk = 256 * KiB
+        for offset in range(0, size, chunk):
+            data = bytes([offset // chunk % 255 + 1]) * chunk
+            guest.writing(offset, chunk, data)
+            device.pwrite(offset, data)
+        syncs = sum(1 for e in recorder.events if isinstance(e, Sync))
+        durable = sum(1 for e in recorder.events if isinstance(e, Write) and e.durable)
+    assert durable and syncs <= 1  # the first reservation's sync; the next one's writes
+    _verify(tmp_path, recorder, [real], seed=5)
 
 
 def _writer(node: Any) -> tuple[Any, str, Any, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,24 +70,35 @@ def test_a_pointer_written_while_deferring_syncs_for_the_deferred_target() -> No
     order.end_deferring()
 
 
-def test_a_stream_of_allocating_writes_syncs_only_in_the_background(tmp_path: Path) -> None:
+@pytest.mark.parametrize("child", ["file", "blkdebug"])
+def test_a_stream_of_allocating_writes_syncs_only_for_its_first_reservation(
+    tmp_path: Path, child: str
+) -> None:
+    """Every later reservation is made durable ahead of the stream: on a file by its own
+    writes (``RWF_DSYNC``), without a sync at all; on a child that cannot make one write
+    durable by itself (``blkdebug``), by a sync in the background."""
     image = tmp_path / "stream.qcow2"
     size = 256 * MiB
     create(str(image), size)
     written = 160 * MiB  # reservations of 16, 32, 64 and 128 MiB
+    file: dict[str, Any] = {"driver": "file", "filename": str(image)}
+    if child == "blkdebug":
+        file = {"driver": "blkdebug", "image": file}
     with Storage() as storage:
-        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "img",
-                                         "file": {"driver": "file", "filename": str(image)}})
+        storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "img", "file": file})
         node = storage.find_node("img")
         driver = node.driver
         assert isinstance(driver, Qcow2Driver)
         order = driver._order
         sync = order._sync
         writer_syncs: list[int] = []
+        background_syncs: list[int] = []
 
         def counted() -> None:
             if threading.current_thread() is threading.main_thread():
                 writer_syncs.append(1)
+            else:
+                background_syncs.append(1)
             sync()
 
         order._sync = counted
@@ -95,8 +107,9 @@ def test_a_stream_of_allocating_writes_syncs_only_in_the_background(tmp_path: Pa
             for thread in threading.enumerate():  # let the background syncs finish
                 if thread.name == "fleece-qcow2-reserve":
                     thread.join()
-        # The first reservation's first pointer syncs; every later one was synced ahead.
+        # The first reservation's first pointer syncs; every later one was durable ahead.
         assert len(writer_syncs) == 1
+        assert (len(background_syncs) == 0) == (child == "file")
     with Storage() as storage:
         storage.execute("blockdev-add", {"driver": "qcow2", "node-name": "img",
                                          "file": {"driver": "file", "filename": str(image)}})

@@ -142,6 +142,7 @@ class _FileIO:
     def __init__(self, file: BlockNode) -> None:
         self.file = file
         self.end = file.size  # cached; only this driver grows the file
+        self.fua = False  # writes are durable when they return (see ``_reserve_ahead``)
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -168,7 +169,7 @@ class _FileIO:
         self.file.pread_into(offset, view)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.file.pwrite(offset, data)
+        self.file.pwrite(offset, data, fua=self.fua)
         end = offset + len(data)
         if end > self.end:
             self.end = end
@@ -791,18 +792,24 @@ class Qcow2Driver(Driver):
         return nxt, end, fresh
 
     def _reserve_ahead(self, background: bool = True) -> None:
-        """Allocate the next reservation now and make it durable in a thread of its own
-        (lock held): when the current one is used up, its first pointer needs no sync.
-        Without ``background`` the caller syncs."""
+        """Allocate the next reservation now and make it durable (lock held): when the current
+        one is used up, its first pointer needs no sync. A file that makes single writes
+        durable (:meth:`BlockNode.native_fua`) gets the allocation's few metadata writes that
+        way, here; another is synced in a thread of its own, which writes back every dirty
+        data cluster of the image first. Without ``background`` the caller syncs."""
         nxt, end = self._reserve
         size = self._next_reserve_size(end - nxt)
+        assert self._file is not None
+        fua = background and self._file.native_fua()
         self._order.begin_deferring()
+        self._io.fua = fua
         try:
             first, last, fresh = self._allocate_reserve(size)
         finally:
+            self._io.fua = False
             mark = self._order.end_deferring()
-        self._ahead = (first, last, fresh, mark)
-        if background:
+        self._ahead = (first, last, fresh, -1 if fua else mark)  # durable writes: nothing owed
+        if background and not fua:
             threading.Thread(target=self._sync_quietly, name="fleece-qcow2-reserve",
                              daemon=True).start()
 
