@@ -9,6 +9,8 @@ cdef class ClusterBitmap:
     cdef object _array           # the cython.view.array that owns the (calloc'ed) words
     cdef uint64_t[::1] _words    # a typed view of _array
     cdef uint64_t *_ptr          # &_words[0], or NULL for an empty bitmap
+    # native writers that found bits set here and waited for them to clear (atomic adds)
+    cdef readonly unsigned long long waits
 
     # The unchecked kernels: the callers have validated 0 <= start <= end <= nbits.
     cdef bint _get(self, Py_ssize_t i) noexcept nogil

@@ -9,6 +9,9 @@ class ClusterBitmap:
     Raises ``ValueError`` for a negative ``nbits``.
     """
 
+    #: native writers that found set bits here and waited for them to clear (the data
+    #: plane's writes to clusters whose copy is under way)
+    waits: int
     def __init__(self, nbits: int) -> None: ...
     def __len__(self) -> int: ...
     def __eq__(self, other: object) -> bool: ...

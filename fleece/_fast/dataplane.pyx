@@ -135,9 +135,13 @@ cdef extern from *:
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
     static inline int fleece_ctz64(uint64_t word) { return __builtin_ctzll(word); }
+    static inline void fleece_add_relaxed(unsigned long long *p, unsigned long long n) {
+        __atomic_fetch_add(p, n, __ATOMIC_RELAXED);
+    }
     """
     uint64_t fleece_load_word(const uint64_t *p) nogil
     int fleece_ctz64(uint64_t word) nogil
+    void fleece_add_relaxed(unsigned long long *p, unsigned long long n) nogil
 
 
 # -- NBD wire constants (see fleece.nbd.constants; the spec fixes them) ------------------------
@@ -213,6 +217,8 @@ cdef struct Extent:
     # with copied: the clusters whose copy is under way (as many bits), which a write may
     # wait for; NULL when a write finding uncopied clusters goes to Python at once
     const uint64_t *pending
+    # with pending: that bitmap's count of the writes that waited for it
+    unsigned long long *pending_waits
     # a reply may hand the pages to the socket (sendfile): they never hold other data
     bint zero_copy
     # the export's block status says "data" here (base:allocation 0) while the extent holds
@@ -351,6 +357,7 @@ cdef class Route:
         cdef const uint64_t *copied = NULL
         cdef int64_t copied_bits = 0
         cdef const uint64_t *pending = NULL
+        cdef unsigned long long *pending_waits = NULL
         if unless_done is not None or write_guard is not None:
             if cluster <= 0:
                 raise ValueError(f"bad cluster size {cluster}")
@@ -369,6 +376,7 @@ cdef class Route:
                         and write_pending._ptr != NULL):
                     self._guards[id(write_pending)] = write_pending
                     pending = write_pending._ptr
+                    pending_waits = &write_pending.waits
         cdef bint added
         with nogil:
             pthread_mutex_lock(&self._lock)
@@ -376,7 +384,7 @@ cdef class Route:
             if added:
                 added = self._insert(start, start + length, fd, host, done, done_bits,
                                      cluster, writable and done == NULL, data, copied,
-                                     copied_bits, pending, zero_copy)
+                                     copied_bits, pending, pending_waits, zero_copy)
             pthread_mutex_unlock(&self._lock)
         return added
 
@@ -384,6 +392,7 @@ cdef class Route:
                       const uint64_t *done, int64_t done_bits, int64_t cluster,
                       bint writable, bint data, const uint64_t *copied,
                       int64_t copied_bits, const uint64_t *pending,
+                      unsigned long long *pending_waits,
                       bint zero_copy) noexcept nogil:
         """Insert, replacing what the new extent overlaps (lock held)."""
         cdef Py_ssize_t lo, hi, i, keep
@@ -433,6 +442,7 @@ cdef class Route:
         self._ext[i].copied_bits = copied_bits
         self._ext[i].copied_cluster = cluster
         self._ext[i].pending = pending
+        self._ext[i].pending_waits = pending_waits
         self._ext[i].zero_copy = zero_copy
         i += 1
         if has_tail:
@@ -491,7 +501,7 @@ cdef class Route:
         pause.tv_sec = 0
         pause.tv_nsec = PENDING_WAIT_US * 1000
         while True:
-            count = self._acquire_once(offset, length, segs, write)
+            count = self._acquire_once(offset, length, segs, write, waited == 0)
             if count != -2:
                 return count
             if waited >= PENDING_WAIT_MAX_US:
@@ -500,8 +510,10 @@ cdef class Route:
             waited += PENDING_WAIT_US
 
     cdef int _acquire_once(self, int64_t offset, int64_t length, Segment *segs,
-                           bint write) noexcept nogil:
-        """:meth:`acquire` once: -2 when a write found clusters whose copy is under way."""
+                           bint write, bint first) noexcept nogil:
+        """:meth:`acquire` once: -2 when a write found clusters whose copy is under way (on
+        the ``first`` try, counted in the pending bitmap's ``waits``: the copier reads that
+        as its writer right behind it)."""
         cdef int count = 0
         cdef bint pending
         cdef int64_t pos = offset, end = offset + length, piece
@@ -521,6 +533,8 @@ cdef class Route:
                     and not _all_copied(&self._ext[i], pos, piece)):
                 pending = self._ext[i].pending != NULL and _all_copied(
                     &self._ext[i], pos, piece, True)
+                if pending and first:
+                    fleece_add_relaxed(self._ext[i].pending_waits, 1)
                 pthread_mutex_unlock(&self._lock)
                 # copy-before-write owes this cluster a copy: Python's, unless under way
                 return -2 if pending else -1

@@ -29,6 +29,9 @@ class ClusterBitmap:
 
     __slots__ = ("_nbits", "_words")
 
+    #: native writers that waited for set bits here to clear; none without the data plane
+    waits = 0
+
     def __init__(self, nbits: int) -> None:
         self._nbits = _check_nbits(nbits)
         self._words: npt.NDArray[np.uint64] = np.zeros((self._nbits + 63) // 64, dtype=np.uint64)

@@ -9,6 +9,10 @@ meet copied clusters (the native plane takes them) or a piece still held, whose 
 for, after which they find it copied. On two cores the copy runs beside the guest's writes
 instead of before them.
 
+When the pieces run out, the thread asks ``further`` (if given) whether to go on: copy-before-
+write queues the writer's next window there when the writer is right behind the copy (see
+:mod:`fleece.block.copy_ahead`), and the thread stops only when nothing more was queued.
+
 A background copy that fails leaves its clusters as they were, not copied: the guest write
 that reaches them copies them itself, under its error policy. Closing cancels the pieces not
 started (their locks go) and waits for the one being copied.
@@ -29,10 +33,14 @@ class AheadCopier:
 
     ``copy(first, end)`` copies the clusters of ``[first, end)`` not copied yet, with the
     piece's exclusive lock held; each piece comes with the ``release`` that lets its lock go.
+    ``further()``, called in the thread when no piece is left, may :meth:`submit` more and
+    returns True when it did.
     """
 
-    def __init__(self, copy: Callable[[int, int], object]) -> None:
+    def __init__(self, copy: Callable[[int, int], object],
+                 further: Callable[[], bool] | None = None) -> None:
         self._copy = copy
+        self._further = further
         self._pieces: deque[tuple[int, int, Callable[[], None]]] = deque()
         self._cond = threading.Condition()
         self._running = False  # a thread is (or is about to be) taking pieces
@@ -89,12 +97,19 @@ class AheadCopier:
         try:
             while True:
                 with self._cond:
-                    if not self._pieces:  # seen empty and stopped in one hold of the lock
-                        self._running = False
+                    piece = self._pieces.popleft() if self._pieces else None
+                    closed = self._closed
+                if piece is None and not closed and self._further is not None and self._further():
+                    continue  # the writer is right behind: its next window was queued
+                if piece is None:
+                    with self._cond:
+                        if self._pieces:  # queued meanwhile
+                            continue
+                        self._running = False  # seen empty and stopped in one hold
                         self._cond.notify_all()
                         finished = True
                         return
-                    first, end, release = self._pieces.popleft()
+                first, end, release = piece
                 try:
                     self._copy(first, end)
                 except OSError as exc:  # left uncopied: the write that reaches it copies it

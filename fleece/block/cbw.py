@@ -87,8 +87,8 @@ MAX_COPY_BYTES = 4 << 20
 #: (the first window: see :mod:`fleece.block.copy_ahead`)
 COPY_AHEAD_BYTES = 2 << 20
 #: the pieces a sequential writer's window is copied in beside it (each under its own lock, so
-#: the writer waits for at most one piece)
-AHEAD_PIECE_BYTES = 2 << 20
+#: the writer waits for at most one piece; 4 MiB measured faster than 2 MiB, and than 8)
+AHEAD_PIECE_BYTES = 4 << 20
 #: how much old data a backup job's hook may hold in memory while its target write is pending
 WRITE_BEHIND_BYTES = 4 << 20
 
@@ -163,11 +163,12 @@ class CopyBeforeWrite:
         self.ahead = CopyAhead(copy_ahead // cluster_size, self.nclusters)
         #: copies the rest of a window beside the writer (None: the guest's copy takes it all;
         #: a timeout bounds the guest's copy, which must then be the whole of it)
-        self._ahead_copier = (AheadCopier(self._copy_piece)
+        self._ahead_copier = (AheadCopier(self._copy_piece, self._copy_further)
                               if copy_ahead > cluster_size and not timeout else None)
         #: the clusters the copier holds, not copied yet: a native write there may wait for
         #: the copy instead of going to Python (set and cleared under ``locks.mutex``)
         self.pending = cluster_bitmap.ClusterBitmap(self.nclusters)
+        self._waits_seen = 0  # the writer's waits the copier last saw (its thread's alone)
         #: copies may go host file to host file in the kernel (``copy_file_range``): with the
         #: native data plane, as part of the native I/O it turns off (the Python path, the
         #: oracle, copies through memory)
@@ -329,6 +330,19 @@ class CopyBeforeWrite:
             if not copier.submit(at, stop, release):
                 release()
                 return
+
+    def _copy_further(self) -> bool:
+        """The copier thread finished its pieces: when the writer waited for them meanwhile
+        (natively, counted in ``pending``, or here), queue the next window (True)."""
+        waits = self.pending.waits + self.ahead.caught_up
+        if self.broken is not None or waits == self._waits_seen:
+            return False
+        self._waits_seen = waits
+        window = self.ahead.extend()
+        if window is None:
+            return False
+        self._copy_beside(*window)
+        return True
 
     def _piece_copied(self, first: int, end: int, token: int) -> None:
         """A piece is copied (or given up): no write waits for it any more, and its lock

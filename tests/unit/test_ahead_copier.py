@@ -8,12 +8,14 @@ bug in the copy. A lock never released would stall every guest write to those cl
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
 from fleece.block.ahead_copier import AheadCopier
+from fleece.block.copy_ahead import CopyAhead
 
 
 class Pieces:
@@ -122,3 +124,69 @@ def test_no_thread_to_be_had_drops_the_pieces(monkeypatch: pytest.MonkeyPatch) -
     assert copier.submit(16, 24, log.release(16))
     copier.idle()
     assert log.copied == [16] and log.released == Counter({8: 1, 16: 1})
+
+
+def test_when_its_pieces_run_out_the_thread_asks_for_more() -> None:
+    """``further`` runs in the copier's thread when no piece is left; what it submits is
+    copied by the same thread, which stops once it submits nothing more."""
+    log = Pieces()
+    asked: list[str] = []
+    copier: AheadCopier
+
+    def further() -> bool:
+        asked.append(threading.current_thread().name)
+        if len(asked) > 2:
+            return False
+        first = 8 * len(asked)
+        return copier.submit(first, first + 8, log.release(first))
+
+    copier = AheadCopier(lambda first, end: log.copied.append(first), further)
+    assert copier.submit(0, 8, log.release(0))
+    copier.idle()
+    assert log.copied == [0, 8, 16]
+    assert log.released == Counter({0: 1, 8: 1, 16: 1})
+    assert asked == ["fleece-cbw-ahead"] * 3
+
+
+def test_a_closed_copier_asks_for_nothing_more() -> None:
+    log = Pieces()
+    asked: list[int] = []
+    gate = threading.Event()
+
+    def copy(first: int, end: int) -> None:
+        assert gate.wait(10)
+        log.copied.append(first)
+
+    def further() -> bool:
+        asked.append(1)
+        return False
+
+    copier = AheadCopier(copy, further)
+    assert copier.submit(0, 8, log.release(0))
+    closing = threading.Thread(target=copier.close)
+    closing.start()
+    while not copier._closed:  # closed while the piece is being copied
+        time.sleep(0.001)
+    gate.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert log.copied == [0] and asked == []
+
+
+def test_a_window_goes_on_only_while_its_writer_stays_in_the_stream() -> None:
+    """:meth:`CopyAhead.extend` (one byte per cluster here): the clusters after the last
+    window, growing as the writer's own windows grow; nothing before a window, after the
+    writer left its stream, or past the disk's end."""
+    ahead = CopyAhead(4, 40)
+    assert ahead.extend() is None  # no window yet
+    assert ahead.plan(0, 1, 0, 1) == (0, 1)  # a first write: its own cluster
+    assert ahead.plan(1, 1, 1, 2) == (1, 5)  # it goes on: a window of 4
+    assert ahead.extend() == (5, 13)
+    assert ahead.extend() == (13, 29)
+    assert ahead.extend() == (29, 40)  # (32: GROWTH times the first) cut at the end
+    assert ahead.extend() is None
+    ahead = CopyAhead(4, 40)
+    ahead.plan(0, 1, 0, 1)
+    ahead.plan(1, 1, 1, 2)
+    assert ahead.plan(30, 1, 30, 31) == (30, 31)  # elsewhere: another writer
+    assert ahead.extend() is None

@@ -388,7 +388,9 @@ def test_a_write_guard_admits_writes_of_copied_clusters_only(tmp_path: Path) -> 
 def test_a_write_waits_for_a_copy_under_way_then_goes_natively(tmp_path: Path) -> None:
     """A write to clusters not copied but pending (the copier holds them) waits for their
     copy natively and then goes on natively; one to clusters neither copied nor pending,
-    or whose copy stays pending past the wait, goes to Python (False)."""
+    or whose copy stays pending past the wait, goes to Python (False). Each write that
+    waited counts once in the pending bitmap's ``waits`` (the copier reads its writer being
+    right behind it there)."""
     if not NATIVE:  # the route is compiled only
         return
     from fleece._fast.bitmap import ClusterBitmap
@@ -399,10 +401,12 @@ def test_a_write_waits_for_a_copy_under_way_then_goes_natively(tmp_path: Path) -
                           writable=True, write_guard=copied, write_pending=pending)
         data = b"\x5b" * CLUSTER
         assert not native.pwrite_from(CLUSTER, data)  # neither: Python's, at once
+        assert pending.waits == 0
         pending.set_range(1, 2)
         began = time.monotonic()
         assert not native.pwrite_from(CLUSTER, data)  # its copy never comes: gives up
         assert 0.01 < time.monotonic() - began < 5
+        assert pending.waits == 1  # one write, however many times it looked
 
         def copy_done() -> None:  # as copy-before-write's copier ends a piece
             copied.set_range(1, 2)
@@ -412,6 +416,7 @@ def test_a_write_waits_for_a_copy_under_way_then_goes_natively(tmp_path: Path) -
         copier.start()
         assert native.pwrite_from(CLUSTER, data + data)  # waited, then native
         copier.join()
+        assert pending.waits <= 2  # (2, unless the copy beat the write to it)
         assert path.read_bytes()[CLUSTER:3 * CLUSTER] == data + data
         pending.set_range(4, 1)  # a pending cluster beside one neither copied nor pending
         assert not native.pwrite_from(4 * CLUSTER, data + data)

@@ -723,7 +723,9 @@ def _hold_the_copier(cbw: CopyBeforeWrite, fail: bool = False
 def test_a_window_is_copied_beside_the_writer(fleecing: Fleecing) -> None:
     """The write that opens a window waits for its own clusters only: the rest is copied by
     the copier thread, locked before that write went on. A write that reaches it while it is
-    being copied waits for it and finds it copied: nothing is copied twice."""
+    being copied waits for it and finds it copied: nothing is copied twice. Since a write
+    waited for it, the copier goes on with the next window (twice as large), and stops there:
+    nobody waited for that one."""
     fleecing.snapshot()
     cbw = backup_job(fleecing.storage, "virtio0").cbw
     go, pieces = _hold_the_copier(cbw)
@@ -743,10 +745,45 @@ def test_a_window_is_copied_beside_the_writer(fleecing: Fleecing) -> None:
     reached.join(30)
     assert not reached.is_alive()
     cbw.drain()
-    assert pieces == [(42, 41 + window)]
-    assert all(cbw.done.get(c) for c in range(40, 41 + window))
+    assert pieces == [(42, 41 + window), (41 + window, 41 + 3 * window)]
+    assert all(cbw.done.get(c) for c in range(40, 41 + 3 * window))
     assert cbw.pending.count() == 0
-    assert cbw.copied_clusters == 1 + window  # every cluster once, 45 by the copier
+    assert cbw.copied_clusters == 1 + 3 * window  # every cluster once, 45 by the copier
+    fleecing.check_snapshot()
+
+
+def test_the_copier_goes_on_while_the_writer_waits_for_it(fleecing: Fleecing) -> None:
+    """A sequential writer faster than the copy (each piece held 0.1 s here) catches up with
+    it at every piece. The copier, finding its writer right behind when its pieces run out,
+    queues the next window itself: after the stream's first window the writer's thread
+    copies nothing (it used to open each window, copying its own cluster, while the copier
+    idled). The snapshot is the point in time."""
+    fleecing.snapshot()
+    cbw = backup_job(fleecing.storage, "virtio0").cbw
+    copier = cbw._ahead_copier
+    assert copier is not None
+    copy_piece, guest_copy = copier._copy, cbw._guest_copy
+    writer_copied: list[int] = []
+
+    def slow_piece(first: int, end: int) -> object:
+        time.sleep(0.1)
+        return copy_piece(first, end)
+
+    def copied_by_the_writer(first: int, end: int) -> None:
+        # Nobody holds these: the writer copies them itself (else it waits for the copier).
+        if any(not cbw.done.get(c) and not cbw.pending.get(c) for c in range(first, end)):
+            writer_copied.append(first)
+        guest_copy(first, end)
+
+    copier._copy = slow_piece
+    cbw._guest_copy = copied_by_the_writer  # type: ignore[method-assign]
+    stream = range(40, 40 + 8 * MiB // CLUSTER)
+    for cluster in stream:
+        fleecing.device.pwrite(cluster * CLUSTER, b"\x05" * CLUSTER)
+    cbw.drain()
+    assert writer_copied == [40, 41]  # its first write, then the one opening the first window
+    assert all(cbw.done.get(c) for c in stream)
+    assert cbw.copied_clusters <= len(stream) + 2 * GROWTH * COPY_AHEAD_BYTES // CLUSTER
     fleecing.check_snapshot()
 
 
