@@ -142,7 +142,9 @@ class _FileIO:
     def __init__(self, file: BlockNode) -> None:
         self.file = file
         self.end = file.size  # cached; only this driver grows the file
-        self.fua = False  # writes are durable when they return (see ``_reserve_ahead``)
+        #: writes are durable when they return (set under the driver's lock, which every
+        #: metadata write holds: see ``_reserve_ahead``)
+        self.fua = False
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
