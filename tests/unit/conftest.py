@@ -10,6 +10,8 @@ Fixtures:
 - ``bitmap_impl``: one implementation class per test, parametrized with ids ``pure`` / ``fast``.
 - ``bitmap_impls``: the list of every available implementation class, for tests (such as the
   Hypothesis state machine) that drive all of them side by side.
+- ``file_syscalls``: the file driver's writes (``("pwritev", flags)``) and every
+  ``("fdatasync", 0)``, in order, from the fixture's start to the test's end.
 
 Both classes are typed as the pure class (as :mod:`fleece.bitmap` does): they share one API.
 """
@@ -17,11 +19,13 @@ Both classes are typed as the pure class (as :mod:`fleece.bitmap` does): they sh
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, cast
+import os
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 from fleece._impl import extensions_disabled
+from fleece.block.drivers.file import FileDriver
 
 if TYPE_CHECKING:
     from fleece._pure.bitmap import ClusterBitmap
@@ -58,3 +62,22 @@ def bitmap_impl(request: pytest.FixtureRequest) -> type[ClusterBitmap]:
 def bitmap_impls() -> list[type[ClusterBitmap]]:
     """Every ``ClusterBitmap`` class available in this run, pure first."""
     return [load_bitmap_impl(name) for name in BITMAP_IMPL_NAMES]
+
+
+@pytest.fixture
+def file_syscalls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record the file driver's writes with their flags, and every ``fdatasync``."""
+    calls: list[tuple[str, int]] = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0, /) -> int:
+        calls.append(("pwritev", flags))
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", 0))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(FileDriver.ops, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls

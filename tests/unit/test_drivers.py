@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 
 from fleece.block.driver import BlockStatus, Status
-from fleece.block.drivers.file import FileDriver
 from fleece.block.node import BlockNode
 from fleece.errors import GenericError
 from fleece.storage import Storage
@@ -260,7 +259,7 @@ def test_flush_reaches_fdatasync_through_raw(
 
 
 def test_a_fua_write_is_durable_alone_on_a_file_and_flushed_above_it(
-    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, tmp_path: Path, file_syscalls: list[tuple[str, int]]
 ) -> None:
     """A file makes one write durable by itself (``RWF_DSYNC``: its other dirty pages stay);
     a driver that cannot writes, then flushes everything (``raw`` here, as QEMU emulates
@@ -268,20 +267,9 @@ def test_a_fua_write_is_durable_alone_on_a_file_and_flushed_above_it(
     r = raw_node(storage, make_image(tmp_path, "f.img"))
     file = r.file_child()
     assert file is not None
-    calls: list[tuple[str, int]] = []
-    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
-
-    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0, /) -> int:
-        calls.append(("pwritev", flags))
-        return real_pwritev(fd, buffers, offset, flags)
-
-    def fdatasync(fd: int) -> None:
-        calls.append(("fdatasync", 0))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(FileDriver.ops, "pwritev", pwritev)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
     assert file.native_fua() and not r.native_fua()
+    calls = file_syscalls
+    calls.clear()
     file.pwrite(0, b"alone", fua=True)
     assert calls == [("pwritev", os.RWF_DSYNC)]
     calls.clear()

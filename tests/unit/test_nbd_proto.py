@@ -8,11 +8,9 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fleece.block.drivers.file import FileDriver
 from fleece.nbd.client import NBDClient, NBDError
 from fleece.nbd.constants import (
     ALLOCATION_DEPTH,
@@ -547,7 +545,7 @@ def test_client_reads_writes_and_block_status(served: tuple[Storage, str]) -> No
 
 
 def test_a_fua_write_is_made_durable_by_itself_where_the_node_can(
-    served: tuple[Storage, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    served: tuple[Storage, str], tmp_path: Path, file_syscalls: list[tuple[str, int]]
 ) -> None:
     """FUA asks for that write alone on stable storage: a ``file`` export writes it with
     ``RWF_DSYNC`` (the file's other dirty pages stay); ``raw`` above a file cannot, so it
@@ -557,19 +555,8 @@ def test_a_fua_write_is_made_durable_by_itself_where_the_node_can(
     storage.execute("blockdev-add", {"driver": "file", "node-name": "plain",
                                      "filename": str(tmp_path / "plain.img")})
     storage.execute("nbd-server-add", {"device": "plain", "name": "file", "writable": True})
-    calls: list[tuple[str, int]] = []
-    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
-
-    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0, /) -> int:
-        calls.append(("pwritev", flags))
-        return real_pwritev(fd, buffers, offset, flags)
-
-    def fdatasync(fd: int) -> None:
-        calls.append(("fdatasync", 0))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(FileDriver.ops, "pwritev", pwritev)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    calls = file_syscalls
+    calls.clear()
     with NBDClient.connect_unix(sock, "file") as client:
         client.pwrite(4096, b"\x5a" * 4096, CmdFlag.FUA)
         assert calls == [("pwritev", os.RWF_DSYNC)]
