@@ -69,18 +69,18 @@ NOT_WHEN_IDLE = ("numpy", "numpy.ma", "fleece.block.drivers.qcow2", "fleece.bloc
                  "fleece.block.qcow2.bitmaps", "fleece.nbd.client", "fleece.jobs.stream")
 
 IDLE_DAEMON = """
-import sys, tempfile, os
+import os
 from fleece.daemon import DaemonConfig, DaemonThread
-work = tempfile.mkdtemp()
-daemon = DaemonThread(DaemonConfig(qmp=[f"unix:{work}/qmp"],
-                                   nbd_server=[f"addr.type=unix,addr.path={work}/nbd"]))
+work = {work!r}
+daemon = DaemonThread(DaemonConfig(qmp=["unix:" + work + "/qmp"],
+                                   nbd_server=["addr.type=unix,addr.path=" + work + "/nbd"]))
 daemon.start()
-assert os.path.exists(f"{work}/qmp")
+assert os.path.exists(work + "/qmp")
 """
 
 
-def test_an_idle_daemon_imports_what_no_command_needs_yet() -> None:
-    loaded = _modules_after(IDLE_DAEMON)
+def test_an_idle_daemon_imports_what_no_command_needs_yet(tmp_path: Path) -> None:
+    loaded = _modules_after(IDLE_DAEMON.format(work=str(tmp_path)))  # (its sockets go with it)
     assert "fleece.storage" in loaded and "fleece.nbd.server" in loaded
     assert sorted(loaded.intersection(NOT_WHEN_IDLE)) == []
 
