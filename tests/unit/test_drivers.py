@@ -258,24 +258,29 @@ def test_flush_reaches_fdatasync_through_raw(
     assert synced == [file.driver.fd]  # type: ignore[attr-defined]
 
 
-def test_a_fua_write_is_durable_alone_on_a_file_and_flushed_above_it(
+def test_a_fua_write_is_durable_alone_on_a_file_and_through_raw_and_flushed_above_others(
     storage: Storage, tmp_path: Path, file_syscalls: list[tuple[str, int]]
 ) -> None:
-    """A file makes one write durable by itself (``RWF_DSYNC``: its other dirty pages stay);
-    a driver that cannot writes, then flushes everything (``raw`` here, as QEMU emulates
-    ``BDRV_REQ_FUA``)."""
+    """A file makes one write durable by itself (``RWF_DSYNC``: its other dirty pages stay),
+    and ``raw``, a window onto it, passes that on; a driver that cannot (``blkdebug``) writes,
+    then flushes everything below it, as QEMU emulates ``BDRV_REQ_FUA``."""
     r = raw_node(storage, make_image(tmp_path, "f.img"))
     file = r.file_child()
     assert file is not None
-    assert file.native_fua() and not r.native_fua()
+    storage.execute("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": {
+        "driver": "file", "filename": make_image(tmp_path, "g.img")}})
+    debug = get(storage, "dbg")
+    assert file.native_fua() and r.native_fua() and not debug.native_fua()
     calls = file_syscalls
     calls.clear()
     file.pwrite(0, b"alone", fua=True)
-    assert calls == [("pwritev", os.RWF_DSYNC)]
+    r.pwrite(8, b"through", fua=True)
+    assert calls == [("pwritev", os.RWF_DSYNC)] * 2
+    assert r.pread(0, 15) == b"alone\0\0\0through"
     calls.clear()
-    r.pwrite(8, b"emulated", fua=True)
+    debug.pwrite(8, b"emulated", fua=True)
     assert calls == [("pwritev", 0), ("fdatasync", 0)]
-    assert r.pread(0, 16) == b"alone\0\0\0emulated"
+    assert debug.pread(8, 8) == b"emulated"
 
 
 def test_read_only_file_node_refuses_writes(storage: Storage, tmp_path: Path) -> None:

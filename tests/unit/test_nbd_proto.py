@@ -547,22 +547,22 @@ def test_client_reads_writes_and_block_status(served: tuple[Storage, str]) -> No
 def test_a_fua_write_is_made_durable_by_itself_where_the_node_can(
     served: tuple[Storage, str], tmp_path: Path, file_syscalls: list[tuple[str, int]]
 ) -> None:
-    """FUA asks for that write alone on stable storage: a ``file`` export writes it with
-    ``RWF_DSYNC`` (the file's other dirty pages stay); ``raw`` above a file cannot, so it
-    writes, then flushes the file."""
+    """FUA asks for that write alone on stable storage: ``raw`` over a file writes it with
+    ``RWF_DSYNC`` (the file's other dirty pages stay); ``blkdebug`` cannot, so it writes,
+    then flushes the file."""
     storage, sock = served
-    (tmp_path / "plain.img").write_bytes(bytes(SIZE))
-    storage.execute("blockdev-add", {"driver": "file", "node-name": "plain",
-                                     "filename": str(tmp_path / "plain.img")})
-    storage.execute("nbd-server-add", {"device": "plain", "name": "file", "writable": True})
+    (tmp_path / "debug.img").write_bytes(bytes(SIZE))
+    storage.execute("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": {
+        "driver": "file", "filename": str(tmp_path / "debug.img")}})
+    storage.execute("nbd-server-add", {"device": "dbg", "name": "debug", "writable": True})
     calls = file_syscalls
     calls.clear()
-    with NBDClient.connect_unix(sock, "file") as client:
+    with NBDClient.connect_unix(sock, "disk") as client:
         client.pwrite(4096, b"\x5a" * 4096, CmdFlag.FUA)
         assert calls == [("pwritev", os.RWF_DSYNC)]
         assert client.pread(4096, 4096) == b"\x5a" * 4096
     calls.clear()
-    with NBDClient.connect_unix(sock, "disk") as client:
+    with NBDClient.connect_unix(sock, "debug") as client:
         client.pwrite(8192, b"\xa5" * 4096, CmdFlag.FUA)
         assert calls == [("pwritev", 0), ("fdatasync", 0)]
 

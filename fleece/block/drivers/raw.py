@@ -48,6 +48,12 @@ class RawDriver(Driver):
     def pwritev(self, offset: int, data: memoryview) -> None:
         self.file.pwrite(self.offset + offset, data)
 
+    def native_fua(self) -> bool:
+        return self.file.native_fua()  # a window: its file's writes are its own
+
+    def pwritev_fua(self, offset: int, data: memoryview) -> None:
+        self.file.pwrite(self.offset + offset, data, fua=True)
+
     def begin_direct_write(self, offset: int, length: int) -> DirectWrite | None:
         return self.file.begin_direct_write(self.offset + offset, length)
 
