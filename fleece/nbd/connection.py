@@ -126,7 +126,7 @@ class Connection(asyncio.BufferedProtocol):
       ``PLANE_HELD_BYTES`` with a native data plane): payloads of its requests in flight plus
       its replies that the socket has not taken yet, wherever they wait (the direct sender's
       queue, the transport's buffer, on their way to the loop). The request that crosses the
-      limit has started, so the most held is ``MAX_HELD_BYTES`` plus one request (32 MiB at most,
+      limit has started, so the most held is that limit plus one request (32 MiB at most,
       as in QEMU, which holds up to 16 of them);
     - the transport asked us to stop writing (``pause_writing``: TLS, or replies written before
       the direct sender took over), its buffer being above ``NEGOTIATION_WRITE_HIGH`` before

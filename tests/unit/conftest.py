@@ -11,7 +11,7 @@ Fixtures:
 - ``bitmap_impls``: the list of every available implementation class, for tests (such as the
   Hypothesis state machine) that drive all of them side by side.
 - ``file_syscalls``: the file driver's writes (``("pwritev", flags)``) and every
-  ``("fdatasync", 0)``, in order, from the fixture's start to the test's end.
+  ``("fdatasync", fd)``, in order, from the fixture's start to the test's end.
 
 Both classes are typed as the pure class (as :mod:`fleece.bitmap` does): they share one API.
 """
@@ -66,7 +66,8 @@ def bitmap_impls() -> list[type[ClusterBitmap]]:
 
 @pytest.fixture
 def file_syscalls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Record the file driver's writes with their flags, and every ``fdatasync``."""
+    """Record the file driver's writes with their flags, and every ``fdatasync`` with its
+    descriptor."""
     calls: list[tuple[str, int]] = []
     real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
 
@@ -75,7 +76,7 @@ def file_syscalls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         return real_pwritev(fd, buffers, offset, flags)
 
     def fdatasync(fd: int) -> None:
-        calls.append(("fdatasync", 0))
+        calls.append(("fdatasync", fd))
         real_fdatasync(fd)
 
     monkeypatch.setattr(FileDriver.ops, "pwritev", pwritev)

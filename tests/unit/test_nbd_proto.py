@@ -562,9 +562,12 @@ def test_a_fua_write_is_made_durable_by_itself_where_the_node_can(
         assert calls == [("pwritev", os.RWF_DSYNC)]
         assert client.pread(4096, 4096) == b"\x5a" * 4096
     calls.clear()
+    debug_file = storage.graph.get("dbg").child("image")
+    assert debug_file is not None
+    debug_fd = debug_file.driver.fd  # type: ignore[attr-defined]
     with NBDClient.connect_unix(sock, "debug") as client:
         client.pwrite(8192, b"\xa5" * 4096, CmdFlag.FUA)
-        assert calls == [("pwritev", 0), ("fdatasync", 0)]
+        assert calls == [("pwritev", 0), ("fdatasync", debug_fd)]
 
 
 def test_client_read_only_export_is_eperm(served: tuple[Storage, str]) -> None:
