@@ -45,6 +45,7 @@ from fleece.nbd.proto import (
     StartTLS,
 )
 from fleece.storage import Storage
+from tests.peers import run
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -547,27 +548,32 @@ def test_client_reads_writes_and_block_status(served: tuple[Storage, str]) -> No
 def test_a_fua_write_is_made_durable_by_itself_where_the_node_can(
     served: tuple[Storage, str], tmp_path: Path, file_syscalls: list[tuple[str, int]]
 ) -> None:
-    """FUA asks for that write alone on stable storage: ``raw`` over a file writes it with
-    ``RWF_DSYNC`` (the file's other dirty pages stay); ``blkdebug`` cannot, so it writes,
-    then flushes the file."""
+    """FUA asks for that write alone on stable storage (libnbd's ``nbdsh`` sends it):
+    ``raw`` over a file writes it with ``RWF_DSYNC`` (the file's other dirty pages stay);
+    ``blkdebug`` cannot, so it writes, then flushes the file."""
     storage, sock = served
     (tmp_path / "debug.img").write_bytes(bytes(SIZE))
     storage.execute("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": {
         "driver": "file", "filename": str(tmp_path / "debug.img")}})
     storage.execute("nbd-server-add", {"device": "dbg", "name": "debug", "writable": True})
-    calls = file_syscalls
-    calls.clear()
-    with NBDClient.connect_unix(sock, "disk") as client:
-        client.pwrite(4096, b"\x5a" * 4096, CmdFlag.FUA)
-        assert calls == [("pwritev", os.RWF_DSYNC)]
-        assert client.pread(4096, 4096) == b"\x5a" * 4096
-    calls.clear()
     debug_file = storage.graph.get("dbg").child("image")
     assert debug_file is not None
     debug_fd = debug_file.driver.fd  # type: ignore[attr-defined]
-    with NBDClient.connect_unix(sock, "debug") as client:
-        client.pwrite(8192, b"\xa5" * 4096, CmdFlag.FUA)
-        assert calls == [("pwritev", 0), ("fdatasync", debug_fd)]
+
+    def fua_write(export: str, offset: int, byte: int) -> bytes:
+        """A FUA write of 4 KiB by nbdsh, and what the export reads there after it."""
+        script = (f"h.pwrite(bytes([{byte}]) * 4096, {offset}, nbd.CMD_FLAG_FUA)\n"
+                  f"print(h.pread(4096, {offset}).hex())")
+        out = run("nbdsh", "-u", f"nbd+unix:///{export}?socket={sock}", "-c", script).stdout
+        return bytes.fromhex(out.strip())
+
+    calls = file_syscalls
+    calls.clear()
+    assert fua_write("disk", 4096, 0x5A) == b"\x5a" * 4096
+    assert calls == [("pwritev", os.RWF_DSYNC)]
+    calls.clear()
+    assert fua_write("debug", 8192, 0xA5) == b"\xa5" * 4096
+    assert calls == [("pwritev", 0), ("fdatasync", debug_fd)]
 
 
 def test_client_read_only_export_is_eperm(served: tuple[Storage, str]) -> None:
