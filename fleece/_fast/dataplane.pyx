@@ -123,11 +123,20 @@ cdef extern from *:
     static inline unsigned long long fleece_sendfile_count(void) {
         return __atomic_load_n(&fleece_sendfile_sent, __ATOMIC_RELAXED);
     }
+    static unsigned long long fleece_progress_reported = 0;
+    static inline void fleece_count_progress(void) {
+        __atomic_fetch_add(&fleece_progress_reported, 1, __ATOMIC_RELAXED);
+    }
+    static inline unsigned long long fleece_progress_count(void) {
+        return __atomic_load_n(&fleece_progress_reported, __ATOMIC_RELAXED);
+    }
     """
     void fleece_count_native() nogil
     unsigned long long fleece_native_count() nogil
     void fleece_count_sendfile(unsigned long long n) nogil
     unsigned long long fleece_sendfile_count() nogil
+    void fleece_count_progress() nogil
+    unsigned long long fleece_progress_count() nogil
 
 cdef extern from *:
     """
@@ -194,6 +203,12 @@ def sendfile_bytes():
     """How many bytes of read replies the native planes sent with ``sendfile``, process-wide
     (the rest of their read replies were copied through a buffer)."""
     return fleece_sendfile_count()
+
+
+def progress_reports():
+    """How many times the native planes woke Python to say queued replies left (each takes
+    the GIL and a turn of the event loop), process-wide."""
+    return fleece_progress_count()
 
 
 # -- the route ---------------------------------------------------------------------------------
@@ -734,7 +749,8 @@ cdef class Plane:
     ``structured``: structured replies were negotiated. ``on_input(bytes)``: requests for
     Python, called in the plane's thread with the GIL; Python calls :meth:`feed_done` once it took
     them. ``on_error()``: the peer is gone or broke the socket. ``on_progress()``: queued
-    replies left (reading may resume). Python's own replies go through :meth:`send`.
+    replies left while Python paused reading (it may resume). Python's own replies go through
+    :meth:`send`.
     """
 
     cdef int _sock
@@ -751,6 +767,7 @@ cdef class Plane:
     cdef unsigned long long _sent
     cdef bint _closed
     cdef bint _paused
+    cdef bint _progress_owed  # Python paused: tell it once how the outbox stands now
     cdef bint _handed
     cdef bint _failed
     cdef bint _stopped  # no more input: DISC seen, end of file, or a broken stream handed on
@@ -855,10 +872,16 @@ cdef class Plane:
             self._kick()
 
     def pause_reading(self):
+        """Stop taking requests until :meth:`resume_reading`. Progress is reported only
+        while paused (a plane serving alone has nobody to tell), and once right after the
+        pause: Python decided it on a count of queued bytes the socket may have taken
+        since, and no later flush would report those."""
         with nogil:
             pthread_mutex_lock(&self._lock)
             self._paused = True
+            self._progress_owed = True
             pthread_mutex_unlock(&self._lock)
+            self._kick()
 
     def resume_reading(self):
         with nogil:
@@ -1090,7 +1113,7 @@ cdef class Plane:
     cdef int _loop(self) noexcept nogil:
         """0: closed by Python; -1: the peer is gone (reported by the caller)."""
         cdef pollfd fds[2]
-        cdef bint want_in, want_out, handed, paused
+        cdef bint want_in, want_out, handed, paused, owed
         cdef ssize_t n
         cdef uint64_t drained
         cdef int flushed
@@ -1104,10 +1127,14 @@ cdef class Plane:
                 pthread_mutex_unlock(&self._lock)
                 return -1
             handed, paused = self._handed, self._paused
+            owed = self._progress_owed and paused
+            self._progress_owed = False
             want_out = self._head != NULL
             want_in = not (paused or self._stopped) and self._head == NULL and (
                 self._fb_len < FB_HIGH)
             pthread_mutex_unlock(&self._lock)
+            if owed:
+                self._report_progress()
             if self._fb_len and not handed:  # Python took the last batch: the next one
                 if self._hand_batch() < 0:
                     return -1
@@ -1139,9 +1166,9 @@ cdef class Plane:
                 flushed = self._flush()
                 if flushed < 0:
                     return -1
-                if flushed and (self._queued == 0 or self._queued < queued_before // 2):
-                    with gil:
-                        self._call(self._on_progress)
+                if flushed and self._paused_by_python() and (
+                        self._queued == 0 or self._queued < queued_before // 2):
+                    self._report_progress()
             if fds[0].revents & (POLLIN | POLLERR | POLLHUP) and want_in:
                 if self._in_len == self._in_cap:
                     continue  # the buffer is full of what cannot be acted on yet
@@ -1156,6 +1183,13 @@ cdef class Plane:
                 self._in_len += n
                 if self._process() < 0:
                     return -1
+
+    cdef bint _paused_by_python(self) noexcept nogil:
+        cdef bint paused
+        pthread_mutex_lock(&self._lock)
+        paused = self._paused
+        pthread_mutex_unlock(&self._lock)
+        return paused
 
     cdef bint _wants_more(self) noexcept nogil:
         """Nothing in the receive buffer can be acted on before more bytes arrive."""
@@ -1184,6 +1218,11 @@ cdef class Plane:
         if not self._route.covers(<int64_t>offset, length, True):
             return 0
         return REQUEST_SIZE + length
+
+    cdef void _report_progress(self) noexcept nogil:
+        fleece_count_progress()
+        with gil:
+            self._call(self._on_progress)
 
     cdef void _call(self, object callback):
         if callback is not None:

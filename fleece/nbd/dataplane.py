@@ -49,6 +49,16 @@ def sendfile_bytes() -> int:
     return count()
 
 
+def progress_reports() -> int:
+    """How many times the native planes woke Python to say their queued replies left (only
+    a connection Python paused wants to know), process-wide."""
+    if not route.available():
+        return 0
+    from fleece._fast.dataplane import progress_reports as count
+
+    return count()
+
+
 def start(fd: int, export: Export, proto: ServerConnection, contexts: dict[int, str],
           peer: str, *,
           on_input: Callable[[bytes], None], on_error: Callable[[], None],
