@@ -26,10 +26,13 @@ makes a learner that raced with one drop what it learned.
 
 Back-pressure: while Python holds a batch, the thread goes on serving what it can and gathers
 the next batch, up to ``FB_HIGH`` bytes; it stops reading while Python paused the connection
-(its budget) and while replies wait in its outbox for the client: the replies the socket does
-not take at once wait there, and this thread flushes them when the socket becomes writable.
-A read served behind queued replies could not stream with ``sendfile`` (it would be copied
-into the outbox), so the plane takes no request until the socket has taken every reply.
+(its budget). Replies the socket does not take at once wait in an outbox that this thread
+flushes when the socket becomes writable. A read served behind queued replies could not
+stream with ``sendfile`` (it would be copied into the outbox), so while replies wait there
+the plane *serves* no request, but it goes on *receiving* them into its input buffer: a
+client may send all its requests before it reads a reply, and would otherwise block in its
+send while the plane waits for it to read. Once that buffer is full the plane serves behind
+the queued replies after all, up to ``OUTBOX_HIGH`` of them; past that the client must read.
 """
 
 cimport cython
@@ -174,6 +177,9 @@ cdef enum:
     INBUF_SIZE = 256 * 1024
     #: stop taking requests while this many bytes wait to be handed to Python
     FB_HIGH = 1024 * 1024
+    #: with its input buffer full, the plane serves behind queued replies until this many
+    #: bytes of them wait (see the module note)
+    OUTBOX_HIGH = 512 * 1024
     #: Python's replies smaller than this are sent without letting the GIL go
     SEND_WITH_GIL = 64 * 1024
     #: the largest reply buffer a plane keeps for reuse (qemu-img reads 2 MiB at a time)
@@ -1113,7 +1119,7 @@ cdef class Plane:
     cdef int _loop(self) noexcept nogil:
         """0: closed by Python; -1: the peer is gone (reported by the caller)."""
         cdef pollfd fds[2]
-        cdef bint want_in, want_out, handed, paused, owed
+        cdef bint taking, serving, want_in, want_out, handed, paused, owed
         cdef ssize_t n
         cdef uint64_t drained
         cdef int flushed
@@ -1130,8 +1136,8 @@ cdef class Plane:
             owed = self._progress_owed and paused
             self._progress_owed = False
             want_out = self._head != NULL
-            want_in = not (paused or self._stopped) and self._head == NULL and (
-                self._fb_len < FB_HIGH)
+            taking = not (paused or self._stopped) and self._fb_len < FB_HIGH
+            serving = taking and self._may_serve_locked()
             pthread_mutex_unlock(&self._lock)
             if owed:
                 self._report_progress()
@@ -1139,16 +1145,17 @@ cdef class Plane:
                 if self._hand_batch() < 0:
                     return -1
                 continue
-            if want_in and not self._wants_more():
+            if serving and not self._wants_more():
                 if self._process() < 0:
                     return -1
                 pthread_mutex_lock(&self._lock)
-                want_in = not (self._paused or self._stopped) and (
-                    self._head == NULL) and self._fb_len < FB_HIGH
+                taking = not (self._paused or self._stopped) and self._fb_len < FB_HIGH
+                serving = taking and self._may_serve_locked()
                 want_out = self._head != NULL
                 pthread_mutex_unlock(&self._lock)
-                if want_in and not self._wants_more():
+                if serving and not self._wants_more():
                     continue  # more requests wait in the buffer
+            want_in = taking and self._in_len < self._in_cap
             fds[0].fd = self._sock
             fds[0].events = (POLLIN if want_in else 0) | (POLLOUT if want_out else 0)
             fds[0].revents = 0
@@ -1170,8 +1177,6 @@ cdef class Plane:
                         self._queued == 0 or self._queued < queued_before // 2):
                     self._report_progress()
             if fds[0].revents & (POLLIN | POLLERR | POLLHUP) and want_in:
-                if self._in_len == self._in_cap:
-                    continue  # the buffer is full of what cannot be acted on yet
                 n = recv(self._sock, self._in + self._in_len, self._in_cap - self._in_len,
                          MSG_DONTWAIT)
                 if n == 0:
@@ -1183,6 +1188,12 @@ cdef class Plane:
                 self._in_len += n
                 if self._process() < 0:
                     return -1
+
+    cdef bint _may_serve_locked(self) noexcept nogil:
+        """Requests may be served now (lock held): no reply waits in the outbox, or the
+        input buffer is full and fewer than ``OUTBOX_HIGH`` bytes do (see the module note)."""
+        return self._head == NULL or (self._in_len == self._in_cap
+                                      and self._queued < OUTBOX_HIGH)
 
     cdef bint _paused_by_python(self) noexcept nogil:
         cdef bint paused
@@ -1315,11 +1326,12 @@ cdef class Plane:
 
     cdef bint _paused_now(self) noexcept nogil:
         """Stop taking requests: Python paused the client, the plane is closing, or replies
-        wait in the outbox (checked before every request: one receive may hold thousands of
-        them)."""
+        wait in the outbox and may not be served behind (checked before every request: one
+        receive may hold thousands of them)."""
         cdef bint stop
         pthread_mutex_lock(&self._lock)
-        stop = self._paused or self._closed or self._failed or self._head != NULL
+        stop = (self._paused or self._closed or self._failed
+                or not self._may_serve_locked())
         pthread_mutex_unlock(&self._lock)
         return stop or self._fb_len >= FB_HIGH
 
