@@ -1156,7 +1156,10 @@ cdef class Plane:
                 if serving and not self._wants_more():
                     continue  # more requests wait in the buffer
             want_in = taking and self._in_len < self._in_cap
-            fds[0].fd = self._sock
+            # A socket the plane wants nothing from stays out of the poll: one whose client
+            # hung up polls as such at once and for good, and would spin this thread until
+            # Python wakes it (it kicks on every change that could make it want something).
+            fds[0].fd = self._sock if want_in or want_out else -1
             fds[0].events = (POLLIN if want_in else 0) | (POLLOUT if want_out else 0)
             fds[0].revents = 0
             fds[1].fd = self._wake

@@ -227,6 +227,32 @@ def test_a_client_that_reads_replies_only_after_sending_is_not_deadlocked(
         assert client.pread(0, SIZE) == pattern
 
 
+def test_a_paused_plane_does_not_spin_after_its_client_hung_up(
+        storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client sends more slow requests than Python runs at once (16 flushes of a slow
+    disk), so the connection pauses with no reply queued, and hangs up. The socket then
+    polls as hung up at once and for good: a plane that kept polling it, wanting neither
+    to read nor to send, would spin on a core until the flushes ended. Its CPU time while
+    they run stays near nothing."""
+    sock, _ = _random_qcow2_served(storage, tmp_path)
+    monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(1.0))
+    client = NBDClient.connect_unix(sock, "disk")
+    for _ in range(20):
+        client.submit(Cmd.FLUSH)
+    server = storage.nbd_server
+    assert server is not None
+    deadline = time.monotonic() + 5
+    while not any(c.paused for c in server.connections):  # 16 flushes run: it pauses
+        assert time.monotonic() < deadline, "the connection never paused"
+        time.sleep(0.01)
+    client.sock.close()
+    time.sleep(0.1)
+    before = time.process_time()
+    time.sleep(0.5)
+    spent = time.process_time() - before
+    assert spent < 0.2, f"{spent:.2f} s of CPU in 0.5 s while the client was gone"
+
+
 def test_a_client_served_natively_wakes_python_for_nothing(
         storage: Storage, tmp_path: Path) -> None:
     """Replies the plane queued for a lagging client and sent later are nobody's business
