@@ -257,8 +257,8 @@ def test_a_client_served_natively_wakes_python_for_nothing(
         storage: Storage, tmp_path: Path) -> None:
     """Replies the plane queued for a lagging client and sent later are nobody's business
     but the plane's while Python has not paused the connection: telling it cost a GIL
-    round and a turn of the event loop per flush (20 % of the daemon's CPU with four
-    nbdcopy connections)."""
+    round and a turn of the event loop per flush (about a third of the daemon's CPU with
+    four nbdcopy connections)."""
     sock, pattern = _random_qcow2_served(storage, tmp_path)
     piece = 256 * 1024
     with NBDClient.connect_unix(sock, "disk") as client:
