@@ -53,9 +53,13 @@ def _source(folder: Path, size: int) -> Storage:
     return storage
 
 
-def _fleece(storage: Storage, folder: Path) -> None:
-    storage.execute("drive-backup", {"device": "virtio0", "target": str(folder / "pit.qcow2"),
-                                     "format": "qcow2", "target-id": "pit0", "sync": "none"})
+def _fleece(storage: Storage, folder: Path, name: str = "pit0") -> Path:
+    """Start fleecing ``virtio0`` into a new qcow2 node ``name`` (its job: ``virtio0``); the
+    target's file."""
+    target = folder / f"{name}.qcow2"
+    storage.execute("drive-backup", {"device": "virtio0", "target": str(target),
+                                     "format": "qcow2", "target-id": name, "sync": "none"})
+    return target
 
 
 def nbdcopy(folder: Path) -> None:
@@ -139,14 +143,12 @@ def device(folder: Path, rounds: int = 5) -> None:
     ratios = []
     for number in range(rounds):  # each round: a fresh snapshot, every cluster still owed
         plain = write(0, 256 * MiB)
-        storage.execute("drive-backup", {"device": "virtio0", "sync": "none", "format": "qcow2",
-                                         "target": str(folder / f"pit{number}.qcow2"),
-                                         "target-id": f"pit{number}", "job-id": "fleece"})
+        target = _fleece(storage, folder, f"pit{number}")
         fleecing = write(256 * MiB, 512 * MiB)
-        storage.execute("block-job-cancel", {"device": "fleece"})
+        storage.execute("block-job-cancel", {"device": "virtio0"})
         while storage.execute("query-block-jobs"):
             time.sleep(0.01)
-        (folder / f"pit{number}.qcow2").unlink()
+        target.unlink()
         ratios.append(fleecing / plain)
         print(f"plain {plain:.0f} MiB/s  fleecing {fleecing:.0f} MiB/s  "
               f"ratio {fleecing / plain:.2f}")
