@@ -1136,7 +1136,7 @@ cdef class Plane:
             owed = self._progress_owed and paused
             self._progress_owed = False
             want_out = self._head != NULL
-            taking = not (paused or self._stopped) and self._fb_len < FB_HIGH
+            taking = self._taking_locked()
             serving = taking and self._may_serve_locked()
             pthread_mutex_unlock(&self._lock)
             if owed:
@@ -1149,7 +1149,7 @@ cdef class Plane:
                 if self._process() < 0:
                     return -1
                 pthread_mutex_lock(&self._lock)
-                taking = not (self._paused or self._stopped) and self._fb_len < FB_HIGH
+                taking = self._taking_locked()
                 serving = taking and self._may_serve_locked()
                 want_out = self._head != NULL
                 pthread_mutex_unlock(&self._lock)
@@ -1191,6 +1191,11 @@ cdef class Plane:
                 self._in_len += n
                 if self._process() < 0:
                     return -1
+
+    cdef bint _taking_locked(self) noexcept nogil:
+        """The client's requests may come in (lock held): Python has not paused it, its
+        stream goes on, and fewer than ``FB_HIGH`` bytes wait to be handed to Python."""
+        return not (self._paused or self._stopped) and self._fb_len < FB_HIGH
 
     cdef bint _may_serve_locked(self) noexcept nogil:
         """Requests may be served now (lock held): no reply waits in the outbox, or the
