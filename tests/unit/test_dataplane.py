@@ -253,6 +253,29 @@ def test_a_paused_plane_does_not_spin_after_its_client_hung_up(
     assert spent < 0.2, f"{spent:.2f} s of CPU in 0.5 s while the client was gone"
 
 
+def test_a_pause_is_answered_with_one_report_even_with_nothing_queued(
+        storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python pauses a connection on a count it took earlier (bytes queued, requests running);
+    by the time the plane looks, the socket may have taken every queued byte, and no later
+    send would tell Python so: the plane owes it one report right after each pause. Here
+    the pause comes from 16 slow flushes running, with no reply queued at all: the report
+    must come long before the first flush ends."""
+    sock, _ = _random_qcow2_served(storage, tmp_path)
+    monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(1.5))
+    server = storage.nbd_server
+    assert server is not None
+    with NBDClient.connect_unix(sock, "disk") as client:
+        before = dataplane.progress_reports()
+        for _ in range(20):
+            client.submit(Cmd.FLUSH)
+        deadline = time.monotonic() + 1.5
+        while not any(c.paused for c in server.connections):
+            assert time.monotonic() < deadline, "the connection never paused"
+            time.sleep(0.01)
+        time.sleep(0.3)  # the flushes still run: nothing was sent
+        assert (dataplane.progress_reports() == before + 1) is NATIVE
+
+
 def test_a_client_served_natively_wakes_python_for_nothing(
         storage: Storage, tmp_path: Path) -> None:
     """Replies the plane queued for a lagging client and sent later are nobody's business
