@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from fleece._pure.filewriter import FileWriter
+from fleece.block.device import Device
 from fleece.block.qcow2 import create
 from fleece.storage import Storage
 from tests.crashsim import CrashState, Guest, Recorder, Sync, Write, check_state
@@ -72,6 +73,13 @@ def _verify(tmp: Path, recorder: Recorder, images: list[str], seed: int,
 def _open(storage: Storage, path: Path, node: str = "disk0", **extra: Any) -> None:
     storage.execute("blockdev-add", {"driver": "qcow2", "node-name": node, "discard": "unmap",
                                      "file": {"driver": "file", "filename": str(path)}, **extra})
+
+
+def _device(storage: Storage, path: Path) -> Device:
+    """The image at ``path`` opened as ``disk0`` under a device ``virtio0``: the guest's path."""
+    _open(storage, path)
+    storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
+    return storage.device("virtio0")
 
 
 # -- images: made by fleece and by qemu-img ------------------------------------------------------
@@ -128,9 +136,7 @@ def test_allocating_writes_survive_power_loss(tmp_path: Path, creator: str) -> N
     CREATORS[creator](image)
     rng = random.Random(f"alloc-{creator}")
     with Storage() as storage:
-        _open(storage, image)
-        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-        device = storage.device("virtio0")
+        device = _device(storage, image)
         cluster = storage.graph.get("disk0").driver.image_info()["cluster-size"]
         # Some data first, flushed: later crash states must keep it.
         device.pwrite(0, pattern(SIZE // 2, seed=7))
@@ -195,9 +201,7 @@ def test_a_stream_through_reservations_made_ahead_survives_power_loss(tmp_path: 
     recorder = Recorder()
     real = recorder.watch(image)
     with recorder.recording(), Storage() as storage:
-        _open(storage, image)
-        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-        device = storage.device("virtio0")
+        device = _device(storage, image)
         guest = Guest(recorder, real, bytes(size))
         chunk = 256 * KiB
         for offset in range(0, size, chunk):
@@ -231,9 +235,7 @@ def test_copy_before_write_with_write_behind_survives_power_loss(tmp_path: Path)
     recorder = Recorder()
     real_src, real_target = recorder.watch(src), recorder.watch(target)
     with recorder.recording(), Storage() as storage:
-        _open(storage, src)
-        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-        device = storage.device("virtio0")
+        device = _device(storage, src)
         guest = Guest(recorder, real_src, device.pread(0, size))
         storage.execute("drive-backup", {
             "device": "virtio0", "target": str(target), "format": "qcow2", "mode": "existing",
@@ -290,9 +292,7 @@ def test_refcount_blocks_made_together_survive_kill_and_power_loss(tmp_path: Pat
     recorder = Recorder()
     real = recorder.watch(image)
     with recorder.recording(), Storage() as storage:
-        _open(storage, image)
-        storage.execute("device_add", {"driver": "virtio-blk", "id": "virtio0", "drive": "disk0"})
-        device = storage.device("virtio0")
+        device = _device(storage, image)
         guest = Guest(recorder, real, bytes(4 * MiB))
         guest.writing(0, 4 * KiB, b"\x5a" * 4 * KiB)
         device.pwrite(0, b"\x5a" * 4 * KiB)
