@@ -316,7 +316,7 @@ def test_refcount_blocks_made_together_survive_kill_and_power_loss(tmp_path: Pat
     with ThreadPoolExecutor(2) as pool:
         verdicts = list(pool.map(
             lambda i: (i, check_state(recorder.state(i + 1, "prefix", rng),
-                                      tmp_path / f"kill-{i}", [real])),
+                                      tmp_path / f"kill-{threading.get_ident()}", [real])),
             writes,
         ))
     broken = [(i, found) for i, found in verdicts if found]

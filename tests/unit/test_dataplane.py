@@ -261,7 +261,7 @@ def test_a_pause_is_answered_with_one_report_even_with_nothing_queued(
     the pause comes from 16 slow flushes running, with no reply queued at all: the report
     must come long before the first flush ends."""
     sock, _ = _random_qcow2_served(storage, tmp_path)
-    monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(1.5))
+    monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(2.5))
     server = storage.nbd_server
     assert server is not None
     with NBDClient.connect_unix(sock, "disk") as client:
@@ -272,7 +272,7 @@ def test_a_pause_is_answered_with_one_report_even_with_nothing_queued(
         while not any(c.paused for c in server.connections):
             assert time.monotonic() < deadline, "the connection never paused"
             time.sleep(0.01)
-        time.sleep(0.3)  # the flushes still run: nothing was sent
+        time.sleep(0.3)  # the flushes still run (0.7 s at least): nothing was sent
         assert (dataplane.progress_reports() == before + 1) is NATIVE
 
 
