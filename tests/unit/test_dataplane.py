@@ -227,6 +227,19 @@ def test_a_client_that_reads_replies_only_after_sending_is_not_deadlocked(
         assert client.pread(0, SIZE) == pattern
 
 
+def _flush_until_paused(storage: Storage, client: NBDClient, within: float) -> None:
+    """Send 20 flushes of a disk made slow: Python runs 16 at once and pauses the connection
+    (with no reply queued); fail unless it pauses ``within`` seconds."""
+    server = storage.nbd_server
+    assert server is not None
+    for _ in range(20):
+        client.submit(Cmd.FLUSH)
+    deadline = time.monotonic() + within
+    while not any(c.paused for c in server.connections):
+        assert time.monotonic() < deadline, "the connection never paused"
+        time.sleep(0.01)
+
+
 def test_a_paused_plane_does_not_spin_after_its_client_hung_up(
         storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client sends more slow requests than Python runs at once (16 flushes of a slow
@@ -237,14 +250,7 @@ def test_a_paused_plane_does_not_spin_after_its_client_hung_up(
     sock, _ = _random_qcow2_served(storage, tmp_path)
     monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(1.0))
     client = NBDClient.connect_unix(sock, "disk")
-    for _ in range(20):
-        client.submit(Cmd.FLUSH)
-    server = storage.nbd_server
-    assert server is not None
-    deadline = time.monotonic() + 5
-    while not any(c.paused for c in server.connections):  # 16 flushes run: it pauses
-        assert time.monotonic() < deadline, "the connection never paused"
-        time.sleep(0.01)
+    _flush_until_paused(storage, client, within=5.0)
     client.sock.close()
     time.sleep(0.1)
     before = time.process_time()
@@ -262,16 +268,9 @@ def test_a_pause_is_answered_with_one_report_even_with_nothing_queued(
     must come long before the first flush ends."""
     sock, _ = _random_qcow2_served(storage, tmp_path)
     monkeypatch.setattr(storage.graph.get("disk"), "flush", lambda: time.sleep(2.5))
-    server = storage.nbd_server
-    assert server is not None
     with NBDClient.connect_unix(sock, "disk") as client:
         before = dataplane.progress_reports()
-        for _ in range(20):
-            client.submit(Cmd.FLUSH)
-        deadline = time.monotonic() + 1.5
-        while not any(c.paused for c in server.connections):
-            assert time.monotonic() < deadline, "the connection never paused"
-            time.sleep(0.01)
+        _flush_until_paused(storage, client, within=1.5)
         time.sleep(0.3)  # the flushes still run (0.7 s at least): nothing was sent
         assert (dataplane.progress_reports() == before + 1) is NATIVE
 
